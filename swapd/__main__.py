@@ -1,0 +1,3 @@
+from swapd.cli import main
+
+raise SystemExit(main())
