@@ -1,0 +1,333 @@
+"""Wiring: startup → serve → shutdown, in that order, readable top to bottom.
+
+Signal handlers only set flags or schedule work on the loop; the linear `run()`
+does the rest (uvicorn's server.py is the model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from swapd import __version__, systemd
+from swapd.admin import Admin
+from swapd.config import Config, ConfigError, LoadResult, load_config
+from swapd.engine import Engine
+from swapd.errors import error_response
+from swapd.gpu import Sampler
+from swapd.logs import LogHub, configure_logging, log_routes
+from swapd.metrics import Metrics
+from swapd.orphans import OwnedGroups, reap_leftovers
+from swapd.proxy import Proxy
+from swapd.scheduler import Scheduler
+
+log = structlog.get_logger("swapd")
+
+OPEN_PATHS = ("/health", "/metrics")
+ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/")
+# How often --watch-config looks at the config files' mtimes.
+WATCH_INTERVAL = 1.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def default_state_dir(listen: str) -> Path:
+    """Under systemd, StateDirectory=; otherwise one folder per listen port, so two
+    swapd instances on one box never reap each other's engines."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "swapd" / str(split_listen(listen)[1])
+
+
+def _is_loopback(request: web.Request) -> bool:
+    peer = request.remote
+    if not peer:
+        return False
+    try:
+        return ipaddress.ip_address(peer.split("%")[0]).is_loopback
+    except ValueError:
+        return peer == "localhost"
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return request.headers.get("x-api-key")
+
+
+def _key_in(key: str | None, keys: tuple[str, ...]) -> bool:
+    if key is None:
+        return False
+    found = False
+    for candidate in keys:
+        # No early exit: the time taken must not say which key came close.
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+class Daemon:
+    """One running swapd: owns the config reference, the scheduler and the server."""
+
+    def __init__(
+        self,
+        config_path: str,
+        loaded: LoadResult,
+        *,
+        listen: str | None = None,
+        watch_config: bool = False,
+    ) -> None:
+        self.config_path = config_path
+        self.config: Config = loaded.config
+        self._warnings = loaded.warnings
+        self._listen = listen or self.config.listen
+        self._watch = watch_config
+        self.hub = LogHub(self.config.log_buffer_lines)
+        self.metrics = Metrics()
+        self.stop_event = asyncio.Event()
+        self._force = False
+        self._reload_lock = asyncio.Lock()
+        self.state_dir = (
+            Path(self.config.state_dir) if self.config.state_dir else default_state_dir(self._listen)
+        )
+        self.owned = OwnedGroups(self.state_dir)
+        self.scheduler = Scheduler(
+            self.config,
+            sink=self.hub,
+            record=self.owned,
+            on_engine_state=self._engine_state,
+            on_engine_start=self._engine_started,
+            on_engine_stop=self._engine_stopped,
+            on_queue=lambda m, n: self.metrics.queued.labels(m).set(n),
+            on_inflight=lambda m, n: self.metrics.inflight.labels(m).set(n),
+        )
+        self.sampler = Sampler(self.scheduler.process_groups)
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- hooks from the scheduler -----------------------------------------------------
+
+    def _engine_state(self, engine: Engine) -> None:
+        self.metrics.set_engine_state(engine.id, str(engine.state))
+        tenant = ", ".join(self.scheduler.tenant()) or "none"
+        systemd.status(f"tenant: {tenant}")
+
+    def _engine_started(self, model: str, result: str, seconds: float) -> None:
+        self.metrics.engine_starts.labels(model, result).inc()
+        if result == "success":
+            self.metrics.engine_start_seconds.labels(model).observe(seconds)
+
+    def _engine_stopped(self, model: str, reason: str, killed: bool) -> None:
+        self.metrics.engine_stops.labels(model, reason).inc()
+        if killed:
+            self.metrics.engine_kills.labels(model).inc()
+
+    # -- the web app -----------------------------------------------------------------
+
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    def build_app(self) -> web.Application:
+        # The body limit is enforced by the proxy itself, with an OpenAI-shaped 413.
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes + 1024 * 1024,
+            middlewares=[self._errors_middleware, self._auth_middleware],
+        )
+        proxy = Proxy(self.scheduler, lambda: self.config, self.metrics, self.session)
+        admin = Admin(self.scheduler, lambda: self.config, self.reload)
+        app.add_routes(admin.routes())
+        app.add_routes(proxy.routes())
+        app.add_routes(log_routes(self.hub, lambda: self.config.models.keys()))
+        app.router.add_get("/metrics", self.metrics.handle)
+        return app
+
+    @web.middleware
+    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return error_response(404, f"no route for {request.path}", code="not_found")
+        except web.HTTPMethodNotAllowed:
+            return error_response(
+                405, f"{request.method} is not allowed on {request.path}", code="method_not_allowed"
+            )
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, "request body too large", code="body_too_large")
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        config = self.config
+        if path in OPEN_PATHS:
+            return await handler(request)
+        key = _presented_key(request)
+        if path.startswith(ADMIN_PREFIXES):
+            if config.admin_keys:
+                if not _key_in(key, config.admin_keys):
+                    return error_response(401, "admin key required", code="invalid_admin_key")
+            elif not _is_loopback(request):
+                return error_response(
+                    403,
+                    "operations routes answer only loopback clients when adminKeys is empty",
+                    code="forbidden",
+                )
+            return await handler(request)
+        if config.api_keys and not _key_in(key, config.api_keys + config.admin_keys):
+            return error_response(401, "invalid or missing API key", code="invalid_api_key")
+        return await handler(request)
+
+    # -- reload ----------------------------------------------------------------------
+
+    async def reload(self, why: str) -> dict[str, list[str]]:
+        """Load the config again and adopt it; raises ConfigError and keeps the old one."""
+        async with self._reload_lock:
+            loaded = await asyncio.to_thread(load_config, self.config_path)
+            for warning in loaded.warnings:
+                log.warning("config warning", warning=warning)
+            self.config = loaded.config
+            changes = self.scheduler.apply_config(loaded.config)
+            self.metrics.register_models(list(loaded.config.models))
+            for model in changes["removed"]:
+                self.metrics.forget_model(model)
+            log.info("config reloaded", why=why, **changes)
+            return changes
+
+    async def _reload_logged(self, why: str) -> None:
+        try:
+            await self.reload(why)
+        except ConfigError as exc:
+            log.error("config reload refused; keeping the running config", error=str(exc))
+
+    def _config_files(self) -> list[Path]:
+        files = [Path(self.config_path)]
+        if self.config.include:
+            pattern = Path(self.config.include)
+            base = Path(self.config_path).parent
+            files += sorted(base.glob(str(pattern)) if not pattern.is_absolute() else
+                            Path("/").glob(str(pattern.relative_to("/"))))
+        return files
+
+    def _snapshot(self) -> dict[Path, float]:
+        out = {}
+        for path in self._config_files():
+            with contextlib.suppress(OSError):
+                out[path] = path.stat().st_mtime
+        return out
+
+    async def _watch_config(self) -> None:
+        seen = self._snapshot()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = self._snapshot()
+            if now != seen:
+                seen = now
+                await self._reload_logged("config file changed")
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if sig == signal.SIGHUP:
+            asyncio.get_running_loop().create_task(self._reload_logged("SIGHUP"))
+            return
+        if self.stop_event.is_set():
+            if sig == signal.SIGINT or sig == signal.SIGTERM:
+                log.warning("second stop signal: killing every engine now")
+                self._force = True
+                self._force_event.set()
+            return
+        log.info("stop signal", signal=sig.name)
+        self.stop_event.set()
+
+    async def run(self) -> int:
+        for warning in self._warnings:
+            log.warning("config warning", warning=warning)
+        reaped = await reap_leftovers(self.state_dir)
+        for entry in reaped:
+            log.warning("reaped an engine left by an earlier swapd", **entry)
+        self._force_event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.metrics.register_models(list(self.config.models))
+        for model in self.config.models:
+            self.metrics.set_engine_state(model, "stopped")
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30),
+            auto_decompress=False,
+        )
+        self.metrics.attach_sampler(self.sampler)
+        self.sampler.start()
+        runner = web.AppRunner(
+            self.build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        host, port = split_listen(self._listen)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error("cannot listen", listen=self._listen, error=str(exc))
+            await self._cleanup(runner)
+            return 1
+        log.info("swapd listening", listen=f"{host}:{port}", version=__version__,
+                 models=len(self.config.models), state_dir=str(self.state_dir))
+        systemd.ready(f"listening on {host}:{port}; tenant: none")
+        background: list[asyncio.Task[None]] = []
+        interval = systemd.watchdog_interval()
+        if interval:
+            background.append(asyncio.create_task(systemd.watchdog_loop(interval)))
+        if self._watch:
+            background.append(asyncio.create_task(self._watch_config()))
+        self.scheduler.preload(self.config.preload)
+
+        await self.stop_event.wait()
+
+        systemd.stopping()
+        log.info("shutting down", drain=self.config.shutdown_timeout)
+        await site.stop()  # stop accepting; requests in flight go on
+        close = asyncio.create_task(self.scheduler.close())
+        force = asyncio.create_task(self._force_event.wait())
+        await asyncio.wait({close, force}, return_when=asyncio.FIRST_COMPLETED)
+        if self._force:
+            close.cancel()
+            await self.scheduler.kill_all()
+        else:
+            force.cancel()
+            await close
+        for task in background:
+            task.cancel()
+        await self._cleanup(runner)
+        log.info("swapd stopped")
+        return 0
+
+    async def _cleanup(self, runner: web.AppRunner) -> None:
+        self.sampler.stop()
+        await runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+
+def serve(config_path: str, loaded: LoadResult, listen: str | None, watch: bool) -> int:
+    configure_logging(loaded.config.log_level)
+
+    async def main() -> int:
+        return await Daemon(config_path, loaded, listen=listen, watch_config=watch).run()
+
+    return asyncio.run(main())

@@ -1,0 +1,157 @@
+"""Command line: the only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from swapd import __version__
+from swapd.config import ConfigError, LoadResult, format_check, load_config
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swapd",
+        description="One OpenAI endpoint that starts, swaps and evicts inference engines.",
+    )
+    parser.add_argument("--version", action="version", version=f"swapd {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    _serve_args(serve)
+
+    check = sub.add_parser("check", help="validate a config and print the resolved models")
+    check.add_argument("--config", "-config", required=True, help="config file (YAML)")
+
+    status = sub.add_parser("status", help="show a running swapd's engines")
+    status.add_argument("--url", default="http://127.0.0.1:28080", help="swapd's base URL")
+    status.add_argument("--admin-key", default=None, help="an adminKeys entry, if set")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    litellm = sub.add_parser("litellm-config", help="print a LiteLLM model_list for this node")
+    litellm.add_argument("--config", "-config", required=True)
+    litellm.add_argument("--url", default=None, help="this node's swapd URL as LiteLLM sees it")
+    return parser
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    # llama-swap spells its flags with one dash (-config, -listen): accept both.
+    parser.add_argument("--config", "-config", required=True, help="config file (YAML)")
+    parser.add_argument("--listen", "-listen", default=None, help="HOST:PORT (overrides config)")
+    parser.add_argument(
+        "--watch-config", "-watch-config", action="store_true", help="reload when the file changes"
+    )
+
+
+def _load(path: str) -> LoadResult | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"swapd: bad config: {exc}", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    commands = {"serve", "check", "status", "litellm-config"}
+    if args_list and args_list[0] not in commands and args_list[0] not in ("-h", "--help",
+                                                                           "--version"):
+        # Drop-in for llama-swap: `swapd --config FILE` means `swapd serve --config FILE`.
+        args_list.insert(0, "serve")
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_CONFIG
+
+    if args.command == "check":
+        loaded = _load(args.config)
+        if loaded is None:
+            return EXIT_BAD_CONFIG
+        print(format_check(loaded))
+        return EXIT_OK
+
+    if args.command == "serve":
+        loaded = _load(args.config)
+        if loaded is None:
+            return EXIT_BAD_CONFIG
+        if args.listen is not None:
+            try:
+                _, _, port = args.listen.rpartition(":")
+                int(port)
+            except ValueError:
+                print(f"swapd: --listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+                return EXIT_BAD_CONFIG
+        from swapd.app import serve
+
+        return serve(args.config, loaded, args.listen, args.watch_config)
+
+    if args.command == "status":
+        return _status(args.url, args.admin_key, args.json)
+
+    if args.command == "litellm-config":
+        loaded = _load(args.config)
+        if loaded is None:
+            return EXIT_BAD_CONFIG
+        from swapd.litellm import litellm_config
+
+        print(litellm_config(loaded.config, args.url), end="")
+        return EXIT_OK
+    return EXIT_BAD_CONFIG
+
+
+def _status(url: str, admin_key: str | None, raw: bool) -> int:
+    request = urllib.request.Request(url.rstrip("/") + "/status")
+    if admin_key:
+        request.add_header("Authorization", f"Bearer {admin_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"swapd: cannot read {url}/status: {exc}", file=sys.stderr)
+        return 1
+    if raw:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(format_status(doc))
+    return EXIT_OK
+
+
+def format_status(doc: dict[str, object]) -> str:
+    """`/status` as a table a person reads at a glance."""
+    models = doc.get("models")
+    assert isinstance(models, dict)
+    tenant = doc.get("tenant") or []
+    assert isinstance(tenant, list)
+    lines = [
+        f"swapd {doc.get('version')} on {doc.get('listen')}   tenant: "
+        f"{', '.join(map(str, tenant)) or 'none'}   queued: {doc.get('queue')}",
+        "",
+    ]
+    header = ("MODEL", "STATE", "PID", "UPTIME", "INFLIGHT", "QUEUED", "LAST EXIT")
+    rows = [header]
+    for model, info in models.items():
+        last = info.get("last_exit")
+        uptime = info.get("uptime")
+        rows.append(
+            (
+                str(model),
+                str(info.get("state")),
+                str(info.get("pid") or "-"),
+                f"{uptime:.0f}s" if isinstance(uptime, (int, float)) else "-",
+                str(info.get("inflight", 0)),
+                str(info.get("queued", 0)),
+                f"code {last.get('code')}" if isinstance(last, dict) else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)

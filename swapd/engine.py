@@ -1,0 +1,402 @@
+"""One engine: a child process in its own session, its output, readiness and stop.
+
+The scheduler decides *when* an engine starts and stops; this module decides *how*.
+It is the only place that knows a pid. Everything about the child happens through
+`start()`, `stop()` and `wait_exit()`, which the scheduler calls under its own lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+
+from swapd import procgroup
+from swapd.config import ModelConfig
+
+log = structlog.get_logger("swapd.engine")
+
+# Readiness is polled this often: a ready engine is noticed within ~50 ms
+# (llama-swap waits 250 ms and then polls every second).
+PROBE_INTERVAL = 0.05
+# A single probe may not hang longer than this (a wedged /health must not outlive
+# the start deadline, nor delay noticing an exit).
+PROBE_TIMEOUT = 2.0
+# Lines of output kept per engine for error messages.
+TAIL_LINES = 20
+# Variables systemd hands to swapd that must not leak into engines: an engine that
+# sees NOTIFY_SOCKET may send READY=1 / WATCHDOG=1 on swapd's behalf.
+SYSTEMD_VARS = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+class EngineState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class LineSink(Protocol):
+    def append(self, source: str, line: str) -> None: ...
+
+
+class GroupRecord(Protocol):
+    def add(self, model: str, pid: int, pgid: int) -> None: ...
+
+    def remove(self, pid: int) -> None: ...
+
+
+class StartError(Exception):
+    """An engine that could not be made ready. The message is what clients see."""
+
+    def __init__(self, model: str, reason: str, exit_code: int | None, tail: list[str]):
+        self.model = model
+        self.reason = reason
+        self.exit_code = exit_code
+        self.tail = tail
+        message = f"model {model!r} failed to start: {reason}"
+        if tail:
+            message += "; last output: " + " | ".join(tail[-5:])
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    code: int | None
+    at: float  # wall-clock time
+    tail: tuple[str, ...]
+
+
+def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment an engine is exec'd with: swapd's, cleaned, plus the recipe's."""
+    env = dict(os.environ if base is None else base)
+    for name in (*SYSTEMD_VARS, *cfg.env_remove):
+        env.pop(name, None)
+    env.update(dict(cfg.env))
+    return env
+
+
+class Engine:
+    """A supervised engine process. Not thread-safe; lives on the event loop."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        sink: LineSink | None = None,
+        record: GroupRecord | None = None,
+        on_state: Callable[[Engine], None] | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.state = EngineState.STOPPED
+        self.pid: int | None = None
+        self.started_at: float | None = None  # wall clock, for /status uptime
+        self.ready_at: float | None = None
+        self.last_exit: ExitInfo | None = None
+        self._sink = sink
+        self._record = record
+        self._on_state = on_state
+        self._session = session
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._pumps: list[asyncio.Task[None]] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+        self._exited.set()
+        self._stopping = False
+
+    # -- observers -------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.cfg.id
+
+    @property
+    def pgid(self) -> int | None:
+        # start_new_session=True makes the child a session and group leader.
+        return self.pid
+
+    @property
+    def running(self) -> bool:
+        """True from spawn until the last process of the group is gone."""
+        return self.state in (EngineState.STARTING, EngineState.READY, EngineState.STOPPING)
+
+    @property
+    def upstream(self) -> str:
+        return self.cfg.proxy.rstrip("/")
+
+    def tail(self) -> list[str]:
+        return list(self._tail)
+
+    def _set_state(self, state: EngineState) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        log.debug("engine state", model=self.id, state=str(state))
+        if self._on_state is not None:
+            self._on_state(self)
+
+    def mark_failed(self) -> None:
+        """The scheduler gave up restarting this engine for now (crash backoff)."""
+        if self.state == EngineState.STOPPED:
+            self._set_state(EngineState.FAILED)
+
+    def clear_failed(self) -> None:
+        if self.state == EngineState.FAILED:
+            self._set_state(EngineState.STOPPED)
+
+    # -- start -----------------------------------------------------------------------
+
+    async def start(self, timeout: float | None = None) -> float:
+        """Spawn the engine and wait until it is ready; returns seconds taken.
+
+        Raises StartError when the engine exits or outlives its health timeout; by
+        then its whole process group is gone.
+        """
+        assert not self.running, f"{self.id} is already running"
+        timeout = self.cfg.health_check_timeout if timeout is None else timeout
+        t0 = time.monotonic()
+        self._tail.clear()
+        self._stopping = False
+        self._set_state(EngineState.STARTING)
+        try:
+            await self._spawn()
+        except OSError as exc:
+            self._set_state(EngineState.STOPPED)
+            raise StartError(self.id, f"cannot exec {self.cfg.cmd[0]!r}: {exc}", None, []) from exc
+        try:
+            await self._wait_ready(t0 + timeout, timeout)
+        except StartError:
+            await self._cleanup_group(grace=min(self.cfg.unload_timeout, 5.0))
+            self._set_state(EngineState.STOPPED)
+            raise
+        except asyncio.CancelledError:
+            # Shutdown while loading: never leave a half-started group behind.
+            await asyncio.shield(self._cleanup_group(grace=self.cfg.unload_timeout))
+            self._set_state(EngineState.STOPPED)
+            raise
+        self.ready_at = time.time()
+        self._set_state(EngineState.READY)
+        elapsed = time.monotonic() - t0
+        log.info("engine ready", model=self.id, pid=self.pid, seconds=round(elapsed, 3))
+        return elapsed
+
+    async def _spawn(self) -> None:
+        self._exited.clear()
+        proc = await asyncio.create_subprocess_exec(
+            *self.cfg.cmd,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=engine_environment(self.cfg),
+            start_new_session=True,
+            close_fds=True,
+        )
+        self._proc = proc
+        self.pid = proc.pid
+        self.started_at = time.time()
+        self.ready_at = None
+        if self._record is not None:
+            self._record.add(self.id, proc.pid, proc.pid)
+        log.info("engine spawned", model=self.id, pid=proc.pid, argv=list(self.cfg.cmd))
+        assert proc.stdout is not None and proc.stderr is not None
+        self._pumps = [
+            asyncio.create_task(self._pump(proc.stdout), name=f"pump-out-{self.id}"),
+            asyncio.create_task(self._pump(proc.stderr), name=f"pump-err-{self.id}"),
+        ]
+        self._watcher = asyncio.create_task(self._watch(proc), name=f"watch-{self.id}")
+
+    async def _pump(self, stream: asyncio.StreamReader) -> None:
+        # read() rather than readline(): a line longer than the reader's limit
+        # (vLLM prints huge config dumps) must not kill the pump.
+        pending = b""
+        while True:
+            try:
+                chunk = await stream.read(65536)
+            except (ConnectionError, OSError):
+                chunk = b""
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._line(raw)
+            if len(pending) > 65536:
+                self._line(pending)
+                pending = b""
+        if pending:
+            self._line(pending)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self._tail.append(line)
+        if self._sink is not None:
+            self._sink.append(self.id, line)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        # Output written just before exit should be in the tail we report.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._pumps), 0.5)
+        self.last_exit = ExitInfo(code=code, at=time.time(), tail=tuple(self._tail))
+        if not self._stopping:
+            log.warning(
+                "engine exited",
+                model=self.id,
+                pid=proc.pid,
+                exit_code=code,
+                state=str(self.state),
+                last_lines=list(self._tail)[-5:],
+            )
+        self._exited.set()
+
+    async def _wait_ready(self, deadline: float, timeout: float) -> None:
+        exited = asyncio.create_task(self._exited.wait())
+        try:
+            while True:
+                if self._exited.is_set():
+                    code = self.last_exit.code if self.last_exit else None
+                    raise StartError(self.id, f"exited with code {code}", code, self.tail())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    reason = f"not ready after {timeout:g}s (healthCheckTimeout)"
+                    raise StartError(self.id, reason, None, self.tail())
+                if await self._probe(min(PROBE_TIMEOUT, remaining)):
+                    return
+                # Sleep until the next probe, but wake at once if the engine dies.
+                await asyncio.wait({exited}, timeout=min(PROBE_INTERVAL, max(remaining, 0)))
+        finally:
+            exited.cancel()
+
+    async def _probe(self, timeout: float) -> bool:
+        if self.cfg.check_endpoint is None:
+            parts = urlsplit(self.cfg.proxy)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(parts.hostname or "127.0.0.1", port), timeout
+                )
+            except (TimeoutError, OSError):
+                return False
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return True
+        url = self.upstream + "/" + self.cfg.check_endpoint.lstrip("/")
+        session = self._session
+        owned = session is None
+        if session is None:
+            session = aiohttp.ClientSession()
+        try:
+            async with session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+            ) as resp:
+                await resp.read()
+                return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+        finally:
+            if owned:
+                await session.close()
+
+    # -- exit and stop ---------------------------------------------------------------
+
+    async def wait_exit(self) -> ExitInfo | None:
+        """Wait until the engine's main process exits (for whatever reason)."""
+        await self._exited.wait()
+        return self.last_exit
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stop the engine and every process of its group. True if SIGKILL was needed.
+
+        Safe to call in any state, also after a crash (it then collects whatever
+        the dead leader left behind, e.g. vLLM's EngineCore).
+        """
+        if self.pid is None or self.state in (EngineState.STOPPED, EngineState.FAILED):
+            return False
+        grace = self.cfg.unload_timeout if grace is None else grace
+        self._stopping = True
+        self._set_state(EngineState.STOPPING)
+        killed = await asyncio.shield(self._stop_group(grace))
+        self._set_state(EngineState.STOPPED)
+        return killed
+
+    async def _stop_group(self, grace: float) -> bool:
+        assert self.pid is not None
+        pgid = self.pid
+        if self.cfg.cmd_stop and not self._exited.is_set():
+            await self._run_cmd_stop(grace)
+            if not await procgroup.wait_group_gone(pgid, grace):
+                log.warning("cmdStop left processes, sending SIGKILL", model=self.id, pgid=pgid)
+                killed = await procgroup.kill_group(pgid)
+                await self._reaped()
+                return killed
+            await self._reaped()
+            return False
+        killed = await procgroup.terminate_group(pgid, grace)
+        if killed:
+            log.warning("engine outlived its grace: SIGKILL", model=self.id, pgid=pgid, grace=grace)
+        await self._reaped()
+        return killed
+
+    async def _cleanup_group(self, grace: float) -> None:
+        self._stopping = True
+        self._set_state(EngineState.STOPPING)
+        await asyncio.shield(self._stop_group(grace))
+
+    async def _run_cmd_stop(self, grace: float) -> None:
+        assert self.cfg.cmd_stop is not None and self.pid is not None
+        argv = [a.replace("${PID}", str(self.pid)) for a in self.cfg.cmd_stop]
+        log.info("running cmdStop", model=self.id, argv=argv)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=engine_environment(self.cfg),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.warning("cmdStop failed to run, sending SIGTERM", model=self.id, error=str(exc))
+            procgroup.signal_group(self.pid, 15)
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            await procgroup.kill_group(proc.pid)
+            await proc.wait()
+
+    async def _reaped(self) -> None:
+        # The leader's exit status is collected by asyncio's child watcher; wait for
+        # it so that no zombie is left and last_exit is filled in.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._exited.wait(), 5.0)
+        for task in self._pumps:
+            if not task.done():
+                task.cancel()
+        if self._record is not None and self.pid is not None:
+            self._record.remove(self.pid)

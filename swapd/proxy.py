@@ -1,0 +1,457 @@
+"""Inference routes: find the model, take a lease, relay bytes.
+
+Handlers never touch a process: they get an upstream URL from a scheduler lease.
+The response is relayed chunk by chunk as the engine writes it (an SSE token is
+on the wire to the client as soon as it left the engine), and the request body is
+only parsed to find `model`; it is re-serialised only when a filter changes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from swapd.config import Config, ModelConfig
+from swapd.engine import Engine
+from swapd.errors import error_body, error_response
+from swapd.metrics import Metrics
+from swapd.scheduler import Scheduler, SchedulerError
+
+log = structlog.get_logger("swapd.proxy")
+
+INFERENCE_POST_PATHS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/rerank",
+    "/rerank",
+    "/v1/reranking",
+    "/reranking",
+    "/infill",
+    "/completion",
+)
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus the ones
+# aiohttp recomputes for the body it sends.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+    )
+)
+
+
+# What reading an engine's response raises when the engine dies mid-response.
+# (A client that goes away surfaces as cancellation or ConnectionResetError instead.)
+UPSTREAM_BROKE = (
+    TimeoutError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ServerDisconnectedError,
+    aiohttp.ClientOSError,
+)
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A request after routing: which model, and the bytes to send upstream."""
+
+    model: ModelConfig
+    body: bytes
+    stream: bool
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or 413 past `limit` (checked before reading it all)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(
+            413, f"request body exceeds {limit} bytes (maxBodyBytes)", "body_too_large"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(
+                413, f"request body exceeds {limit} bytes (maxBodyBytes)", "body_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
+    """A text field of a multipart/form-data body, without consuming the body."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        return None
+    delimiter = b"--" + boundary.encode("latin-1")
+    for part in body.split(delimiter)[1:]:
+        head, sep, value = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        for line in head.split(b"\r\n"):
+            lower = line.lower()
+            if lower.startswith(b"content-disposition:") and (
+                f'name="{name}"'.encode() in lower or f"name={name};".encode() in lower
+            ):
+                if b"filename=" in lower:
+                    return None
+                return value.removesuffix(b"\r\n").decode("utf-8", "replace")
+    return None
+
+
+def route_json(config: Config, body: bytes) -> tuple[ModelConfig, Any, str]:
+    """Parse a JSON request body; return the model it names, the object and that name."""
+    if not body:
+        raise BadRequest(
+            400, "request body is empty; expected a JSON object with 'model'", "bad_json"
+        )
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"request body is not valid JSON: {exc}", "bad_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "request body must be a JSON object", "bad_json")
+    name = data.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(400, "'model' is missing or not a non-empty string", "missing_model")
+    return find_model(config, name), data, name
+
+
+def find_model(config: Config, name: str) -> ModelConfig:
+    model = config.resolve(name)
+    if model is None:
+        raise BadRequest(404, f"model {name!r} is not configured", "model_not_found")
+    return model
+
+
+def rewrite(model: ModelConfig, data: dict[str, Any], requested: str) -> bool:
+    """Apply aliases, useModelName and filters in place; True if anything changed."""
+    changed = False
+    upstream_name = model.use_model_name or model.id
+    if requested != upstream_name:
+        data["model"] = upstream_name
+        changed = True
+    for key in model.strip_params:
+        if key != "model" and key in data:
+            del data[key]
+            changed = True
+    if model.set_params:
+        for key, value in model.set_params.items():
+            if key != "model":
+                data[key] = value
+                changed = True
+    return changed
+
+
+def forward_headers(headers: CIMultiDict[str] | Any) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        if key.lower() not in HOP_BY_HOP:
+            out.add(key, value)
+    return out
+
+
+class Proxy:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        config: Callable[[], Config],
+        metrics: Metrics,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self._scheduler = scheduler
+        self._config = config
+        self._metrics = metrics
+        self._session = session
+
+    def routes(self) -> list[web.RouteDef]:
+        routes = [web.post(path, self.handle_inference) for path in INFERENCE_POST_PATHS]
+        routes += [
+            web.get("/v1/models", self.handle_models),
+            web.route("*", "/upstream/{tail:.*}", self.handle_upstream),
+        ]
+        return routes
+
+    # -- routing ---------------------------------------------------------------------
+
+    async def _route(self, request: web.Request) -> Routed:
+        config = self._config()
+        if request.method == "GET":
+            name = request.query.get("model")
+            if not name:
+                raise BadRequest(400, "query parameter 'model' is required", "missing_model")
+            return Routed(find_model(config, name), b"", False)
+        body = await read_body(request, config.max_body_bytes)
+        ctype = request.headers.get("Content-Type", "")
+        if ctype.lower().startswith("multipart/form-data"):
+            name = multipart_field(body, ctype, "model")
+            if not name:
+                raise BadRequest(400, "multipart form field 'model' is required", "missing_model")
+            return Routed(find_model(config, name), body, False)
+        model, data, requested = route_json(config, body)
+        if rewrite(model, data, requested):
+            body = json.dumps(data).encode()
+        return Routed(model, body, data.get("stream") is True)
+
+    # -- handlers --------------------------------------------------------------------
+
+    async def handle_inference(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.monotonic()
+        try:
+            routed = await self._route(request)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
+        return await self._serve(request, routed, request.path_qs, t0)
+
+    async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
+        """`/upstream/{model}/{path}`: raw passthrough; the model id may contain '/'."""
+        t0 = time.monotonic()
+        config = self._config()
+        tail = request.match_info["tail"]
+        parts = tail.split("/")
+        model = None
+        # Longest prefix first: "org/model/v1/x" may name model "org/model".
+        for i in range(len(parts), 0, -1):
+            model = config.resolve("/".join(parts[:i]))
+            if model is not None:
+                rest = "/".join(parts[i:])
+                break
+        if model is None:
+            name = parts[0] if parts else ""
+            return error_response(404, f"model {name!r} is not configured", code="model_not_found")
+        try:
+            body = await read_body(request, config.max_body_bytes)
+        except BadRequest as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
+        path = "/" + rest
+        if request.query_string:
+            path += "?" + request.query_string
+        return await self._serve(request, Routed(model, body, False), path, t0)
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        config = self._config()
+        data = []
+        for model in config.models.values():
+            if model.unlisted:
+                continue
+            engine = self._scheduler.engine(model.id)
+            entry: dict[str, Any] = {
+                "id": model.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "swapd",
+                "state": str(engine.state) if engine else "stopped",
+            }
+            if model.name:
+                entry["name"] = model.name
+            if model.description:
+                entry["description"] = model.description
+            if model.metadata:
+                entry["metadata"] = model.metadata
+            data.append(entry)
+            if config.include_aliases_in_list:
+                data.extend({**entry, "id": alias} for alias in model.aliases)
+        return web.json_response({"object": "list", "data": data})
+
+    # -- relay -----------------------------------------------------------------------
+
+    async def _serve(
+        self, request: web.Request, routed: Routed, path: str, t0: float
+    ) -> web.StreamResponse:
+        model = routed.model.id
+        loading: web.StreamResponse | None = None
+        try:
+            if (
+                routed.stream
+                and routed.model.send_loading_state
+                and request.path == "/v1/chat/completions"
+                and not self._scheduler.is_ready(model)
+            ):
+                loading = web.StreamResponse(headers=_sse_headers())
+                await loading.prepare(request)
+                engine = await self._acquire_with_progress(loading, model)
+            else:
+                engine = await self._scheduler.acquire(model)
+        except SchedulerError as exc:
+            self._count(model, exc.status, t0)
+            if loading is not None:
+                await _sse_error(loading, exc.message, exc.code)
+                return loading
+            return error_response(
+                exc.status, exc.message, code=exc.code, type=exc.type, retry_after=exc.retry_after
+            )
+        code = 0
+        try:
+            resp, code = await self._relay(request, routed, engine.upstream + path, t0, loading)
+            return resp
+        finally:
+            self._scheduler.release(model)
+            self._count(model, code, t0)
+
+    async def _acquire_with_progress(self, resp: web.StreamResponse, model: str) -> Engine:
+        """Wait for a cold model while telling a chat UI that it is loading (#366)."""
+        task = asyncio.create_task(self._scheduler.acquire(model))
+        started = time.monotonic()
+        try:
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                waited = time.monotonic() - started
+                await resp.write(_loading_chunk(model, f"loading {model}… {waited:.0f}s\n"))
+        except BaseException:
+            task.cancel()
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self._scheduler.release(model)
+            raise
+        engine = task.result()
+        try:
+            await resp.write(_loading_chunk(model, f"{model} is ready\n"))
+        except BaseException:
+            self._scheduler.release(model)
+            raise
+        return engine
+
+    async def _relay(
+        self,
+        request: web.Request,
+        routed: Routed,
+        url: str,
+        t0: float,
+        prepared: web.StreamResponse | None,
+    ) -> tuple[web.StreamResponse, int]:
+        model = routed.model.id
+        try:
+            upstream = await self._session().request(
+                request.method,
+                url,
+                headers=forward_headers(request.headers),
+                data=routed.body if routed.body else None,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            message = f"engine for model {model!r} failed before answering: {_describe(exc)}"
+            log.warning("upstream failed", model=model, error=_describe(exc))
+            if prepared is not None:
+                await _sse_error(prepared, message, "engine_error")
+                return prepared, 502
+            return error_response(502, message, code="engine_error"), 502
+        complete = False
+        try:
+            sse = _is_sse(upstream.headers)
+            if prepared is not None:
+                resp = prepared
+            else:
+                resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in upstream.headers.items():
+                    if key.lower() not in HOP_BY_HOP:
+                        resp.headers.add(key, value)
+                if sse:
+                    resp.headers["X-Accel-Buffering"] = "no"
+                    resp.headers["Cache-Control"] = "no-cache"
+                elif upstream.content_length is not None:
+                    resp.content_length = upstream.content_length
+                await resp.prepare(request)
+            first = True
+            try:
+                async for chunk in upstream.content.iter_any():
+                    if first:
+                        self._metrics.ttfb.labels(model).observe(time.monotonic() - t0)
+                        first = False
+                    await resp.write(chunk)
+            except UPSTREAM_BROKE as exc:
+                # The engine died mid-response. The status line is gone already: an
+                # SSE client gets an error event, anything else a cut connection.
+                message = f"engine for model {model!r} failed mid-response: {_describe(exc)}"
+                log.warning("upstream died mid-response", model=model, error=_describe(exc))
+                if prepared is not None or sse:
+                    await _sse_error(resp, message, "engine_error")
+                elif request.transport is not None:
+                    request.transport.close()
+                return resp, 502
+            await resp.write_eof()
+            complete = True
+            return resp, upstream.status
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                # Client gone or engine failed: drop the upstream connection so the
+                # engine sees the disconnect and stops generating.
+                upstream.close()
+
+    def _count(self, model: str, code: int, t0: float) -> None:
+        self._metrics.requests_total.labels(model, str(code)).inc()
+        self._metrics.request_duration.labels(model).observe(time.monotonic() - t0)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_sse(headers: Any) -> bool:
+    return str(headers.get("Content-Type", "")).startswith("text/event-stream")
+
+
+def _sse_headers() -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
+
+
+def _loading_chunk(model: str, text: str) -> bytes:
+    chunk = {
+        "id": "swapd-loading",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": {"reasoning_content": text}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+async def _sse_error(resp: web.StreamResponse, message: str, code: str) -> None:
+    body = error_body(message, type="server_error", code=code)
+    try:
+        await resp.write(b"data: " + body + b"\n\n")
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass

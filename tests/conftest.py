@@ -1,0 +1,192 @@
+"""Shared fixtures: free ports, configs that run the fake engine, a real swapd process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+HERE = Path(__file__).parent
+FAKE_ENGINE = HERE / "fake_engine.py"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def fake_cmd(*flags: str, record: Path | None = None, name: str = "fake") -> str:
+    """A `cmd:` string that runs the fake engine on ${PORT}."""
+    parts = [PY, str(FAKE_ENGINE), "--port", "${PORT}", "--model-name", name, *flags]
+    if record is not None:
+        parts += ["--record", str(record)]
+    return " ".join(parts)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Swapd:
+    """A swapd daemon running as a real process."""
+
+    config_path: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    state_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, headers: dict[str, str] | None = None,
+            timeout: float = 30) -> tuple[int, Any]:
+        return http("GET", self.url + path, headers=headers, timeout=timeout)
+
+    def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None,
+             timeout: float = 60) -> tuple[int, Any]:
+        return http("POST", self.url + path, body, headers=headers, timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        code, doc = self.get("/status")
+        assert code == 200, doc
+        return doc  # type: ignore[no-any-return]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 60) -> tuple[int, Any]:
+    data = None
+    hdrs = dict(headers or {})
+    if body is not None:
+        if isinstance(body, (bytes, str)):
+            data = body.encode() if isinstance(body, str) else body
+        else:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        status = exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
+    """Start swapd on a config dict; every daemon started is stopped at teardown."""
+    started: list[Swapd] = []
+
+    def start(config: dict[str, Any], *, args: tuple[str, ...] = (), wait: bool = True,
+              env: dict[str, str] | None = None, port: int | None = None,
+              state_dir: Path | None = None) -> Swapd:
+        port = port or free_port()
+        state = state_dir or tmp_path / "state"
+        config = {"stateDir": str(state), "startPort": free_port(), **config}
+        config.setdefault("listen", f"127.0.0.1:{port}")
+        path = write_config(tmp_path, config)
+        log_path = tmp_path / f"swapd-{len(started)}.log"
+        proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(
+            [PY, "-m", "swapd", "serve", "--config", str(path), *args],
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=proc_env,
+            cwd=str(tmp_path),
+        )
+        daemon = Swapd(path, port, proc, log_path, state)
+        started.append(daemon)
+        if wait:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"swapd exited {proc.returncode}:\n{daemon.log()}")
+                try:
+                    return http("GET", daemon.url + "/health", timeout=1)[0] == 200
+                except OSError:
+                    return False
+            wait_until(up, timeout=20, message="swapd /health")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def model(cmd: str, **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"cmd": cmd, "proxy": "http://127.0.0.1:${PORT}"}
+    entry.update(extra)
+    return entry

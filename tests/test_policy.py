@@ -1,0 +1,61 @@
+"""Pure policy: no processes, no clocks."""
+
+from __future__ import annotations
+
+from swapd import policy
+from swapd.config import GroupConfig
+
+GPU: dict[str, bool] = {}
+
+
+def test_default_group_is_one_at_a_time():
+    assert policy.evictions("b", ["a"], (), GPU) == ["a"]
+    assert policy.evictions("a", ["a"], (), GPU) == []
+    assert policy.evictions("a", [], (), GPU) == []
+
+
+def test_gpu_false_never_evicts_nor_is_evicted():
+    gpu = {"helper": False}
+    assert policy.evictions("helper", ["a"], (), gpu) == []
+    assert policy.evictions("b", ["a", "helper"], (), gpu) == ["a"]
+
+
+def test_swap_false_group_members_run_together():
+    groups = (GroupConfig("pair", swap=False, exclusive=True, members=("a", "b")),)
+    assert policy.evictions("b", ["a"], groups, GPU) == []
+    # An exclusive group unloads models outside it.
+    assert policy.evictions("a", ["x"], groups, GPU) == ["x"]
+    # And a model outside it (default group, exclusive) unloads the pair.
+    assert sorted(policy.evictions("x", ["a", "b"], groups, GPU)) == ["a", "b"]
+
+
+def test_non_exclusive_group_leaves_others_and_persistent_survives():
+    groups = (
+        GroupConfig("side", swap=True, exclusive=False, members=("s1", "s2")),
+        GroupConfig("forever", swap=False, exclusive=False, persistent=True, members=("f",)),
+    )
+    assert policy.evictions("s1", ["a", "f"], groups, GPU) == []
+    assert policy.evictions("s2", ["s1"], groups, GPU) == ["s1"]
+    assert policy.evictions("a", ["s1", "f"], groups, GPU) == ["s1"]
+
+
+def test_idle_needs_ttl_no_inflight_and_elapsed_time():
+    def e(model, ttl=10.0, inflight=0, last=0.0, ready=True):
+        return policy.IdleInput(model, ttl, inflight, last, ready)
+
+    engines = [e("a"), e("busy", inflight=1), e("never", ttl=0), e("fresh", last=95.0),
+               e("cold", ready=False)]
+    assert policy.idle(engines, now=100.0) == ["a"]
+    assert policy.next_idle_check(engines, now=100.0) == 0.0
+    assert policy.next_idle_check([e("fresh", last=95.0)], now=100.0) == 5.0
+    assert policy.next_idle_check([e("busy", inflight=2)], now=100.0) is None
+
+
+def test_backoff_doubles_to_a_cap():
+    assert [policy.backoff(n, 1, 60) for n in range(0, 9)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
+
+
+def test_memory_released_allows_two_percent_noise():
+    total = 128 * 2**30
+    assert policy.memory_released(100 * 2**30, 99 * 2**30, total)
+    assert not policy.memory_released(100 * 2**30, 20 * 2**30, total)
