@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 
 from swapd import procgroup
+from swapd.systemd import SYSTEMD_ENV_VARS
 from swapd.config import ModelConfig
 
 log = structlog.get_logger("swapd.engine")
@@ -34,16 +35,6 @@ PROBE_INTERVAL = 0.05
 PROBE_TIMEOUT = 2.0
 # Lines of output kept per engine for error messages.
 TAIL_LINES = 20
-# Variables systemd hands to swapd that must not leak into engines: an engine that
-# sees NOTIFY_SOCKET may send READY=1 / WATCHDOG=1 on swapd's behalf.
-SYSTEMD_VARS = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-)
 
 
 class EngineState(StrEnum):
@@ -88,7 +79,8 @@ class ExitInfo:
 def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment an engine is exec'd with: swapd's, cleaned, plus the recipe's."""
     env = dict(os.environ if base is None else base)
-    for name in (*SYSTEMD_VARS, *cfg.env_remove):
+    # An engine that saw NOTIFY_SOCKET could send READY=1 / WATCHDOG=1 for swapd.
+    for name in (*SYSTEMD_ENV_VARS, *cfg.env_remove):
         env.pop(name, None)
     env.update(dict(cfg.env))
     return env
