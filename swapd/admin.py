@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +19,7 @@ from aiohttp import web
 from swapd import __version__
 from swapd.config import Config, ConfigError, load_model_entry
 from swapd.errors import error_response
+from swapd.files import write_atomic
 from swapd.scheduler import Scheduler, SchedulerError
 
 log = structlog.get_logger("swapd.admin")
@@ -47,7 +46,11 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
             "ttl": engine.cfg.ttl,
             "last_exit": None
             if exit_info is None
-            else {"code": exit_info.code, "at": exit_info.at, "last_lines": list(exit_info.tail[-5:])},
+            else {
+                "code": exit_info.code,
+                "at": exit_info.at,
+                "last_lines": list(exit_info.tail[-5:]),
+            },
         }
     return {
         "version": __version__,
@@ -59,9 +62,7 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
 
 
 class Admin:
-    def __init__(
-        self, scheduler: Scheduler, config: Callable[[], Config], reload: Reload
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, config: Callable[[], Config], reload: Reload) -> None:
         self._scheduler = scheduler
         self._config = config
         self._reload = reload
@@ -233,7 +234,9 @@ class Admin:
         try:
             path.unlink()
         except OSError as exc:
-            return error_response(500, f"could not delete recipe: {exc}", code="recipe_write_failed")
+            return error_response(
+                500, f"could not delete recipe: {exc}", code="recipe_write_failed"
+            )
         try:
             changes = await self._reload(f"recipe {recipe_id} deleted")
         except ConfigError as exc:
@@ -248,24 +251,3 @@ class Admin:
                 path.unlink()
             else:
                 write_atomic(path, previous)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -104,7 +104,9 @@ class Daemon:
         self._force = False
         self._reload_lock = asyncio.Lock()
         self.state_dir = (
-            Path(self.config.state_dir) if self.config.state_dir else default_state_dir(self._listen)
+            Path(self.config.state_dir)
+            if self.config.state_dir
+            else default_state_dir(self._listen)
         )
         self.owned = OwnedGroups(self.state_dir)
         self.scheduler = Scheduler(
@@ -158,7 +160,9 @@ class Daemon:
         return app
 
     @web.middleware
-    async def _errors_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _errors_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except web.HTTPNotFound:
@@ -219,8 +223,11 @@ class Daemon:
         if self.config.include:
             pattern = Path(self.config.include)
             base = Path(self.config_path).parent
-            files += sorted(base.glob(str(pattern)) if not pattern.is_absolute() else
-                            Path("/").glob(str(pattern.relative_to("/"))))
+            files += sorted(
+                base.glob(str(pattern))
+                if not pattern.is_absolute()
+                else Path("/").glob(str(pattern.relative_to("/")))
+            )
         return files
 
     def _snapshot(self) -> dict[Path, float]:
@@ -255,6 +262,7 @@ class Daemon:
         self.stop_event.set()
 
     async def run(self) -> int:
+        configure_logging(self.config.log_level, hub=self.hub)
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
         reaped = await reap_leftovers(self.state_dir)
@@ -286,8 +294,13 @@ class Daemon:
             log.error("cannot listen", listen=self._listen, error=str(exc))
             await self._cleanup(runner)
             return 1
-        log.info("swapd listening", listen=f"{host}:{port}", version=__version__,
-                 models=len(self.config.models), state_dir=str(self.state_dir))
+        log.info(
+            "swapd listening",
+            listen=f"{host}:{port}",
+            version=__version__,
+            models=len(self.config.models),
+            state_dir=str(self.state_dir),
+        )
         systemd.ready(f"listening on {host}:{port}; tenant: none")
         background: list[asyncio.Task[None]] = []
         interval = systemd.watchdog_interval()
@@ -319,14 +332,13 @@ class Daemon:
 
     async def _cleanup(self, runner: web.AppRunner) -> None:
         self.sampler.stop()
+        self.hub.close()  # open /logs/stream responses end now
         await runner.cleanup()
         if self._session is not None:
             await self._session.close()
 
 
 def serve(config_path: str, loaded: LoadResult, listen: str | None, watch: bool) -> int:
-    configure_logging(loaded.config.log_level)
-
     async def main() -> int:
         return await Daemon(config_path, loaded, listen=listen, watch_config=watch).run()
 

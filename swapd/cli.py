@@ -61,8 +61,11 @@ def _load(path: str) -> LoadResult | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve", "check", "status", "litellm-config"}
-    if args_list and args_list[0] not in commands and args_list[0] not in ("-h", "--help",
-                                                                           "--version"):
+    if (
+        args_list
+        and args_list[0] not in commands
+        and args_list[0] not in ("-h", "--help", "--version")
+    ):
         # Drop-in for llama-swap: `swapd --config FILE` means `swapd serve --config FILE`.
         args_list.insert(0, "serve")
     parser = _parser()

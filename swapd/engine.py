@@ -22,8 +22,8 @@ import aiohttp
 import structlog
 
 from swapd import procgroup
-from swapd.systemd import SYSTEMD_ENV_VARS
 from swapd.config import ModelConfig
+from swapd.systemd import SYSTEMD_ENV_VARS
 
 log = structlog.get_logger("swapd.engine")
 

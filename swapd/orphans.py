@@ -21,10 +21,8 @@ started after the leader did, since they joined its new session).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import psutil
 import structlog
 
 from swapd import procgroup
+from swapd.files import write_atomic
 
 log = structlog.get_logger("swapd.orphans")
 
@@ -60,30 +59,13 @@ def _since_boot(pid: int) -> float:
 
 
 def _write_atomic(path: Path, data: object) -> bool:
-    """Replace `path` with JSON `data`: temp file in the same dir, fsync, rename, fsync dir."""
-    tmp: str | None = None
+    """Replace `path` with JSON `data` atomically; False (logged) when that fails."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
     except OSError as exc:
         # A read-only or full disk must not take the daemon down: the record is a safety
         # net for the next start, not something serving depends on.
         log.warning("cannot write engine record", path=str(path), error=str(exc))
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         return False
     return True
 

@@ -215,9 +215,7 @@ class Scheduler:
         self._queue_changed(model)
         self._dispatch()
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(waiter.future), self.config.queue_timeout
-            )
+            return await asyncio.wait_for(asyncio.shield(waiter.future), self.config.queue_timeout)
         except TimeoutError:
             self._drop_waiter(waiter)
             raise QueueTimeout(
@@ -379,9 +377,7 @@ class Scheduler:
     async def _swap(self, target: str, victims: list[str]) -> None:
         try:
             # Requests already granted to the old tenant finish first.
-            await self._wait_for(
-                lambda: all(self._victim_drained(v) for v in victims)
-            )
+            await self._wait_for(lambda: all(self._victim_drained(v) for v in victims))
             await asyncio.gather(*(self._stop(v, "swap") for v in victims))
             await self._wait_memory([self._slots[v] for v in victims if v in self._slots])
         finally:
@@ -575,9 +571,7 @@ class Scheduler:
     async def unload(self, model: str | None = None, reason: str = "unload") -> list[str]:
         """Stop one engine or all, after their in-flight requests finish."""
         targets = [
-            m
-            for m, s in self._slots.items()
-            if (model is None or m == model) and s.engine.running
+            m for m, s in self._slots.items() if (model is None or m == model) and s.engine.running
         ]
         for m in targets:
             self._slots[m].draining = True

@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""A fake OpenAI-compatible inference engine for swapd's test-suite.
+
+Run it as ``python tests/fake_engine.py --port N [flags]``. It needs only the standard library
+and aiohttp, so swapd can exec it like any real engine (vLLM, llama-server, SGLang, ...), and it
+can play each of their awkward behaviours:
+
+--boot-delay S          sleep S seconds before binding the port (vLLM: the port opens late)
+--health-503-for S      port opens at once, /health answers 503 for S seconds (llama-server, SGLang)
+--crash-after N         exit with code 3 right after answering the N-th inference request
+                        (streams: after the last chunk); N=0: print "fatal: simulated crash" and
+                        exit 3 at startup
+--crash-before-answer   with --crash-after N: the N-th request kills the engine (exit 3) before
+                        any byte of its answer, so the client sees the connection drop
+--crash-mid-stream      during a streaming answer, after 2 chunks, os._exit(4)
+--ignore-sigterm        SIGTERM is ignored (prints "ignoring SIGTERM")
+--spawn-grandchild      spawn a `python -c` child that sleeps forever in the same process group
+                        (ignores SIGTERM too with --ignore-sigterm); prints "grandchild pid N"
+--stream-tokens N       token chunks in a streaming answer (default 5); chunk i says "tok{i} "
+--token-delay S         delay before each token chunk (default 0)
+--record FILE           append JSON lines {"event", "pid", "model", "t"}: events "start",
+                        "grandchild" (with "child": pid), "ready" and "exit"
+--exit-on-sigterm-delay S  on SIGTERM, wait S seconds, then exit 0
+--env-dump FILE         write os.environ as JSON at startup
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
+{"path", "method", "query", "content_type", "body"}.
+
+Answers carry "x_served_by" (--model-name), "x_pid" and, for chat/completions/messages,
+"x_request" (the request body as received) so tests can check what swapd sent upstream.
+
+Default SIGTERM behaviour: stop serving and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+GRANDCHILD_CODE = """
+import signal, sys, time
+if sys.argv[1] == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+deadline = time.monotonic() + 900  # safety net: never outlive a test run by much
+while time.monotonic() < deadline:
+    time.sleep(1)
+"""
+
+MID_STREAM_CHUNKS = 2
+
+
+def say(msg: str, *, err: bool = False) -> None:
+    stream = sys.stderr if err else sys.stdout
+    try:
+        print(msg, file=stream, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+class Engine:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.pid = os.getpid()
+        self.inference_count = 0
+        self.ready_at: float | None = None  # monotonic time /health starts answering 200
+        self.exit_recorded = False
+        self.stop_event: asyncio.Event | None = None
+        self.sigterm_seen = False
+        self.req_seq = 0
+
+    # -- record file -------------------------------------------------------------------------
+
+    def record(self, event: str, **extra: Any) -> None:
+        if not self.opts.record:
+            return
+        data = {"event": event, "pid": self.pid, "model": self.opts.model_name, "t": time.time()}
+        data.update(extra)
+        line = (json.dumps(data) + "\n").encode()
+        fd = os.open(self.opts.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def record_exit(self) -> None:
+        if self.exit_recorded:
+            return
+        self.exit_recorded = True
+        self.record("exit")
+
+    def hard_exit(self, code: int, msg: str | None = None) -> None:
+        """Die at once (a crash): no cleanup, no atexit, but the record and the message first."""
+        if msg:
+            say(msg, err=True)
+        self.record_exit()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+        os._exit(code)
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.ready_at is not None and time.monotonic() >= self.ready_at
+
+    def mark_ready(self) -> None:
+        say("model loaded, server ready")
+        self.record("ready")
+
+    # -- inference accounting -------------------------------------------------------------
+
+    def count_inference(self) -> bool:
+        """Count one inference request; True when it is the one that must crash afterwards."""
+        self.inference_count += 1
+        n = self.opts.crash_after
+        if n is not None and n > 0 and self.inference_count == n:
+            if self.opts.crash_before_answer:
+                self.hard_exit(3, f"fatal: simulated crash on request {n}")
+            return True
+        return False
+
+    def crash_soon(self) -> None:
+        loop = asyncio.get_running_loop()
+        n = self.opts.crash_after
+        loop.call_later(0.01, self.hard_exit, 3, f"fatal: simulated crash after request {n}")
+
+    def next_id(self, prefix: str) -> str:
+        self.req_seq += 1
+        return f"{prefix}-fake-{self.pid}-{self.req_seq}"
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def on_sigterm_sync(self, signum: int, frame: Any) -> None:
+        """SIGTERM before the event loop runs (during --boot-delay)."""
+        if self.opts.ignore_sigterm:
+            say("ignoring SIGTERM", err=True)
+            return
+        say("received SIGTERM while loading", err=True)
+        if self.opts.exit_on_sigterm_delay:
+            time.sleep(self.opts.exit_on_sigterm_delay)
+        raise SystemExit(0)
+
+    def on_sigterm_loop(self) -> None:
+        if self.opts.ignore_sigterm:
+            say("ignoring SIGTERM", err=True)
+            return
+        if self.sigterm_seen:
+            return
+        self.sigterm_seen = True
+        delay = self.opts.exit_on_sigterm_delay or 0.0
+        say(f"received SIGTERM, shutting down in {delay} s", err=True)
+        loop = asyncio.get_running_loop()
+        stop = self.stop_event
+        assert stop is not None
+        loop.call_later(delay, stop.set)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps(
+                {"error": {"message": "invalid JSON", "type": "invalid_request_error", "code": 400}}
+            ),
+            content_type="application/json",
+        ) from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps(
+                {
+                    "error": {
+                        "message": "body must be a JSON object",
+                        "type": "invalid_request_error",
+                        "code": 400,
+                    }
+                }
+            ),
+            content_type="application/json",
+        )
+    return body
+
+
+def usage(prompt_tokens: int = 3, completion_tokens: int = 4) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def fake_vector(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((b - 128) / 128.0, 6) for b in digest[:8]]
+
+
+async def sse_start(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await resp.prepare(request)
+    return resp
+
+
+# -- the application -------------------------------------------------------------------------
+
+
+def build_app(eng: Engine) -> web.Application:
+    opts = eng.opts
+    name: str = opts.model_name
+
+    @web.middleware
+    async def log_requests(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != "/health":
+            say(f"request {request.method} {request.path_qs}")
+        resp: web.StreamResponse = await handler(request)
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        if eng.is_ready():
+            return web.json_response({"status": "ok"})
+        return web.json_response(
+            {"status": "loading", "error": {"message": "Loading model", "code": 503}}, status=503
+        )
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": int(time.time()), "owned_by": "fake"}
+                ],
+            }
+        )
+
+    async def stream_tokens(
+        request: web.Request,
+        resp: web.StreamResponse,
+        make_chunk: Any,
+    ) -> bool:
+        """Write the token chunks; False when the client went away."""
+        n = opts.stream_tokens
+        try:
+            for i in range(n):
+                if opts.crash_mid_stream and i == MID_STREAM_CHUNKS:
+                    eng.hard_exit(4, "fatal: simulated crash mid-stream")
+                if opts.token_delay:
+                    await asyncio.sleep(opts.token_delay)
+                await resp.write(f"data: {json.dumps(make_chunk(i))}\n\n".encode())
+            if opts.crash_mid_stream:
+                eng.hard_exit(4, "fatal: simulated crash mid-stream")
+            return True
+        except ConnectionError:
+            say("stream cancelled")
+            return False
+        except asyncio.CancelledError:
+            say("stream cancelled")
+            raise
+
+    async def finish_stream(resp: web.StreamResponse, final: list[dict[str, Any]]) -> None:
+        try:
+            for chunk in final:
+                await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            say("stream done")
+        except ConnectionError:
+            say("stream cancelled")
+        except asyncio.CancelledError:
+            say("stream cancelled")
+            raise
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        crash = eng.count_inference()
+        model = body.get("model", name)
+        cid = eng.next_id("chatcmpl")
+        created = int(time.time())
+        if body.get("stream"):
+            resp = await sse_start(request)
+
+            def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+                return {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+
+            def token(i: int) -> dict[str, Any]:
+                delta: dict[str, Any] = {"content": f"tok{i} "}
+                if i == 0:
+                    delta["role"] = "assistant"
+                return chunk(delta, None)
+
+            if await stream_tokens(request, resp, token):
+                final = [chunk({}, "stop")]
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    final.append(
+                        {
+                            "id": cid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage(3, opts.stream_tokens),
+                        }
+                    )
+                await finish_stream(resp, final)
+            if crash:
+                eng.crash_soon()
+            return resp
+        resp = web.json_response(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"hello from {name}"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage(),
+                "x_served_by": name,
+                "x_pid": eng.pid,
+                "x_request": body,
+            }
+        )
+        if crash:
+            await resp.prepare(request)
+            await resp.write_eof()
+            eng.crash_soon()
+        return resp
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        crash = eng.count_inference()
+        model = body.get("model", name)
+        cid = eng.next_id("cmpl")
+        created = int(time.time())
+        if body.get("stream"):
+            resp = await sse_start(request)
+
+            def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                return {
+                    "id": cid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                    ],
+                }
+
+            if await stream_tokens(request, resp, lambda i: chunk(f"tok{i} ", None)):
+                await finish_stream(resp, [chunk("", "stop")])
+            if crash:
+                eng.crash_soon()
+            return resp
+        resp = web.json_response(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": f"hello from {name}",
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage(),
+                "x_served_by": name,
+                "x_pid": eng.pid,
+                "x_request": body,
+            }
+        )
+        if crash:
+            await resp.prepare(request)
+            await resp.write_eof()
+            eng.crash_soon()
+        return resp
+
+    async def embeddings(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        crash = eng.count_inference()
+        raw = body.get("input", "")
+        inputs = raw if isinstance(raw, list) else [raw]
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": fake_vector(x if isinstance(x, str) else json.dumps(x)),
+            }
+            for i, x in enumerate(inputs)
+        ]
+        resp = web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", name),
+                "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
+                "x_served_by": name,
+                "x_pid": eng.pid,
+            }
+        )
+        if crash:
+            await resp.prepare(request)
+            await resp.write_eof()
+            eng.crash_soon()
+        return resp
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        body = await read_json(request)
+        crash = eng.count_inference()
+        model = body.get("model", name)
+        mid = eng.next_id("msg")
+        if body.get("stream"):
+            resp = web.StreamResponse(
+                status=200,
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+            )
+            await resp.prepare(request)
+
+            async def event(kind: str, data: dict[str, Any]) -> None:
+                await resp.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
+
+            try:
+                await event(
+                    "message_start",
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "id": mid,
+                            "type": "message",
+                            "role": "assistant",
+                            "model": model,
+                            "content": [],
+                            "stop_reason": None,
+                            "stop_sequence": None,
+                            "usage": {"input_tokens": 3, "output_tokens": 0},
+                        },
+                    },
+                )
+                await event(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+                for i in range(opts.stream_tokens):
+                    if opts.crash_mid_stream and i == MID_STREAM_CHUNKS:
+                        eng.hard_exit(4, "fatal: simulated crash mid-stream")
+                    if opts.token_delay:
+                        await asyncio.sleep(opts.token_delay)
+                    await event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": f"tok{i} "},
+                        },
+                    )
+                await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                await event(
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                        "usage": {"output_tokens": opts.stream_tokens},
+                    },
+                )
+                await event("message_stop", {"type": "message_stop"})
+                await resp.write_eof()
+                say("stream done")
+            except ConnectionError:
+                say("stream cancelled")
+            except asyncio.CancelledError:
+                say("stream cancelled")
+                raise
+            if crash:
+                eng.crash_soon()
+            return resp
+        resp = web.json_response(
+            {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": f"hello from {name}"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 3, "output_tokens": 4},
+                "x_served_by": name,
+                "x_pid": eng.pid,
+                "x_request": body,
+            }
+        )
+        if crash:
+            await resp.prepare(request)
+            await resp.write_eof()
+            eng.crash_soon()
+        return resp
+
+    async def slow(request: web.Request) -> web.Response:
+        seconds = float(request.query.get("seconds", "1"))
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            say("slow request cancelled")
+            raise
+        return web.json_response({"slept": seconds, "x_served_by": name, "x_pid": eng.pid})
+
+    async def echo(request: web.Request) -> web.Response:
+        raw = await request.read()
+        return web.json_response(
+            {
+                "path": request.path,
+                "method": request.method,
+                "query": request.query_string,
+                "content_type": request.headers.get("Content-Type", ""),
+                "body": raw.decode("utf-8", errors="replace"),
+                "x_served_by": name,
+                "x_pid": eng.pid,
+            }
+        )
+
+    app = web.Application(middlewares=[log_requests], client_max_size=256 * 1024 * 1024)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/slow", slow)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def serve(eng: Engine) -> None:
+    opts = eng.opts
+    loop = asyncio.get_running_loop()
+    eng.stop_event = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, eng.on_sigterm_loop)
+    loop.add_signal_handler(signal.SIGINT, eng.on_sigterm_loop)
+
+    runner = web.AppRunner(build_app(eng), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, opts.host, opts.port)
+    await site.start()
+    say(f"listening on port {opts.port}")
+    eng.ready_at = time.monotonic() + opts.health_503_for
+    if opts.health_503_for > 0:
+        say(f"warming up for {opts.health_503_for} s (health answers 503)")
+        loop.call_later(opts.health_503_for, eng.mark_ready)
+    else:
+        eng.mark_ready()
+
+    await eng.stop_event.wait()
+    say("shutting down")
+    await runner.cleanup()
+    say("bye")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="fake OpenAI-compatible engine for swapd tests")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model-name", default="fake")
+    p.add_argument("--boot-delay", type=float, default=0.0)
+    p.add_argument("--health-503-for", type=float, default=0.0)
+    p.add_argument("--crash-after", type=int, default=None)
+    p.add_argument("--crash-before-answer", action="store_true")
+    p.add_argument("--crash-mid-stream", action="store_true")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--spawn-grandchild", action="store_true")
+    p.add_argument("--stream-tokens", type=int, default=5)
+    p.add_argument("--token-delay", type=float, default=0.0)
+    p.add_argument("--record", default=None)
+    p.add_argument("--exit-on-sigterm-delay", type=float, default=0.0)
+    p.add_argument("--env-dump", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    eng = Engine(opts)
+    signal.signal(signal.SIGTERM, eng.on_sigterm_sync)
+    eng.record("start")
+    atexit.register(eng.record_exit)
+
+    if opts.env_dump:
+        tmp = f"{opts.env_dump}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(dict(os.environ), f)
+        os.replace(tmp, opts.env_dump)
+
+    if opts.spawn_grandchild:
+        # SIG_IGN survives exec: the grandchild ignores SIGTERM from its first instant.
+        if opts.ignore_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-c", GRANDCHILD_CODE, "1" if opts.ignore_sigterm else "0"],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            signal.signal(signal.SIGTERM, eng.on_sigterm_sync)
+        say(f"grandchild pid {child.pid}")
+        eng.record("grandchild", child=child.pid)
+
+    say(f"loading model {opts.model_name}...")
+    if opts.crash_after == 0:
+        say("fatal: simulated crash", err=True)
+        return 3
+
+    if opts.boot_delay > 0:
+        deadline = time.monotonic() + opts.boot_delay
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(left)
+
+    try:
+        asyncio.run(serve(eng))
+    except OSError as exc:
+        say(f"fatal: cannot listen on {opts.host}:{opts.port}: {exc}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
