@@ -300,74 +300,76 @@ class Scheduler:
         """Serve what can be served now; start the next swap if one is due.
 
         Synchronous on purpose: nothing can change between the decisions it takes.
+        Two passes: first every queued request whose engine is serving gets it (so
+        all requests queued for a model are served together), then the oldest
+        request left decides the next start or swap.
         """
         if self._closing:
             return
         now = time.monotonic()
-        served: list[_Waiter] = []
-        # Requests for a swap's victims that queued *before* the request that chose
-        # the swap are still served by the old tenant; those behind it wait.
+        waiting: collections.deque[_Waiter] = collections.deque()
+        touched: set[str] = set()
+        # Requests for a pending swap's victims that queued *before* the request
+        # that chose the swap are still served by the old tenant; later ones wait
+        # (steady traffic to the tenant must not starve the waiting model, #612).
         behind_swap = False
         for w in self._waiters:
-            if w.future.done():
-                served.append(w)
-                continue
             slot = self._slots.get(w.model)
-            if slot is None or slot.removed:
-                w.future.set_exception(UnknownModel(f"model {w.model!r} is no longer configured"))
-                served.append(w)
-                continue
             behind_swap = behind_swap or w.model == self._swap_target
-            held = behind_swap and w.model in self._swap_victims
-            if not held and self._serving(slot):
+            if w.future.done():
+                touched.add(w.model)
+            elif slot is None or slot.removed:
+                w.future.set_exception(UnknownModel(f"model {w.model!r} is no longer configured"))
+                touched.add(w.model)
+            elif self._serving(slot) and not (behind_swap and w.model in self._swap_victims):
                 limit = slot.engine.cfg.concurrency_limit
                 if limit and slot.inflight >= limit:
+                    waiting.append(w)
                     continue
                 self._grant(slot)
                 w.future.set_result(slot.engine)
-                served.append(w)
-                continue
-            engine = slot.engine
-            if engine.state == EngineState.FAILED:
-                if slot.retry_at > now:
-                    w.future.set_exception(
-                        StartFailed(
-                            f"model {w.model!r} failed {slot.failures} times",
-                            retry_after=max(1, round(slot.retry_at - now)),
-                        )
-                    )
-                    served.append(w)
-                    continue
-                engine.clear_failed()
-            if (
-                engine.state != EngineState.STOPPED
-                or slot.launching
-                or slot.retiring
-                or slot.draining
-            ):
-                continue  # starting, stopping, or waiting to be replaced: wait for it
+                touched.add(w.model)
+            else:
+                waiting.append(w)
+        self._waiters = waiting
+        for w in list(waiting):
+            if self._decide(w, now):
+                waiting.remove(w)
+                touched.add(w.model)
+        for m in touched:
+            self._queue_changed(m)
+
+    def _decide(self, w: _Waiter, now: float) -> bool:
+        """Start or swap for a request whose engine is not serving; True if answered."""
+        slot = self._slots[w.model]
+        engine = slot.engine
+        if engine.state == EngineState.FAILED:
             if slot.retry_at > now:
-                self._arm_retry_timer(slot.retry_at - now)
-                continue
-            victims = self._evictions_for(w.model)
-            if engine.cfg.gpu and self._swap_target is not None:
-                continue  # one swap at a time; this one is next
-            if not victims:
-                slot.launching = True
-                self._spawn_task(self._start(w.model), f"start-{w.model}")
-                continue
-            self._swap_target = w.model
-            self._swap_victims = frozenset(victims)
-            behind_swap = True
-            slot.launching = True
-            log.info("swap", model=w.model, evicting=sorted(victims))
-            self._spawn_task(self._swap(w.model, victims), f"swap-{w.model}")
-        if served:
-            for w in served:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(w)
-            for m in {w.model for w in served}:
-                self._queue_changed(m)
+                w.future.set_exception(
+                    StartFailed(
+                        f"model {w.model!r} failed {slot.failures} times",
+                        retry_after=max(1, round(slot.retry_at - now)),
+                    )
+                )
+                return True
+            engine.clear_failed()
+        if engine.state != EngineState.STOPPED or slot.launching or slot.retiring or slot.draining:
+            return False  # starting, stopping, or waiting to be replaced: wait for it
+        if slot.retry_at > now:
+            self._arm_retry_timer(slot.retry_at - now)
+            return False
+        if engine.cfg.gpu and self._swap_target is not None:
+            return False  # one swap at a time; this request's turn comes next
+        victims = self._evictions_for(w.model)
+        slot.launching = True
+        if not victims:
+            self._spawn_task(self._start(w.model), f"start-{w.model}")
+            return False
+        self._swap_target = w.model
+        self._swap_victims = frozenset(victims)
+        log.info("swap", model=w.model, evicting=sorted(victims))
+        self._spawn_task(self._swap(w.model, victims), f"swap-{w.model}")
+        return False
 
     def _evictions_for(self, model: str) -> list[str]:
         running = [m for m, s in self._slots.items() if s.engine.running or s.launching]
