@@ -99,6 +99,7 @@ class _Slot:
     draining: bool = False  # unload/idle stop under way: take no new requests
     launching: bool = False  # a start was decided; counts as running from that instant
     pending_cfg: ModelConfig | None = None  # what replaces a retiring engine
+    ready_since: float = 0.0  # monotonic time the engine last became ready
 
 
 @dataclass(frozen=True)
@@ -309,19 +310,14 @@ class Scheduler:
         now = time.monotonic()
         waiting: collections.deque[_Waiter] = collections.deque()
         touched: set[str] = set()
-        # Requests for a pending swap's victims that queued *before* the request
-        # that chose the swap are still served by the old tenant; later ones wait
-        # (steady traffic to the tenant must not starve the waiting model, #612).
-        behind_swap = False
         for w in self._waiters:
             slot = self._slots.get(w.model)
-            behind_swap = behind_swap or w.model == self._swap_target
             if w.future.done():
                 touched.add(w.model)
             elif slot is None or slot.removed:
                 w.future.set_exception(UnknownModel(f"model {w.model!r} is no longer configured"))
                 touched.add(w.model)
-            elif self._serving(slot) and not (behind_swap and w.model in self._swap_victims):
+            elif self._serving(slot) and not self._held(w, slot):
                 limit = slot.engine.cfg.concurrency_limit
                 if limit and slot.inflight >= limit:
                     waiting.append(w)
@@ -338,6 +334,13 @@ class Scheduler:
                 touched.add(w.model)
         for m in touched:
             self._queue_changed(m)
+
+    def _held(self, w: _Waiter, slot: _Slot) -> bool:
+        """A request for a pending swap's victim that arrived after the victim was
+        ready waits for the swap: steady traffic to the tenant must not starve the
+        waiting model (llama-swap #612). Requests that queued while the victim was
+        still loading are served by it first: they were there before the swap."""
+        return w.model in self._swap_victims and w.since >= slot.ready_since
 
     def _decide(self, w: _Waiter, now: float) -> bool:
         """Start or swap for a request whose engine is not serving; True if answered."""
@@ -427,7 +430,7 @@ class Scheduler:
             return
         if self._on_engine_start:
             self._on_engine_start(model, "success", seconds)
-        slot.last_used = time.monotonic()
+        slot.last_used = slot.ready_since = time.monotonic()
         self._spawn_task(self._monitor(model, engine), f"monitor-{model}")
         slot.launching = False
         self._dispatch()

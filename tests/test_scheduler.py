@@ -1,0 +1,200 @@
+"""The scheduler in-process, with real fake-engine processes: tenancy, batching,
+fairness, idle eviction races, crash backoff and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from swapd.config import Config, GroupConfig, ModelConfig, RestartPolicy
+from swapd.engine import EngineState
+from swapd.scheduler import QueueTimeout, Scheduler, StartFailed
+from tests.conftest import FAKE_ENGINE, free_port, pid_alive, read_records
+
+
+def fake(name: str, *flags: str, record: Path | None = None, **kw: object) -> ModelConfig:
+    port = free_port()
+    cmd = [sys.executable, str(FAKE_ENGINE), "--port", str(port), "--model-name", name, *flags]
+    if record is not None:
+        cmd += ["--record", str(record)]
+    return ModelConfig(
+        id=name,
+        cmd=tuple(cmd),
+        proxy=f"http://127.0.0.1:{port}",
+        health_check_timeout=20,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def until(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def make():  # type: ignore[no-untyped-def]
+    made: list[Scheduler] = []
+
+    def build(*models: ModelConfig, **kw: object) -> Scheduler:
+        sched = Scheduler(Config(models={m.id: m for m in models}, **kw))  # type: ignore[arg-type]
+        made.append(sched)
+        return sched
+
+    yield build
+    for sched in made:
+        await sched.close(drain=0)
+
+
+def intervals(records: list[dict[str, object]]) -> list[tuple[float, float, str]]:
+    out = []
+    for s in records:
+        if s["event"] != "start":
+            continue
+        end = next(
+            (e["t"] for e in records if e["event"] == "exit" and e["pid"] == s["pid"]), None
+        )
+        assert end is not None, f"no exit record for {s}"
+        out.append((float(s["t"]), float(end), str(s["model"])))  # type: ignore[arg-type]
+    return sorted(out)
+
+
+async def test_interleaved_requests_batch_per_model_and_never_overlap(make, tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    sched = make(fake("a", record=rec), fake("b", record=rec))
+    order = ["a", "b"] * 10
+
+    async def one(model: str) -> str:
+        async with sched.lease(model) as lease:
+            await asyncio.sleep(0.01)
+            return lease.model
+
+    assert await asyncio.gather(*(one(m) for m in order)) == order
+    await sched.unload()
+    spans = intervals(read_records(rec))
+    for (_, end, m1), (start, _, m2) in zip(spans, spans[1:], strict=False):
+        assert end <= start, f"{m1} and {m2} overlapped"
+    assert len(spans) == 2, f"20 queued requests for 2 models caused {len(spans)} starts"
+
+
+async def test_waiting_model_is_not_starved_by_steady_tenant_traffic(make):
+    """llama-swap #612: requests for the tenant keep coming; the other model still gets in."""
+    sched = make(fake("a"), fake("b"))
+    await sched.load("a")
+    stop = asyncio.Event()
+
+    async def hammer() -> None:
+        while not stop.is_set():
+            async with sched.lease("a"):
+                await asyncio.sleep(0.02)
+
+    hammers = [asyncio.create_task(hammer()) for _ in range(4)]
+    t0 = time.monotonic()
+    async with sched.lease("b") as lease:
+        assert lease.engine.state == EngineState.READY
+    waited = time.monotonic() - t0
+    stop.set()
+    await asyncio.gather(*hammers)
+    assert waited < 10
+
+
+async def test_request_during_idle_stop_restarts_the_engine(make):
+    """llama-swap #946: a request arriving while a TTL unload runs must not hang."""
+    sched = make(fake("a", "--exit-on-sigterm-delay", "0.3", ttl=0.2))
+    engine = await sched.load("a")
+    first_pid = engine.pid
+    await until(lambda: engine.state == EngineState.STOPPING)
+    async with sched.lease("a") as lease:
+        assert lease.engine.state == EngineState.READY
+        assert lease.engine.pid != first_pid
+    assert not pid_alive(first_pid)  # type: ignore[arg-type]
+
+
+async def test_ttl_counts_from_end_of_last_request(make):
+    sched = make(fake("a", ttl=0.3))
+    async with sched.lease("a") as lease:
+        await asyncio.sleep(0.6)  # a long request: longer than the ttl
+        assert lease.engine.state == EngineState.READY
+    t_end = time.monotonic()
+    await until(lambda: lease.engine.state == EngineState.STOPPED)
+    assert time.monotonic() - t_end >= 0.3
+
+
+async def test_crash_loop_backs_off_then_fails_then_recovers(make):
+    restart = RestartPolicy(max_retries=1, backoff_initial=0.2, backoff_max=0.4)
+    sched = make(fake("a", "--crash-after", "0", restart=restart), fake("b"))
+    with pytest.raises(StartFailed, match="exited with code 3"):
+        await sched.load("a")
+    with pytest.raises(StartFailed):  # second failure: marked failed
+        await sched.load("a")
+    with pytest.raises(StartFailed) as err:
+        await sched.acquire("a")
+    assert err.value.retry_after is not None
+    assert sched.engine("a").state == EngineState.FAILED  # type: ignore[union-attr]
+    # The failed model never blocks another.
+    assert (await sched.load("b")).state == EngineState.READY
+    # After the backoff a good recipe serves again.
+    good = dataclasses.replace(fake("a"), restart=restart)
+    sched.apply_config(Config(models={"a": good, "b": sched.config.models["b"]}))
+    await until(lambda: time.monotonic() > 0 and sched.engine("a").state != "failed", 2)  # type: ignore[union-attr]
+    await asyncio.sleep(0)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            assert (await sched.load("a")).state == EngineState.READY
+            break
+        except StartFailed:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+
+
+async def test_queue_timeout(make):
+    sched = make(fake("a", "--boot-delay", "2"), queue_timeout=0.3)
+    with pytest.raises(QueueTimeout):
+        await sched.load("a")
+
+
+async def test_reload_keeps_unchanged_engine_and_replaces_changed_one(make):
+    a, b = fake("a"), fake("b", ttl=0)
+    groups = (GroupConfig("all", swap=False, exclusive=True, members=("a", "b")),)
+    sched = make(a, b, groups=groups)
+    ea = await sched.load("a")
+    eb = await sched.load("b")
+    pid_a, pid_b = ea.pid, eb.pid
+    b2 = dataclasses.replace(b, ttl=60)
+    changes = sched.apply_config(Config(models={"a": a, "b": b2}, groups=groups))
+    assert changes["changed"] == ["b"] and not changes["added"]
+    await until(lambda: not pid_alive(pid_b))  # type: ignore[arg-type]
+    assert sched.engine("a").pid == pid_a and pid_alive(pid_a)  # type: ignore[union-attr,arg-type]
+    eb2 = await sched.load("b")
+    assert eb2.cfg.ttl == 60 and eb2.pid != pid_b
+    changes = sched.apply_config(Config(models={"a": a}, groups=groups))
+    assert changes["removed"] == ["b"]
+    await until(lambda: sched.engine("b") is None)
+    assert not pid_alive(eb2.pid)  # type: ignore[arg-type]
+
+
+async def test_shutdown_stops_a_starting_engine(make):
+    sched = make(fake("a", "--boot-delay", "5", "--spawn-grandchild"))
+    task = asyncio.create_task(sched.load("a"))
+    await until(lambda: sched.engine("a").pid is not None)  # type: ignore[union-attr]
+    pid = sched.engine("a").pid  # type: ignore[union-attr]
+    await sched.close(drain=0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not pid_alive(pid)  # type: ignore[arg-type]
+
+
+async def test_readiness_noticed_fast(make):
+    sched = make(fake("a", "--health-503-for", "0.5", "--record", "/dev/null"))
+    t0 = time.monotonic()
+    await sched.load("a")
+    # 0.5 s of 503s, then ready: noticed well within 100 ms of becoming ready
+    # (plus the engine's own interpreter start-up).
+    assert time.monotonic() - t0 < 0.5 + 0.2 + 1.0
