@@ -193,7 +193,6 @@ class Engine:
         return elapsed
 
     async def _spawn(self) -> None:
-        self._exited.clear()
         proc = await asyncio.create_subprocess_exec(
             *self.cfg.cmd,
             stdin=asyncio.subprocess.DEVNULL,
@@ -203,6 +202,7 @@ class Engine:
             start_new_session=True,
             close_fds=True,
         )
+        self._exited.clear()
         self._proc = proc
         self.pid = proc.pid
         self.started_at = time.time()

@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from swapd import policy
+from swapd import gpu, policy
 from swapd.config import Config, ModelConfig
 from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
 
@@ -713,14 +713,7 @@ class Scheduler:
             await asyncio.wait_for(event.wait(), remaining)
 
 
-def read_meminfo(path: str = "/proc/meminfo") -> tuple[int, int]:
+def read_meminfo() -> tuple[int, int]:
     """(MemTotal, MemAvailable) in bytes: GB10's GPU memory is this memory."""
-    total = available = 0
-    with open(path, encoding="ascii") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key == "MemTotal":
-                total = int(rest.split()[0]) * 1024
-            elif key == "MemAvailable":
-                available = int(rest.split()[0]) * 1024
-    return total, available
+    used, total = gpu.read_meminfo()
+    return total, total - used

@@ -5,6 +5,7 @@ and /proc, never swapd's word for it."""
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import os
 import signal
 import threading
@@ -111,7 +112,7 @@ def test_concurrent_requests_for_two_models_never_overlap(start_swapd, tmp_path)
         assert end is not None, f"engine {s} has no exit record"
         intervals.append((s["t"], end, s["model"]))
     intervals.sort()
-    for (s1, e1, m1), (s2, _e2, m2) in zip(intervals, intervals[1:], strict=False):
+    for (_s1, e1, m1), (s2, _e2, m2) in itertools.pairwise(intervals):
         assert e1 <= s2, f"{m1} ran until {e1} but {m2} started at {s2}"
     # Queued requests for one model are served together: no swap per request.
     assert len(starts) <= 4, f"{len(starts)} engine starts for 12 requests: thrashing"
@@ -126,7 +127,7 @@ def test_sigterm_ignoring_engine_is_sigkilled_after_grace(start_swapd, tmp_path)
     grandchildren = [int(line.split()[-1]) for line in daemon.get("/logs")[1].splitlines()
                      if "grandchild pid" in line]
     assert grandchildren
-    code, body = daemon.post("/v1/chat/completions", {"model": "beta", "messages": []})
+    code, _ = daemon.post("/v1/chat/completions", {"model": "beta", "messages": []})
     assert code == 200
     assert not pid_alive(pid)
     assert not any(pid_alive(g) for g in grandchildren)

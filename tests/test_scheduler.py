@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ async def test_interleaved_requests_batch_per_model_and_never_overlap(make, tmp_
     assert await asyncio.gather(*(one(m) for m in order)) == order
     await sched.unload()
     spans = intervals(read_records(rec))
-    for (_, end, m1), (start, _, m2) in zip(spans, spans[1:], strict=False):
+    for (_, end, m1), (start, _, m2) in itertools.pairwise(spans):
         assert end <= start, f"{m1} and {m2} overlapped"
     assert len(spans) == 2, f"20 queued requests for 2 models caused {len(spans)} starts"
 

@@ -1,0 +1,281 @@
+"""Prometheus metrics: the registry and every ``swapd_*`` series (SPEC, "Metrics").
+
+Request and engine metrics are ordinary prometheus-client metrics updated by the proxy and the
+scheduler hooks in `swapd.app`. GPU and engine-memory series come from `_SampleCollector`,
+which turns the sampler's last sample into metric families at scrape time: a scrape never
+calls NVML or psutil (those run in the sampler's thread, see `swapd.gpu`).
+
+Every configured model gets its series at zero from `register_models`, so dashboards and
+`rate()` see them before the first request; `forget_model` drops a model removed by reload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Final, Protocol
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from swapd import __version__
+from swapd.gpu import Sample
+
+# The `*_created` series double the series count and no dashboard uses them. (A process-wide
+# switch of prometheus-client; swapd is the only exporter in its process.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+ENGINE_STATES: Final = ("stopped", "starting", "ready", "stopping", "failed")
+START_RESULTS: Final = ("success", "failure")
+STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload")
+
+# fmt: off
+# Whole LLM requests: from a 50 ms embedding to a 10-minute reasoning stream.
+REQUEST_BUCKETS: Final = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+# Time to first byte: a warm engine answers in tens of ms; a cold start on a Spark (vLLM loading
+# 100 GB) takes minutes before the first byte, and TTFB includes it.
+TTFB_BUCKETS: Final = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+# Engine cold starts: llama-server in seconds, vLLM 60 s to 10+ min; healthCheckTimeout can be
+# set to 30 min.
+START_BUCKETS: Final = (
+    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0, 900.0,
+    1200.0, 1800.0,
+)
+# fmt: on
+
+
+class SampleSource(Protocol):
+    """What the collector reads: `swapd.gpu.Sampler`, or a stand-in in tests."""
+
+    def latest(self) -> Sample: ...
+
+
+class _SampleCollector(Collector):
+    """Yields the GPU and per-engine memory series of the sampler's last sample."""
+
+    def __init__(self) -> None:
+        self.sampler: SampleSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        # Names vary with what the sampler found; nothing to check at registration.
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        sampler = self.sampler
+        if sampler is None:
+            return []
+        return list(sample_families(sampler.latest()))
+
+
+def sample_families(sample: Sample) -> Iterator[Metric]:
+    """Metric families for one sample; a family with no series is not emitted."""
+    rss = GaugeMetricFamily(
+        "swapd_engine_resident_memory_bytes",
+        "Resident memory of an engine's whole process group.",
+        labels=["model"],
+    )
+    for model, value in sorted(sample.group_rss_bytes.items()):
+        rss.add_metric([model], value)
+    gpu_mem = GaugeMetricFamily(
+        "swapd_engine_gpu_memory_bytes",
+        "GPU memory NVML attributes to an engine's process group (where NVML reports it).",
+        labels=["model"],
+    )
+    for model, value in sorted(sample.group_gpu_bytes.items()):
+        gpu_mem.add_metric([model], value)
+
+    used = GaugeMetricFamily(
+        "swapd_gpu_memory_used_bytes",
+        "GPU memory in use (GB10: system MemTotal - MemAvailable, see swapd_gpu_info).",
+        labels=["gpu"],
+    )
+    total = GaugeMetricFamily("swapd_gpu_memory_total_bytes", "GPU memory in all.", labels=["gpu"])
+    temperature = GaugeMetricFamily(
+        "swapd_gpu_temperature_celsius", "GPU temperature.", labels=["gpu"]
+    )
+    power = GaugeMetricFamily("swapd_gpu_power_watts", "GPU power draw.", labels=["gpu"])
+    energy = CounterMetricFamily(
+        "swapd_gpu_energy_joules",
+        "Energy the GPU used since the driver was loaded.",
+        labels=["gpu"],
+    )
+    utilization = GaugeMetricFamily(
+        "swapd_gpu_utilization_ratio",
+        "Fraction of the last sample period a kernel ran on the GPU.",
+        labels=["gpu"],
+    )
+    info = GaugeMetricFamily(
+        "swapd_gpu_info",
+        "GPU identity; memory_source is nvml, or meminfo where memory is unified (GB10).",
+        labels=["gpu", "name", "uuid", "driver", "memory_source"],
+    )
+    for g in sample.gpus:
+        gpu = str(g.index)
+        used.add_metric([gpu], g.memory_used_bytes)
+        total.add_metric([gpu], g.memory_total_bytes)
+        if g.temperature_celsius is not None:
+            temperature.add_metric([gpu], g.temperature_celsius)
+        if g.power_watts is not None:
+            power.add_metric([gpu], g.power_watts)
+        if g.energy_joules is not None:
+            energy.add_metric([gpu], g.energy_joules)
+        if g.utilization_ratio is not None:
+            utilization.add_metric([gpu], g.utilization_ratio)
+        info.add_metric([gpu, g.name, g.uuid, g.driver, g.memory_source], 1)
+    for family in (rss, gpu_mem, used, total, temperature, power, energy, utilization, info):
+        if family.samples:
+            yield family
+
+
+class Metrics:
+    """Every swapd metric, in a registry of its own (tests make as many as they like)."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, version: str = __version__
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests_total = Counter(
+            "swapd_requests_total",
+            "Inference requests answered, by model and HTTP status code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "swapd_request_duration_seconds",
+            "Time from receiving a request to the end of its response (streams included).",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "swapd_time_to_first_byte_seconds",
+            "Time from receiving a request to its first response byte (cold starts included).",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "swapd_inflight_requests",
+            "Requests being relayed to the model's engine.",
+            ["model"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "swapd_queued_requests",
+            "Requests waiting for the model's engine to become ready.",
+            ["model"],
+            registry=r,
+        )
+        self.engine_state = Gauge(
+            "swapd_engine_state",
+            "1 for the engine's current state, 0 for the others.",
+            ["model", "state"],
+            registry=r,
+        )
+        self.engine_starts = Counter(
+            "swapd_engine_starts_total",
+            "Engine starts, by result (success, failure).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.engine_start_seconds = Histogram(
+            "swapd_engine_start_seconds",
+            "Time from spawning an engine to its readiness.",
+            ["model"],
+            buckets=START_BUCKETS,
+            registry=r,
+        )
+        self.engine_stops = Counter(
+            "swapd_engine_stops_total",
+            "Engine stops, by reason (idle, swap, unload, crash, shutdown, reload).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.engine_kills = Counter(
+            "swapd_engine_kills_total",
+            "Stops that had to escalate to SIGKILL.",
+            ["model"],
+            registry=r,
+        )
+        self.build_info = Info("swapd_build", "swapd build information.", registry=r)
+        self.build_info.info({"version": version})
+        self._collector = _SampleCollector()
+        r.register(self._collector)
+        self._models: set[str] = set()
+
+    # -- models ------------------------------------------------------------------------
+
+    def register_models(self, ids: Iterable[str]) -> None:
+        """Create every series of these models at zero (a no-op for models already known)."""
+        for model in ids:
+            if model in self._models:
+                continue
+            self._models.add(model)
+            # Counters with the label sets that matter, so rate() starts from a zero.
+            self.requests_total.labels(model, "200")
+            for result in START_RESULTS:
+                self.engine_starts.labels(model, result)
+            for reason in STOP_REASONS:
+                self.engine_stops.labels(model, reason)
+            self.engine_kills.labels(model)
+            self.request_duration.labels(model)
+            self.ttfb.labels(model)
+            self.engine_start_seconds.labels(model)
+            self.inflight.labels(model)
+            self.queued.labels(model)
+            self.set_engine_state(model, "stopped")
+
+    def forget_model(self, model: str) -> None:
+        """Drop every series of a model (removed from the config by a reload)."""
+        self._models.discard(model)
+        for metric in (
+            self.requests_total,
+            self.request_duration,
+            self.ttfb,
+            self.inflight,
+            self.queued,
+            self.engine_state,
+            self.engine_starts,
+            self.engine_start_seconds,
+            self.engine_stops,
+            self.engine_kills,
+        ):
+            metric.remove_by_labels({"model": model})
+
+    def set_engine_state(self, model: str, state: str) -> None:
+        """One-hot: 1 for `state`, 0 for every other engine state."""
+        states = ENGINE_STATES if state in ENGINE_STATES else (*ENGINE_STATES, state)
+        for s in states:
+            self.engine_state.labels(model, s).set(1 if s == state else 0)
+
+    # -- GPU / memory --------------------------------------------------------------------
+
+    def attach_sampler(self, sampler: SampleSource | None) -> None:
+        """Export the GPU and engine-memory series of `sampler.latest()` from now on."""
+        self._collector.sampler = sampler
+
+    # -- exposition --------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of the registry, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """aiohttp handler for ``GET /metrics``."""
+        body, content_type = self.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})

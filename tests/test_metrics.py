@@ -1,0 +1,402 @@
+"""swapd.metrics: what a Prometheus scrape sees, parsed back with prometheus-client's own parser."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample as PromSample
+
+from swapd import __version__
+from swapd.gpu import GpuSample, Sample, Sampler
+from swapd.metrics import ENGINE_STATES, STOP_REASONS, Metrics
+from tests.conftest import wait_until
+from tests.test_gpu import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text
+
+GiB = 1 << 30
+
+
+class FixedSampler:
+    """Stands in for swapd.gpu.Sampler: `latest()` returns whatever the test set."""
+
+    def __init__(self, sample: Sample) -> None:
+        self.sample = sample
+
+    def latest(self) -> Sample:
+        return self.sample
+
+
+def gb10_sample() -> Sample:
+    return Sample(
+        gpus=(
+            GpuSample(
+                index=0,
+                name="NVIDIA GB10",
+                uuid="GPU-gb10",
+                driver="580.95.05",
+                memory_used_bytes=28 * GiB,
+                memory_total_bytes=128 * GiB,
+                memory_source="meminfo",
+                temperature_celsius=41.0,
+                power_watts=11.5,
+                energy_joules=5000.0,
+                utilization_ratio=0.25,
+            ),
+        ),
+        group_rss_bytes={"qwen": 3 * GiB},
+        group_gpu_bytes={"qwen": 60 * GiB},
+        taken_at=time.time(),
+    )
+
+
+def scrape(metrics: Metrics) -> dict[str, list[PromSample]]:
+    """Family name -> samples, parsed from `render()`."""
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return {family.name: family.samples for family in text_string_to_metric_families(body.decode())}
+
+
+def types_of(metrics: Metrics) -> dict[str, str]:
+    body, _ = metrics.render()
+    return {f.name: f.type for f in text_string_to_metric_families(body.decode())}
+
+
+def value(
+    samples: dict[str, list[PromSample]], family: str, name: str | None = None, **labels: str
+) -> float:
+    """The one sample of `family` (sample name `name`, default the family's) with `labels`."""
+    wanted = name or family
+    found = [
+        s
+        for s in samples[family]
+        if s.name == wanted and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (family, wanted, labels, samples[family])
+    return found[0].value
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+# -- request and engine metrics --------------------------------------------------------------
+
+
+def test_registered_models_show_every_series_at_zero(metrics: Metrics) -> None:
+    metrics.register_models(["qwen", "gemma"])
+    s = scrape(metrics)
+
+    for model in ("qwen", "gemma"):
+        assert value(s, "swapd_requests", "swapd_requests_total", model=model, code="200") == 0
+        assert value(s, "swapd_inflight_requests", model=model) == 0
+        assert value(s, "swapd_queued_requests", model=model) == 0
+        for family in (
+            "swapd_request_duration_seconds",
+            "swapd_time_to_first_byte_seconds",
+            "swapd_engine_start_seconds",
+        ):
+            assert value(s, family, f"{family}_count", model=model) == 0
+            assert value(s, family, f"{family}_bucket", model=model, le="+Inf") == 0
+        for result in ("success", "failure"):
+            assert (
+                value(
+                    s,
+                    "swapd_engine_starts",
+                    "swapd_engine_starts_total",
+                    model=model,
+                    result=result,
+                )
+                == 0
+            )
+        for reason in STOP_REASONS:
+            assert (
+                value(
+                    s, "swapd_engine_stops", "swapd_engine_stops_total", model=model, reason=reason
+                )
+                == 0
+            )
+        assert value(s, "swapd_engine_kills", "swapd_engine_kills_total", model=model) == 0
+        assert value(s, "swapd_engine_state", model=model, state="stopped") == 1
+        for state in ENGINE_STATES[1:]:
+            assert value(s, "swapd_engine_state", model=model, state=state) == 0
+
+    assert value(s, "swapd_build_info", version=__version__) == 1
+    assert not [name for name in s if name.endswith("_created")]
+    # no sampler attached: no GPU or engine-memory series
+    assert not [name for name in s if name.startswith("swapd_gpu_")]
+
+
+def test_metric_types(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    types = types_of(metrics)
+    assert types["swapd_requests"] == "counter"
+    assert types["swapd_request_duration_seconds"] == "histogram"
+    assert types["swapd_time_to_first_byte_seconds"] == "histogram"
+    assert types["swapd_engine_start_seconds"] == "histogram"
+    assert types["swapd_engine_stops"] == "counter"
+    assert types["swapd_inflight_requests"] == "gauge"
+    assert types["swapd_engine_state"] == "gauge"
+
+
+def test_set_engine_state_is_one_hot(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    for current in ("starting", "ready", "stopping", "stopped", "failed"):
+        metrics.set_engine_state("qwen", current)
+        s = scrape(metrics)
+        states = {
+            x.labels["state"]: x.value
+            for x in s["swapd_engine_state"]
+            if x.labels["model"] == "qwen"
+        }
+        assert states == {st: (1.0 if st == current else 0.0) for st in ENGINE_STATES}
+
+
+def test_set_engine_state_for_an_unregistered_model(metrics: Metrics) -> None:
+    metrics.set_engine_state("adhoc", "ready")
+    s = scrape(metrics)
+    assert sum(x.value for x in s["swapd_engine_state"] if x.labels["model"] == "adhoc") == 1
+
+
+def test_requests_and_histograms(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    metrics.requests_total.labels("qwen", "200").inc()
+    metrics.requests_total.labels("qwen", "200").inc()
+    metrics.requests_total.labels("qwen", "502").inc()
+    metrics.request_duration.labels("qwen").observe(42.0)
+    metrics.request_duration.labels("qwen").observe(0.3)
+    metrics.ttfb.labels("qwen").observe(0.04)
+    metrics.engine_start_seconds.labels("qwen").observe(95.0)
+    metrics.engine_stops.labels("qwen", "swap").inc()
+    metrics.engine_kills.labels("qwen").inc()
+    metrics.inflight.labels("qwen").set(3)
+    metrics.queued.labels("qwen").set(7)
+    s = scrape(metrics)
+
+    assert value(s, "swapd_requests", "swapd_requests_total", model="qwen", code="200") == 2
+    assert value(s, "swapd_requests", "swapd_requests_total", model="qwen", code="502") == 1
+    rd = "swapd_request_duration_seconds"
+    assert value(s, rd, f"{rd}_count", model="qwen") == 2
+    assert value(s, rd, f"{rd}_sum", model="qwen") == pytest.approx(42.3)
+    assert value(s, rd, f"{rd}_bucket", model="qwen", le="0.5") == 1
+    assert value(s, rd, f"{rd}_bucket", model="qwen", le="60.0") == 2
+    tt = "swapd_time_to_first_byte_seconds"
+    assert value(s, tt, f"{tt}_bucket", model="qwen", le="0.05") == 1
+    assert value(s, tt, f"{tt}_bucket", model="qwen", le="0.025") == 0
+    es = "swapd_engine_start_seconds"
+    assert value(s, es, f"{es}_bucket", model="qwen", le="60.0") == 0
+    assert value(s, es, f"{es}_bucket", model="qwen", le="120.0") == 1
+    assert value(s, "swapd_engine_stops", "swapd_engine_stops_total", model="qwen", reason="swap")
+    assert value(s, "swapd_engine_kills", "swapd_engine_kills_total", model="qwen") == 1
+    assert value(s, "swapd_inflight_requests", model="qwen") == 3
+    assert value(s, "swapd_queued_requests", model="qwen") == 7
+
+
+def test_buckets_reach_llm_timescales(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    s = scrape(metrics)
+
+    def top(family: str) -> float:
+        les = [float(x.labels["le"]) for x in s[family] if x.name == f"{family}_bucket"]
+        return max(le for le in les if le != float("inf"))
+
+    assert top("swapd_request_duration_seconds") >= 600
+    assert top("swapd_time_to_first_byte_seconds") >= 600
+    assert top("swapd_engine_start_seconds") >= 1800
+
+
+def test_register_models_again_keeps_what_is_there(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    metrics.set_engine_state("qwen", "ready")
+    metrics.requests_total.labels("qwen", "200").inc()
+    metrics.register_models(["qwen", "gemma"])  # a reload that added gemma
+    s = scrape(metrics)
+    assert value(s, "swapd_engine_state", model="qwen", state="ready") == 1
+    assert value(s, "swapd_requests", "swapd_requests_total", model="qwen", code="200") == 1
+    assert value(s, "swapd_engine_state", model="gemma", state="stopped") == 1
+
+
+def test_forget_model_removes_only_its_series(metrics: Metrics) -> None:
+    metrics.register_models(["qwen", "gemma"])
+    metrics.requests_total.labels("gemma", "404").inc()
+    metrics.ttfb.labels("gemma").observe(1.0)
+    metrics.forget_model("gemma")
+    s = scrape(metrics)
+    models = {x.labels.get("model") for samples in s.values() for x in samples} - {None}
+    assert models == {"qwen"}
+    # and it can come back with fresh zeros
+    metrics.register_models(["gemma"])
+    s = scrape(metrics)
+    assert value(s, "swapd_engine_state", model="gemma", state="stopped") == 1
+    assert (
+        value(
+            s,
+            "swapd_time_to_first_byte_seconds",
+            "swapd_time_to_first_byte_seconds_count",
+            model="gemma",
+        )
+        == 0
+    )
+
+
+def test_own_registry_or_a_given_one() -> None:
+    a, b = Metrics(), Metrics()  # two instances never collide
+    assert a.registry is not b.registry
+    registry = CollectorRegistry()
+    c = Metrics(registry)
+    assert c.registry is registry
+    assert Metrics(version="9.9.9").render()[0].count(b'swapd_build_info{version="9.9.9"} 1.0') == 1
+
+
+# -- GPU and engine memory from the sampler ---------------------------------------------------
+
+
+def test_gpu_series_from_the_last_sample(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    metrics.attach_sampler(FixedSampler(gb10_sample()))
+    s = scrape(metrics)
+    types = types_of(metrics)
+
+    assert value(s, "swapd_engine_resident_memory_bytes", model="qwen") == 3 * GiB
+    assert value(s, "swapd_engine_gpu_memory_bytes", model="qwen") == 60 * GiB
+    assert value(s, "swapd_gpu_memory_used_bytes", gpu="0") == 28 * GiB
+    assert value(s, "swapd_gpu_memory_total_bytes", gpu="0") == 128 * GiB
+    assert value(s, "swapd_gpu_temperature_celsius", gpu="0") == 41.0
+    assert value(s, "swapd_gpu_power_watts", gpu="0") == 11.5
+    assert value(s, "swapd_gpu_energy_joules", "swapd_gpu_energy_joules_total", gpu="0") == 5000.0
+    assert types["swapd_gpu_energy_joules"] == "counter"
+    assert value(s, "swapd_gpu_utilization_ratio", gpu="0") == 0.25
+    (info,) = s["swapd_gpu_info"]
+    assert info.labels == {
+        "gpu": "0",
+        "name": "NVIDIA GB10",
+        "uuid": "GPU-gb10",
+        "driver": "580.95.05",
+        "memory_source": "meminfo",
+    }
+    assert info.value == 1
+
+
+def test_unreadable_fields_have_no_series(metrics: Metrics) -> None:
+    sample = gb10_sample()
+    gpu = sample.gpus[0]
+    bare = GpuSample(
+        index=gpu.index,
+        name=gpu.name,
+        uuid=gpu.uuid,
+        driver=gpu.driver,
+        memory_used_bytes=gpu.memory_used_bytes,
+        memory_total_bytes=gpu.memory_total_bytes,
+        memory_source="nvml",
+    )
+    metrics.attach_sampler(FixedSampler(Sample(gpus=(bare,), group_rss_bytes={"qwen": 1})))
+    s = scrape(metrics)
+    for family in (
+        "swapd_gpu_temperature_celsius",
+        "swapd_gpu_power_watts",
+        "swapd_gpu_energy_joules",
+        "swapd_gpu_utilization_ratio",
+        "swapd_engine_gpu_memory_bytes",
+    ):
+        assert family not in s
+    assert value(s, "swapd_gpu_memory_used_bytes", gpu="0") == 28 * GiB
+    assert value(s, "swapd_engine_resident_memory_bytes", model="qwen") == 1
+
+
+def test_no_nvml_means_no_gpu_series(metrics: Metrics) -> None:
+    metrics.attach_sampler(FixedSampler(Sample(group_rss_bytes={"qwen": 5})))
+    s = scrape(metrics)
+    assert not [name for name in s if name.startswith("swapd_gpu_")]
+    assert value(s, "swapd_engine_resident_memory_bytes", model="qwen") == 5
+
+
+@pytest.fixture
+def real_sampler(tmp_path: os.PathLike[str]) -> Iterator[tuple[Sampler, FakeDevice, Any]]:
+    meminfo = os.path.join(tmp_path, "meminfo")
+    with open(meminfo, "w") as f:
+        f.write(meminfo_text(128 * 1024 * 1024, 100 * 1024 * 1024))
+    device = gb10_device(processes=[FakeProcess(os.getpid(), 2 * GiB)])
+    nvml = make_nvml([device])
+    sampler = Sampler(
+        lambda: {"qwen": os.getpgid(0)}, interval=0.005, nvml=nvml, meminfo_path=meminfo
+    )
+    yield sampler, device, nvml
+    sampler.stop()
+
+
+def test_a_scrape_never_calls_nvml(
+    metrics: Metrics, real_sampler: tuple[Sampler, FakeDevice, Any]
+) -> None:
+    sampler, _, nvml = real_sampler
+    metrics.attach_sampler(sampler)
+    sampler.sample_once()
+    calls = len(nvml.calls)
+    for _ in range(3):
+        s = scrape(metrics)
+    assert len(nvml.calls) == calls
+    assert value(s, "swapd_gpu_memory_used_bytes", gpu="0") == 28 * GiB
+    assert value(s, "swapd_engine_gpu_memory_bytes", model="qwen") == 2 * GiB
+    assert value(s, "swapd_engine_resident_memory_bytes", model="qwen") > 0
+    assert s["swapd_gpu_info"][0].labels["memory_source"] == "meminfo"
+
+
+def test_a_scrape_does_not_wait_for_a_hung_nvml_call(metrics: Metrics) -> None:
+    release = threading.Event()
+    device = FakeDevice()
+    sampler = Sampler(lambda: {}, interval=0.005, nvml=make_nvml([device]))
+    metrics.attach_sampler(sampler)
+    sampler.sample_once()
+    device.block = release
+    sampler.start()
+    try:
+        assert device.entered.wait(10)
+        t0 = time.monotonic()
+        s = scrape(metrics)
+        assert time.monotonic() - t0 < 1.0
+        assert value(s, "swapd_gpu_power_watts", gpu="0") == 250.0  # the last finished sample
+    finally:
+        release.set()
+        sampler.stop()
+
+
+def test_gpu_lost_mid_run_series_vanish_and_return(
+    metrics: Metrics, real_sampler: tuple[Sampler, FakeDevice, Any]
+) -> None:
+    sampler, device, _ = real_sampler
+    metrics.attach_sampler(sampler)
+    sampler.start()
+    wait_until(lambda: "swapd_gpu_info" in scrape(metrics), message="GPU series")
+    device.lost = True
+    wait_until(lambda: "swapd_gpu_info" not in scrape(metrics), message="GPU series gone")
+    s = scrape(metrics)
+    assert not [name for name in s if name.startswith("swapd_gpu_")]
+    assert value(s, "swapd_engine_resident_memory_bytes", model="qwen") > 0
+    assert sampler.running
+    device.lost = False
+    wait_until(lambda: "swapd_gpu_info" in scrape(metrics), message="GPU series back")
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+async def test_handle_serves_the_exposition(metrics: Metrics) -> None:
+    metrics.register_models(["qwen"])
+    metrics.attach_sampler(FixedSampler(gb10_sample()))
+    app = web.Application()
+    app.router.add_get("/metrics", metrics.handle)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert "version=" in resp.headers["Content-Type"]
+        text = await resp.text()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"swapd_requests", "swapd_engine_state", "swapd_gpu_info"} <= names
