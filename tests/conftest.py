@@ -190,3 +190,39 @@ def model(cmd: str, **extra: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {"cmd": cmd, "proxy": "http://127.0.0.1:${PORT}"}
     entry.update(extra)
     return entry
+
+
+def stream_lines(url: str, body: Any, timeout: float = 30) -> Iterator[tuple[str, dict[str, str]]]:
+    """POST JSON and yield the response's lines as they arrive, with its headers."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("POST", parts.path, body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            yield line.decode().rstrip("\r\n"), headers
+    finally:
+        conn.close()
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type."""
+    boundary = "swapdtestboundary"
+    out = b""
+    for name, value in fields.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                f"{value}\r\n").encode()
+    for name, (filename, data, ctype) in files.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                f"filename=\"{filename}\"\r\nContent-Type: {ctype}\r\n\r\n").encode()
+        out += data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"

@@ -11,7 +11,6 @@ import signal
 import threading
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -19,8 +18,10 @@ from tests.conftest import (
     fake_cmd,
     http,
     model,
+    multipart,
     pid_alive,
     read_records,
+    stream_lines,
     wait_until,
 )
 
@@ -187,12 +188,11 @@ def test_streaming_relayed_chunk_by_chunk(start_swapd, tmp_path):
     daemon.post("/models/alpha/load")
     import time
     arrivals = []
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions",
-                      json={"model": "alpha", "messages": [], "stream": True}, timeout=30) as r:
-        assert r.headers["x-accel-buffering"] == "no"
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                arrivals.append(time.monotonic())
+    for line, headers in stream_lines(daemon.url + "/v1/chat/completions",
+                                      {"model": "alpha", "messages": [], "stream": True}):
+        assert headers["x-accel-buffering"] == "no"
+        if line.startswith("data:"):
+            arrivals.append(time.monotonic())
     assert len(arrivals) >= 5
     # If swapd buffered, every chunk would arrive at once at the end.
     assert arrivals[-1] - arrivals[0] >= 0.6
@@ -201,11 +201,12 @@ def test_streaming_relayed_chunk_by_chunk(start_swapd, tmp_path):
 def test_client_disconnect_cancels_upstream(start_swapd, tmp_path):
     cfg = two_models(tmp_path, "--stream-tokens", "200", "--token-delay", "0.05")
     daemon = start_swapd(cfg)
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions",
-                      json={"model": "alpha", "messages": [], "stream": True}, timeout=30) as r:
-        for i, _ in enumerate(r.iter_lines()):
-            if i > 3:
-                break
+    lines = stream_lines(daemon.url + "/v1/chat/completions",
+                         {"model": "alpha", "messages": [], "stream": True})
+    for i, _ in enumerate(lines):
+        if i > 3:
+            break
+    lines.close()  # the client goes away mid-stream
     wait_until(lambda: "stream cancelled" in daemon.get("/logs")[1],
                timeout=10, message="engine saw the disconnect")
     wait_until(lambda: daemon.status()["models"]["alpha"]["inflight"] == 0, timeout=5,
@@ -229,9 +230,9 @@ def test_idle_ttl_evicts_after_last_request(start_swapd, tmp_path):
 def test_ttl_never_evicts_during_a_long_stream(start_swapd, tmp_path):
     cfg = two_models(tmp_path, "--stream-tokens", "12", "--token-delay", "0.2", ttl=1)
     daemon = start_swapd(cfg)
-    with httpx.stream("POST", daemon.url + "/v1/chat/completions",
-                      json={"model": "alpha", "messages": [], "stream": True}, timeout=30) as r:
-        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    lines = [line for line, _ in stream_lines(daemon.url + "/v1/chat/completions",
+                                              {"model": "alpha", "messages": [], "stream": True})
+             if line.startswith("data:")]
     assert lines[-1] == "data: [DONE]"  # 2.4 s stream, ttl 1 s: not cut
     assert "engine exited" not in daemon.log()
 
@@ -282,11 +283,13 @@ def test_bad_requests_get_openai_errors(start_swapd, tmp_path):
 def test_multipart_model_field_routes(start_swapd, tmp_path):
     daemon = start_swapd(two_models(tmp_path))
     files = {"file": ("a.wav", b"RIFF....", "audio/wav")}
-    r = httpx.post(daemon.url + "/v1/audio/transcriptions", data={"model": "beta"}, files=files,
-                   timeout=30)
-    assert r.status_code == 200 and r.json()["path"] == "/v1/audio/transcriptions"
-    r = httpx.post(daemon.url + "/v1/audio/transcriptions", files=files, timeout=30)
-    assert r.status_code == 400
+    body, ctype = multipart({"model": "beta"}, files)
+    code, doc = daemon.post("/v1/audio/transcriptions", body, headers={"Content-Type": ctype})
+    assert code == 200 and doc["path"] == "/v1/audio/transcriptions"
+    assert "RIFF" in doc["body"]
+    body, ctype = multipart({}, files)
+    code, doc = daemon.post("/v1/audio/transcriptions", body, headers={"Content-Type": ctype})
+    assert code == 400 and doc["error"]["code"] == "missing_model"
 
 
 def test_api_keys_and_admin_loopback(start_swapd, tmp_path):
