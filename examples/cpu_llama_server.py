@@ -20,6 +20,10 @@ def main() -> None:
     model = gemma.assemble()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
             "--host", "127.0.0.1", *sys.argv[1:]]
+    if "--chat_format" not in argv:
+        # This GGUF carries no chat template; llama-cpp-python would fall back to
+        # Llama 2's format and Gemma would answer every chat with an empty message.
+        argv += ["--chat_format", "gemma"]
     print(f"exec {' '.join(argv)}", flush=True)
     os.execv(sys.executable, argv)
 

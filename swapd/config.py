@@ -6,9 +6,21 @@ scheduler compares `ModelConfig`s by equality to decide which engines keep runni
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import datetime
+import glob
+import json
+import math
+import os
+import re
+import shlex
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import yaml
 
 
 class EngineKind(StrEnum):
@@ -113,6 +125,9 @@ class Config:
     include: str | None = None
     # Where the file came from: `include` globs resolve relative to it.
     source: str | None = None
+    # Global macros in file order, ${env.*} already substituted, other references not yet:
+    # each model resolves them again with its own MODEL_ID, PORT and overrides.
+    macros: tuple[tuple[str, Any], ...] = ()
 
     def resolve(self, name: str) -> ModelConfig | None:
         """The model a request's `model` names: an id first, then an alias."""
@@ -129,3 +144,629 @@ class Config:
 class LoadResult:
     config: Config
     warnings: tuple[str, ...] = ()
+
+
+# -- loading ---------------------------------------------------------------------------
+
+_REF = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
+_ENV_REF = re.compile(r"\$\{env\.([a-zA-Z_][a-zA-Z0-9_]*)\}")
+_MACRO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
+_LOG_LEVELS = ("debug", "info", "warn", "error")
+_ENGINES = {kind.value: kind for kind in EngineKind} | {
+    "llamacpp": EngineKind.LLAMA_CPP, "llama-cpp": EngineKind.LLAMA_CPP,
+    "llama-server": EngineKind.LLAMA_CPP, "trt-llm": EngineKind.TRTLLM,
+    "tensorrt-llm": EngineKind.TRTLLM,
+}
+_TOP_KEYS = frozenset(
+    "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
+    "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
+    "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include".split()
+)
+_MODEL_KEYS = frozenset(
+    "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
+    "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
+    "healthCheckTimeout restart memoryReleaseTimeout".split()
+)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, for `got …` in messages."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "nothing"}[value]
+    if isinstance(value, int | float):
+        return repr(value)
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) \
+        else type(value).__name__
+
+
+def _fmt(value: Any) -> str:
+    """A macro value spliced into a string, spelled as llama-swap (Go's %v) spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return str(value)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; llama-swap (yaml.v3) refuses them,
+    and a model id written twice is almost always a copy-paste mistake."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+class _Ctx:
+    """One file being read: where errors point, which environment `${env.X}` reads."""
+
+    def __init__(self, file: str | None, environ: Mapping[str, str], warnings: list[str],
+                 label: str = ""):
+        self.file, self.environ, self.warnings, self.label = file, environ, warnings, label
+
+    def fail(self, path: str, message: str) -> NoReturn:
+        raise ConfigError(message, file=self.file, key_path=path or None)
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{self.label}{path}: {message}")
+
+    def mapping(self, value: Any, path: str) -> dict[Any, Any]:
+        if value is not None and not isinstance(value, dict):
+            self.fail(path, f"must be a mapping, got {_show(value)}")
+        return value or {}
+
+    def value(self, value: Any, path: str, typed: bool = True) -> Any:
+        """Substitute `${env.X}`. Only values swapd reads come through here, so an unset
+        variable in a section swapd ignores (peers.*.apiKey) is no error."""
+        if not isinstance(value, str) or "${env." not in value:
+            return value
+
+        def lookup(m: re.Match[str]) -> str:
+            if m[1] not in self.environ:
+                self.fail(path, f"environment variable {m[1]} is not set")
+            return self.environ[m[1]]
+
+        out = _ENV_REF.sub(lookup, value)
+        if typed and _ENV_REF.fullmatch(value):
+            # llama-swap substitutes env text before parsing YAML, so `startPort: ${env.P}`
+            # is a number there; but "0755" or "1_000" must not turn into other digits.
+            try:
+                parsed = yaml.safe_load(out)
+            except yaml.YAMLError:
+                return out
+            if isinstance(parsed, bool | float) or (
+                isinstance(parsed, int) and str(parsed) == out.strip()
+            ):
+                return parsed
+        return out
+
+    def tree(self, value: Any, path: str) -> Any:
+        """A JSON-able copy of metadata/setParams, `${env.X}` substituted."""
+        if isinstance(value, dict):
+            return {str(k): self.tree(v, f"{path}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.tree(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, datetime.date):  # YAML 1.1 reads `2025-01-31` as a date
+            return value.isoformat()
+        if value is None or isinstance(value, str | bool | int) or (
+            isinstance(value, float) and math.isfinite(value)
+        ):
+            return self.value(value, path)
+        self.fail(path, f"must be a JSON value, got {_show(value)}")
+
+    def text(self, value: Any, path: str) -> str | None:
+        value = self.value(value, path, typed=False)
+        if value is None or isinstance(value, str):
+            return value
+        # yaml.v3 decodes any scalar into a string field, so llama-swap takes `name: 42`.
+        if isinstance(value, int | float):
+            return _fmt(value)
+        self.fail(path, f"must be a string, got {_show(value)}")
+
+    def texts(self, value: Any, path: str) -> list[str]:
+        if isinstance(value, dict):
+            self.fail(path, "must be a list of strings, got a mapping")
+        items = [] if value is None else value if isinstance(value, list) else [value]
+        return [self.text(item, f"{path}[{i}]") or "" for i, item in enumerate(items)]
+
+
+class _Node:
+    """A mapping at a key path; typed getters fail with that path. Keys outside `known`
+    get their one warning here (known=None: every key is data, e.g. macro names)."""
+
+    def __init__(self, ctx: _Ctx, data: Any, path: str, known: frozenset[str] | None):
+        self.ctx, self.data, self.path = ctx, ctx.mapping(data, path), path
+        for key in self.data:
+            if known is not None and key not in known:
+                ctx.warn(self.key(key), "not supported by swapd, ignored")
+
+    def key(self, key: Any) -> str:
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def get(self, key: str) -> Any:
+        return self.ctx.value(self.data.get(key), self.key(key))
+
+    def child(self, key: str, known: frozenset[str] | None) -> _Node | None:
+        raw = self.data.get(key)
+        return None if raw is None else _Node(self.ctx, raw, self.key(key), known)
+
+    def text(self, key: str) -> str | None:
+        return self.ctx.text(self.data.get(key), self.key(key))
+
+    def texts(self, key: str) -> list[str]:
+        return self.ctx.texts(self.data.get(key), self.key(key))
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key)
+        if value is not None and not isinstance(value, bool):
+            self.ctx.fail(self.key(key), f"must be true or false, got {_show(value)}")
+        return default if value is None else value
+
+    def number(self, key: str, default: float, *, minimum: float = 0, strict: bool = False,
+               integer: bool = False, maximum: float | None = None) -> Any:
+        value = self.get(key)
+        if value is None:
+            return default
+        if not (
+            isinstance(value, int | float) and not isinstance(value, bool)
+            and (isinstance(value, int) or not integer) and math.isfinite(value)
+            and (value > minimum if strict else value >= minimum)
+            and (maximum is None or value <= maximum)
+        ):
+            # Floats are fine for seconds, yet "integer" is what llama-swap users know.
+            want = (f"between {minimum} and {maximum}" if maximum is not None
+                    else f"{'>' if strict else '≥'} {minimum}")
+            self.ctx.fail(self.key(key), f"must be an integer {want}, got {_show(value)}")
+        return value
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(ln for ln in text.split("\n") if not ln.strip().startswith("#"))
+
+
+def _argv(ctx: _Ctx, path: str, text: str) -> tuple[str, ...]:
+    lines = []
+    for line in _strip_comments(text).split("\n"):
+        # A shell-style continuation: POSIX shlex would keep the newline as an argument.
+        stripped = line.strip()
+        lines.append(stripped[:-1] + " " if stripped.endswith("\\") else line)
+    try:
+        argv = shlex.split("\n".join(lines))
+    except ValueError as exc:
+        ctx.fail(path, f"cannot be split into arguments: {exc}")
+    if not argv:
+        ctx.fail(path, "must not be empty")
+    return tuple(argv)
+
+
+def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
+    """Substitute macros in strings, recursively. A string that is exactly one macro
+    takes the macro's value with its type (`port: ${PORT}` stays a number)."""
+    if isinstance(value, str):
+        whole = _REF.fullmatch(value)
+        if typed and whole and whole[1] in macros:
+            return macros[whole[1]]
+        return _REF.sub(lambda m: _fmt(macros[m[1]]) if m[1] in macros else m[0], value)
+    if isinstance(value, dict):
+        return {k: _expand(v, macros, typed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, macros, typed) for v in value]
+    return value
+
+
+def _macro_defs(ctx: _Ctx, node: _Node | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in node.data.items() if node else ():
+        path = node.key(name) if node else ""
+        if not isinstance(name, str) or not _MACRO_NAME.match(name):
+            ctx.fail(path, "macro names must match ^[a-zA-Z0-9_-]+$ and be under 64 characters")
+        if name in ("PID", "PORT", "MODEL_ID"):
+            ctx.fail(path, f"{name} is a reserved macro name")
+        value = ctx.value(raw, path)
+        if not isinstance(value, str | int | float):
+            ctx.fail(path, f"must be a string, number or boolean, got {_show(value)}")
+        if isinstance(value, str) and f"${{{name}}}" in value:
+            ctx.fail(path, "a macro cannot refer to itself")
+        out[name] = value
+    return out
+
+
+def _resolve(model_id: str, base: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's macros. Each sees only those defined before it (llama-swap substitutes in
+    reverse order); a model macro overriding a global one keeps the global's place, so
+    globals built from it follow the override."""
+    resolved: dict[str, Any] = {"MODEL_ID": model_id}
+    for name, value in {**base, **local}.items():
+        resolved[name] = _expand(value, resolved)
+    return resolved
+
+
+def _leftovers(ctx: _Ctx, path: str, value: Any, macros: Mapping[str, Any], pid_ok: bool) -> None:
+    if isinstance(value, dict | list):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for k, v in items:
+            _leftovers(ctx, f"{path}.{k}" if isinstance(value, dict) else f"{path}[{k}]",
+                       v, macros, pid_ok)
+        return
+    for name in _REF.findall(value) if isinstance(value, str) else ():
+        if name == "PID" and not pid_ok:
+            ctx.fail(path, "${PID} is only available in cmdStop")
+        if name == "PORT":
+            ctx.fail(path, "${PORT} is only assigned when cmd or proxy uses it")
+        if name in macros:
+            ctx.fail(path, f"macro ${{{name}}} is used by a macro defined before it")
+        if name != "PID":
+            ctx.fail(path, f"unknown macro ${{{name}}}")
+
+
+def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
+           next_port: Callable[[], int]) -> ModelConfig:
+    node = _Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
+    macros = _resolve(model_id, dict(base.macros), _macro_defs(ctx, node.child("macros", None)))
+
+    def command(key: str) -> str:
+        # Comments go first, so that `# needs ${env.X}` in a `|` block needs nothing.
+        raw = node.data.get(key)
+        return ctx.text(_strip_comments(raw) if isinstance(raw, str) else raw, node.key(key)) or ""
+
+    # Every string that takes macros, keyed by its path below the model.
+    texts: dict[str, str] = {"cmd": command("cmd")}
+    if not texts["cmd"].strip():
+        ctx.fail(node.key("cmd"), "required: the command that starts the engine")
+    if stop := command("cmdStop"):
+        texts["cmdStop"] = stop
+    for key in ("checkEndpoint", "name", "description", "useModelName"):
+        if value := node.text(key):
+            texts[key] = value
+    texts["proxy"] = node.text("proxy") or _DEFAULT_PROXY
+    raw_aliases = node.data.get("aliases")
+    for i, alias in enumerate(raw_aliases if isinstance(raw_aliases, list) else []):
+        where = f"{node.key('aliases')}[{i}]"
+        if isinstance(alias, dict):  # llama-swap's newer {id, name, unlisted} form
+            alias = _Node(ctx, alias, where, frozenset({"id"})).data.get("id")
+        texts[f"aliases[{i}]"] = ctx.text(alias, where) or ""
+    if raw_aliases is not None and not isinstance(raw_aliases, list):
+        texts["aliases[0]"] = node.texts("aliases")[0]
+    env_keys = _env(ctx, node, texts)
+    filters = node.child("filters", frozenset({"stripParams", "strip_params", "setParams"}))
+    strip_key = "filters.strip_params"  # llama-swap's older spelling
+    if filters and "strip_params" not in filters.data:
+        strip_key = "filters.stripParams"
+    if filters and filters.data.get(strip_key[8:]) is not None:
+        texts[strip_key] = ",".join(filters.texts(strip_key[8:]))
+    trees: dict[str, Any] = {}
+    if node.data.get("metadata") is not None:
+        trees["metadata"] = ctx.tree(node.data["metadata"], node.key("metadata"))
+    if filters and filters.data.get("setParams") is not None:
+        where = filters.key("setParams")
+        trees["filters.setParams"] = ctx.tree(ctx.mapping(filters.data["setParams"], where), where)
+
+    def substitute(values: Mapping[str, Any]) -> None:
+        for key, text in texts.items():
+            texts[key] = _expand(text, values, typed=False)
+        for key, tree in trees.items():
+            trees[key] = _expand(tree, values)
+
+    substitute(macros)
+    if "${PORT}" in texts["cmd"] or "${PORT}" in texts["proxy"]:
+        port = next_port()
+        if "${PORT}" not in texts["cmd"]:
+            ctx.warn(node.key("proxy"), f"${{PORT}} is {port} here but cmd does not use "
+                     f"${{PORT}}: the engine must listen on {port} by itself")
+        substitute({"PORT": port})
+    for key, value in [*texts.items(), *trees.items()]:
+        _leftovers(ctx, node.key(key), value, macros, pid_ok=key == "cmdStop")
+
+    proxy = texts["proxy"]
+    try:
+        url = urlsplit(proxy)
+        url_ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:
+        url_ok = False
+    if not url_ok:
+        ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {_show(proxy)}")
+    check: str | None = texts.get("checkEndpoint", "/health")
+    if check is not None and check.strip().lower() == "none":
+        check = None
+    elif check is not None and not check.startswith("/"):
+        check = "/" + check
+    ttl = base.global_ttl if node.get("ttl") == -1 else node.number("ttl", base.global_ttl)
+    strip: list[str] = []
+    for param in (p.strip() for p in texts.get(strip_key, "").split(",")):
+        if param == "model":
+            ctx.warn(node.key(strip_key), '"model" can never be stripped, ignored')
+        elif param and param not in strip:
+            strip.append(param)
+    set_params = trees.get("filters.setParams")
+    if set_params and "model" in set_params:
+        ctx.warn(node.key("filters.setParams.model"), '"model" cannot be overridden, ignored')
+        del set_params["model"]
+    engine_name = node.text("engine")
+    engine = _ENGINES.get(engine_name.strip().lower()) if engine_name else None
+    if engine_name and engine is None:
+        ctx.fail(node.key("engine"), "must be one of vllm, llama.cpp, sglang, trtllm, ollama, "
+                 f"got {_show(engine_name)}")
+    restart = RestartPolicy()
+    if r := node.child("restart", frozenset({"maxRetries", "backoffInitial", "backoffMax"})):
+        restart = RestartPolicy(
+            max_retries=r.number("maxRetries", 3, integer=True),
+            backoff_initial=float(r.number("backoffInitial", 1.0, strict=True)),
+            backoff_max=float(r.number("backoffMax", 60.0, strict=True)),
+        )
+        if restart.backoff_max < restart.backoff_initial:
+            ctx.fail(r.key("backoffMax"), "must be ≥ backoffInitial")
+    aliases = {k: v for k, v in texts.items() if k.startswith("aliases[")}
+    for key, alias in aliases.items():
+        if not alias.strip():
+            ctx.fail(node.key(key), "must be a non-empty string")
+    return ModelConfig(
+        id=model_id,
+        cmd=_argv(ctx, node.key("cmd"), texts["cmd"]),
+        cmd_stop=_argv(ctx, node.key("cmdStop"), texts["cmdStop"]) if "cmdStop" in texts else None,
+        proxy=proxy,
+        check_endpoint=check,
+        ttl=float(ttl),
+        unload_timeout=float(node.number("unloadTimeout", 0) or base.unload_timeout),
+        env=tuple((name, texts[key]) for name, key in env_keys.items()),
+        aliases=tuple(dict.fromkeys(aliases.values())),
+        use_model_name=texts.get("useModelName"),
+        unlisted=node.flag("unlisted", False),
+        name=texts.get("name"),
+        description=texts.get("description"),
+        metadata=trees.get("metadata"),
+        concurrency_limit=node.number("concurrencyLimit", 0, integer=True),
+        strip_params=tuple(strip),
+        set_params=set_params or None,
+        send_loading_state=node.flag("sendLoadingState", base.send_loading_state),
+        engine=engine,
+        gpu=node.flag("gpu", True),
+        health_check_timeout=float(
+            node.number("healthCheckTimeout", base.health_check_timeout, strict=True)
+        ),
+        restart=restart,
+        memory_release_timeout=float(node.number("memoryReleaseTimeout", 30.0)),
+    )
+
+
+def _env(ctx: _Ctx, node: _Node, texts: dict[str, str]) -> dict[str, str]:
+    """Put `env` ("K=V" list, or a mapping) into `texts`; returns name → texts key, the
+    last of two equal names winning as in a shell."""
+    raw = node.data.get("env")
+    names: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for name, value in raw.items():
+            texts[f"env.{name}"] = ctx.text(value, node.key(f"env.{name}")) or ""
+            names[str(name)] = f"env.{name}"
+        return names
+    for i, item in enumerate(node.texts("env")):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or "\0" in item:
+            ctx.fail(f"{node.key('env')}[{i}]", f"must be NAME=VALUE, got {_show(item)}")
+        texts[f"env[{i}]"] = value
+        names[name.strip()] = f"env[{i}]"
+    return names
+
+
+def _read(ctx: _Ctx, path: str) -> dict[Any, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        ctx.fail("", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        ctx.fail("", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}")
+    if data is not None and not isinstance(data, dict):
+        ctx.fail("", f"must be a mapping of settings, got {_show(data)}")
+    return data or {}
+
+
+def _keys(node: _Node, key: str) -> tuple[str, ...]:
+    keys = node.texts(key)
+    for i, value in enumerate(keys):
+        if not value or any(c.isspace() for c in value):
+            node.ctx.fail(f"{key}[{i}]", "must be a non-empty string without spaces")
+    return tuple(keys)
+
+
+def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[GroupConfig, ...]:
+    sources = [top.child("groups", None)]
+    routing = top.child("routing", frozenset({"router"}))
+    if router := routing.child("router", frozenset({"use", "settings"})) if routing else None:
+        use = (router.text("use") or "group").strip().lower()
+        if use == "matrix":
+            ctx.warn(router.key("use"), "matrix routing is not supported by swapd; using groups")
+        elif use != "group":
+            ctx.fail(router.key("use"), f"must be group or matrix, got {_show(use)}")
+        if settings := router.child("settings", frozenset({"groups"})):
+            sources.append(settings.child("groups", None))
+    out: list[GroupConfig] = []
+    member_of: dict[str, str] = {}
+    for source in filter(None, sources):
+        for name, raw in source.data.items():
+            if any(g.name == str(name) for g in out):
+                ctx.fail(source.key(name), f"group {name} is defined twice")
+            node = _Node(ctx, raw, source.key(name), frozenset(
+                {"swap", "exclusive", "persistent", "members"}))
+            members = []
+            for i, member in enumerate(node.texts("members")):
+                where = f"{node.key('members')}[{i}]"
+                if member not in models:
+                    ctx.warn(where, f"{_show(member)} is not a defined model, ignored")
+                    continue
+                if member in member_of:
+                    ctx.fail(where, f"{_show(member)} is already a member of group "
+                             f"{member_of[member]}: a model belongs to one group at most")
+                member_of[member] = str(name)
+                members.append(member)
+            out.append(GroupConfig(
+                name=str(name), swap=node.flag("swap", True),
+                exclusive=node.flag("exclusive", True),
+                persistent=node.flag("persistent", False), members=tuple(members),
+            ))
+    return tuple(out)
+
+
+def _check_names(ctx_of: Mapping[str, _Ctx], models: Mapping[str, ModelConfig]) -> None:
+    owner: dict[str, str] = {}
+    for model_id, model in models.items():
+        for i, alias in enumerate(model.aliases):
+            where = f"models.{model_id}.aliases[{i}]"
+            if alias in models:
+                ctx_of[model_id].fail(where, f"{_show(alias)} is already a model id")
+            if alias in owner:
+                ctx_of[model_id].fail(where, f"{_show(alias)} is already an alias of "
+                                      f"{owner[alias]}")
+            owner[alias] = model_id
+
+
+def load_config(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> LoadResult:
+    """Load and validate a config file (llama-swap's format plus swapd's keys).
+
+    Raises ConfigError naming the file and key path; whatever is merely ignored becomes
+    a warning in the result.
+    """
+    environ = os.environ if environ is None else environ
+    warnings: list[str] = []
+    ctx = _Ctx(os.fspath(path), environ, warnings)
+    top = _Node(ctx, _read(ctx, os.fspath(path)), "", _TOP_KEYS)
+    hct = float(top.number("healthCheckTimeout", 120.0, strict=True))
+    level = (top.text("logLevel") or "info").strip().lower().replace("warning", "warn")
+    if level not in _LOG_LEVELS:
+        ctx.fail("logLevel", f"must be one of {', '.join(_LOG_LEVELS)}, got {_show(level)}")
+    listen = top.text("listen") or "127.0.0.1:28080"
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        ctx.fail("listen", f"must be HOST:PORT (e.g. 127.0.0.1:28080), got {_show(listen)}")
+    state_dir = top.text("stateDir")
+    base = Config(
+        models={},
+        listen=listen,
+        api_keys=_keys(top, "apiKeys"),
+        admin_keys=_keys(top, "adminKeys"),
+        state_dir=os.path.expanduser(state_dir) if state_dir else None,
+        log_level=level,
+        health_check_timeout=hct,
+        start_port=top.number("startPort", 5800, minimum=1, maximum=65535, integer=True),
+        global_ttl=float(top.number("globalTTL", 0.0)),
+        unload_timeout=float(top.number("unloadTimeout", 10.0)),
+        include_aliases_in_list=top.flag("includeAliasesInList", False),
+        send_loading_state=top.flag("sendLoadingState", False),
+        max_queue=top.number("maxQueue", 256, minimum=1, integer=True),
+        queue_timeout=float(top.number("queueTimeout", hct + 60, strict=True)),
+        shutdown_timeout=float(top.number("shutdownTimeout", 30.0)),
+        log_buffer_lines=top.number("logBufferLines", 2000, minimum=1, integer=True),
+        max_body_bytes=top.number("maxBodyBytes", 64 * 1024 * 1024, minimum=1, integer=True),
+        include=top.text("include") or None,
+        source=os.path.abspath(os.fspath(path)),
+        macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
+    )
+
+    # (id, entry, file) in file order, the main file first: ${PORT} numbers follow it.
+    if top.data.get("models") is None and base.include is None:
+        ctx.fail("models", "required: a mapping of model ids to their settings")
+    files = [(ctx, top)]
+    if base.include:
+        pattern = os.path.join(os.path.dirname(base.source or "."), base.include)
+        for file in sorted(glob.glob(pattern, recursive=True)):
+            if os.path.isfile(file) and os.path.abspath(file) != base.source:
+                sub = _Ctx(file, environ, warnings, label=f"{file}: ")
+                files.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
+    ports = iter(range(base.start_port, 1 << 30))
+    models: dict[str, ModelConfig] = {}
+    ctx_of: dict[str, _Ctx] = {}
+    for where, node in files:
+        entries = node.child("models", None)
+        for key, raw in entries.data.items() if entries else ():
+            model_id = str(key)
+            if not model_id.strip():
+                where.fail("models", "a model id must not be empty")
+            if model_id in models:
+                where.fail(f"models.{model_id}",
+                           f"defined twice: in {ctx_of[model_id].file} and in {where.file}")
+            models[model_id] = _model(where, model_id, raw, base, lambda: next(ports))
+            ctx_of[model_id] = where
+    _check_names(ctx_of, models)
+
+    preload: list[str] = []
+    hooks = top.child("hooks", frozenset({"on_startup"}))
+    startup = hooks.child("on_startup", frozenset({"preload"})) if hooks else None
+    for i, name in enumerate(startup.texts("preload") if startup else []):
+        found = replace(base, models=models).resolve(name.strip())
+        if found is None:
+            ctx.warn(f"hooks.on_startup.preload[{i}]",
+                     f"{_show(name)} is not a defined model, ignored")
+        elif found.id not in preload:
+            preload.append(found.id)
+    config = replace(base, models=models, groups=_groups(ctx, top, models),
+                     preload=tuple(preload))
+    return LoadResult(config=config, warnings=tuple(warnings))
+
+
+def load_model_entry(model_id: str, data: object, base: Config,
+                     environ: Mapping[str, str] | None = None) -> ModelConfig:
+    """Validate one recipe (what would stand under `models.{model_id}`) against a loaded
+    config, as the admin API must before writing it to disk as `{model_id}.yaml`."""
+    ctx = _Ctx(None, os.environ if environ is None else environ, [])
+    if not _SAFE_ID.match(model_id) or ".." in model_id:
+        ctx.fail(f"models.{model_id}", "a recipe id must match "
+                 "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ and not contain '..'")
+    used = {m.port for m in base.models.values() if m.id != model_id}
+
+    def free_port() -> int:
+        return next(p for p in range(base.start_port, 1 << 30) if p not in used)
+
+    model = _model(ctx, model_id, data, base, free_port)
+    others = {k: v for k, v in base.models.items() if k != model_id}
+    if owner := next((m.id for m in others.values() if model_id in m.aliases), None):
+        ctx.fail(f"models.{model_id}", f"{_show(model_id)} is already an alias of {owner}")
+    _check_names({k: ctx for k in [*others, model_id]}, {**others, model_id: model})
+    return model
+
+
+def format_check(result: LoadResult) -> str:
+    """What `swapd check` prints: the resolved models, the groups, every warning."""
+    config = result.config
+    lines = [f"config: {config.source}", f"listen: {config.listen}",
+             f"models: {len(config.models)}"]
+    for m in config.models.values():
+        ready = f"GET {m.check_endpoint}" if m.check_endpoint else "port open"
+        lines += [
+            f"  {m.id}",
+            f"    aliases:  {', '.join(m.aliases) or '-'}",
+            f"    argv:     {shlex.join(m.cmd)}",
+            f"    upstream: {m.proxy} (ready: {ready})",
+            f"    ttl:      {_fmt(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
+            f"    engine:   {m.engine.value if m.engine else '-'}",
+            f"    gpu:      {'yes' if m.gpu else 'no'}",
+        ]
+        if m.cmd_stop:
+            lines.append(f"    cmdStop:  {shlex.join(m.cmd_stop)}")
+    lines.append(f"groups: {len(config.groups)}")
+    for g in config.groups:
+        lines.append(
+            f"  {g.name}: swap={_fmt(g.swap)} exclusive={_fmt(g.exclusive)} "
+            f"persistent={_fmt(g.persistent)} members={', '.join(g.members) or '-'}"
+        )
+    if config.preload:
+        lines.append(f"preload: {', '.join(config.preload)}")
+    lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)

@@ -226,3 +226,14 @@ def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) 
         out += data + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return out, f"multipart/form-data; boundary={boundary}"
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus scrape (0 when the series is absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

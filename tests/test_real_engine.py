@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import pid_alive, wait_until
+from tests.conftest import metric_value, pid_alive, wait_until
 
 pytestmark = [
     pytest.mark.realengine,
@@ -72,12 +72,8 @@ class OverlapWatch:
         self._thread.join()
 
 
-def metric(daemon, name: str) -> float:  # type: ignore[no-untyped-def]
-    _, text = daemon.get("/metrics")
-    for line in text.splitlines():
-        if line.rsplit(" ", 1)[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def metric(daemon, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+    return metric_value(daemon.get("/metrics")[1], name, **labels)
 
 
 def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
@@ -129,9 +125,9 @@ def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
     status = daemon.status()
     assert status["tenant"] == ["large"]
     assert status["models"]["small"]["state"] == "stopped"
-    assert metric(daemon, 'swapd_engine_stops_total{model="small",reason="swap"}') == 1
-    assert metric(daemon, 'swapd_engine_starts_total{model="large",result="success"}') == 1
-    assert metric(daemon, 'swapd_engine_state{model="large",state="ready"}') == 1
+    assert metric(daemon, 'swapd_engine_stops_total', model="small", reason="swap") == 1
+    assert metric(daemon, 'swapd_engine_starts_total', model="large", result="success") == 1
+    assert metric(daemon, 'swapd_engine_state', model="large", state="ready") == 1
 
     # Idle eviction (ttl 2 s on "large"), counted from the end of the last request.
     large_pid = status["models"]["large"]["pid"]
@@ -139,6 +135,6 @@ def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
                interval=0.1, message="idle eviction of large")
     assert not pid_alive(large_pid)
     assert daemon.get("/running")[1]["running"] == []
-    assert metric(daemon, 'swapd_engine_stops_total{model="large",reason="idle"}') == 1
-    assert metric(daemon, 'swapd_requests_total{model="small",code="200"}') == 2
+    assert metric(daemon, 'swapd_engine_stops_total', model="large", reason="idle") == 1
+    assert metric(daemon, 'swapd_requests_total', model="small", code="200") == 2
     assert engine_pids() == []
