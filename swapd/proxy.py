@@ -123,7 +123,7 @@ def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
         return None
     delimiter = b"--" + boundary.encode("latin-1")
     for part in body.split(delimiter)[1:]:
-        head, sep, value = part.partition(b"\r\n\r\n")
+        head, sep, content = part.partition(b"\r\n\r\n")
         if not sep:
             continue
         for line in head.split(b"\r\n"):
@@ -133,7 +133,7 @@ def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
             ):
                 if b"filename=" in lower:
                     return None
-                return value.removesuffix(b"\r\n").decode("utf-8", "replace")
+                return content.removesuffix(b"\r\n").decode("utf-8", "replace")
     return None
 
 
@@ -318,13 +318,16 @@ class Proxy:
             return error_response(
                 exc.status, exc.message, code=exc.code, type=exc.type, retry_after=exc.retry_after
             )
-        code = 0
+        # The status the client was sent, kept even if it goes away mid-body.
+        outcome = [0]
         try:
-            resp, code = await self._relay(request, routed, engine.upstream + path, t0, loading)
+            resp, outcome[0] = await self._relay(
+                request, routed, engine.upstream + path, t0, loading, outcome
+            )
             return resp
         finally:
             self._scheduler.release(model)
-            self._count(model, code, t0)
+            self._count(model, outcome[0] or 499, t0)
 
     async def _acquire_with_progress(self, resp: web.StreamResponse, model: str) -> Engine:
         """Wait for a cold model while telling a chat UI that it is loading (#366)."""
@@ -354,6 +357,7 @@ class Proxy:
         url: str,
         t0: float,
         prepared: web.StreamResponse | None,
+        outcome: list[int],
     ) -> tuple[web.StreamResponse, int]:
         model = routed.model.id
         try:
@@ -387,6 +391,7 @@ class Proxy:
                 elif upstream.content_length is not None:
                     resp.content_length = upstream.content_length
                 await resp.prepare(request)
+            outcome[0] = resp.status
             first = True
             try:
                 async for chunk in upstream.content.iter_any():

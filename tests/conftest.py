@@ -213,7 +213,9 @@ def stream_lines(url: str, body: Any, timeout: float = 30) -> Iterator[tuple[str
         conn.close()
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+def multipart(
+    fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]
+) -> tuple[bytes, str]:
     """A multipart/form-data body and its Content-Type."""
     boundary = "swapdtestboundary"
     out = b""
