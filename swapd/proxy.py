@@ -380,6 +380,7 @@ class Proxy:
             sse = _is_sse(upstream.headers)
             if prepared is not None:
                 resp = prepared
+                outcome[0] = prepared.status
             else:
                 resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
@@ -390,25 +391,37 @@ class Proxy:
                     resp.headers["Cache-Control"] = "no-cache"
                 elif upstream.content_length is not None:
                     resp.content_length = upstream.content_length
+            # An event stream's headers go out at once (clients show progress);
+            # anything else waits for its first byte, so that an engine dying
+            # before it still gets the client a proper 502 error.
+            if sse and not resp.prepared:
                 await resp.prepare(request)
-            outcome[0] = resp.status
+                outcome[0] = resp.status
             first = True
             try:
                 async for chunk in upstream.content.iter_any():
                     if first:
                         self._metrics.ttfb.labels(model).observe(time.monotonic() - t0)
                         first = False
+                        if not resp.prepared:
+                            await resp.prepare(request)
+                            outcome[0] = resp.status
                     await resp.write(chunk)
             except UPSTREAM_BROKE as exc:
-                # The engine died mid-response. The status line is gone already: an
-                # SSE client gets an error event, anything else a cut connection.
                 message = f"engine for model {model!r} failed mid-response: {_describe(exc)}"
                 log.warning("upstream died mid-response", model=model, error=_describe(exc))
+                if not resp.prepared:
+                    return error_response(502, message, code="engine_error"), 502
+                # The status line is gone already: an event stream gets an error
+                # event, anything else a cut connection (never a silent truncation).
                 if prepared is not None or sse:
                     await _sse_error(resp, message, "engine_error")
                 elif request.transport is not None:
                     request.transport.close()
                 return resp, 502
+            if not resp.prepared:
+                await resp.prepare(request)
+            outcome[0] = resp.status
             await resp.write_eof()
             complete = True
             return resp, upstream.status

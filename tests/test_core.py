@@ -378,3 +378,25 @@ def test_engine_env_has_recipe_vars_and_no_systemd_vars(start_swapd, tmp_path):
     assert env["FOO"] == "bar"
     assert "NOTIFY_SOCKET" not in env and "WATCHDOG_USEC" not in env
     assert os.environ.get("PATH") == env.get("PATH")
+
+
+def test_send_loading_state_streams_progress_while_cold(start_swapd, tmp_path):
+    cfg = two_models(tmp_path, "--boot-delay", "1.5", sendLoadingState=True)
+    daemon = start_swapd(cfg)
+    events = [line for line, _ in stream_lines(daemon.url + "/v1/chat/completions",
+                                               {"model": "alpha", "messages": [], "stream": True})
+              if line.startswith("data:")]
+    import json
+    chunks = [json.loads(e[5:]) for e in events if e != "data: [DONE]"]
+    reasoning = [c["choices"][0]["delta"].get("reasoning_content") for c in chunks]
+    assert any(r and "loading alpha" in r for r in reasoning)
+    assert any(c["choices"][0]["delta"].get("content") for c in chunks)
+    assert events[-1] == "data: [DONE]"
+
+
+def test_engine_death_before_body_is_an_openai_502(start_swapd, tmp_path):
+    cfg = two_models(tmp_path, "--crash-after", "1", "--crash-before-answer")
+    daemon = start_swapd(cfg)
+    code, body = daemon.post("/v1/chat/completions", {"model": "alpha", "messages": []})
+    assert code == 502
+    assert body["error"]["code"] == "engine_error" and "alpha" in body["error"]["message"]
