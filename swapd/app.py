@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import os
@@ -94,9 +95,11 @@ class Daemon:
         watch_config: bool = False,
     ) -> None:
         self.config_path = config_path
-        self.config: Config = loaded.config
+        # --listen wins over the file, also across reloads (the socket is bound once).
+        self._listen_override = listen
+        self.config: Config = self._effective(loaded.config)
         self._warnings = loaded.warnings
-        self._listen = listen or self.config.listen
+        self._listen = self.config.listen
         self._watch = watch_config
         self.hub = LogHub(self.config.log_buffer_lines)
         self.metrics = Metrics()
@@ -121,6 +124,11 @@ class Daemon:
         )
         self.sampler = Sampler(self.scheduler.process_groups)
         self._session: aiohttp.ClientSession | None = None
+
+    def _effective(self, config: Config) -> Config:
+        if self._listen_override:
+            return dataclasses.replace(config, listen=self._listen_override)
+        return config
 
     # -- hooks from the scheduler -----------------------------------------------------
 
@@ -204,9 +212,11 @@ class Daemon:
             loaded = await asyncio.to_thread(load_config, self.config_path)
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
-            self.config = loaded.config
-            changes = self.scheduler.apply_config(loaded.config)
-            self.metrics.register_models(list(loaded.config.models))
+            self.config = self._effective(loaded.config)
+            if self.config.listen != self._listen:
+                log.warning("listen changed; it takes effect on restart", listen=self._listen)
+            changes = self.scheduler.apply_config(self.config)
+            self.metrics.register_models(list(self.config.models))
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
             log.info("config reloaded", why=why, **changes)
