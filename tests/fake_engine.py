@@ -22,6 +22,7 @@ can play each of their awkward behaviours:
                         "grandchild" (with "child": pid), "ready" and "exit"
 --exit-on-sigterm-delay S  on SIGTERM, wait S seconds, then exit 0
 --env-dump FILE         write os.environ as JSON at startup
+--gpu-alloc-gb N        hold N GB of CUDA memory (torch), for checks on a real GPU
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
@@ -610,6 +611,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record", default=None)
     p.add_argument("--exit-on-sigterm-delay", type=float, default=0.0)
     p.add_argument("--env-dump", default=None)
+    p.add_argument("--gpu-alloc-gb", type=float, default=0.0)
     return p.parse_args(argv)
 
 
@@ -644,6 +646,14 @@ def main(argv: list[str] | None = None) -> int:
     if opts.crash_after == 0:
         say("fatal: simulated crash", err=True)
         return 3
+
+    if opts.gpu_alloc_gb > 0:
+        # A GPU tenant for checks on a real GPU: hold this much device memory.
+        import torch
+
+        held = torch.empty(int(opts.gpu_alloc_gb * 2**30), dtype=torch.uint8, device="cuda")
+        eng.gpu_memory = held  # type: ignore[attr-defined]
+        say(f"holding {opts.gpu_alloc_gb:g} GB of GPU memory")
 
     if opts.boot_delay > 0:
         deadline = time.monotonic() + opts.boot_delay
