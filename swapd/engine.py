@@ -26,6 +26,9 @@ from swapd.config import ModelConfig
 from swapd.systemd import SYSTEMD_ENV_VARS
 
 log = structlog.get_logger("swapd.engine")
+# Engine stdout/stderr, echoed into swapd's own structured log (journald), one
+# event per line. Already in the LogHub through the sink, hence _hub=False.
+output_log = structlog.get_logger("swapd.engine.output")
 
 # Readiness is polled this often: a ready engine is noticed within ~50 ms
 # (llama-swap waits 250 ms and then polls every second).
@@ -243,6 +246,7 @@ class Engine:
         self._tail.append(line)
         if self._sink is not None:
             self._sink.append(self.id, line)
+        output_log.info("engine output", model=self.id, line=line, _hub=False)
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()

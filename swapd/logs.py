@@ -365,6 +365,9 @@ class _HubTee:
         self.hub = hub
 
     def __call__(self, _: Any, __: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        # Engine output echoed into the structured log is in the hub already.
+        if ed.pop("_hub", True) is False:
+            return ed
         model = ed.get("model")
         also = model if isinstance(model, str) and model and model != SWAPD else None
         line = plain_line(ed)
