@@ -84,6 +84,9 @@ class ModelConfig:
     memory_release_timeout: float = 30.0
     # Environment variables the engine must not inherit from swapd (preset hygiene).
     env_remove: tuple[str, ...] = ()
+    # (path, JSON body) POSTed to the engine before it is signalled to stop (best effort):
+    # the ollama preset's unload with `keep_alive: 0`. None: nothing is sent.
+    unload_request: tuple[str, str] | None = None
 
     @property
     def port(self) -> int | None:
@@ -464,9 +467,10 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     substitute(macros)
     if "${PORT}" in texts["cmd"] or "${PORT}" in texts["proxy"]:
         port = next_port()
-        if "${PORT}" not in texts["cmd"]:
-            ctx.warn(node.key("proxy"), f"${{PORT}} is {port} here but cmd does not use "
-                     f"${{PORT}}: the engine must listen on {port} by itself")
+        # `ollama serve` takes its address from env OLLAMA_HOST=127.0.0.1:${PORT}.
+        if not any("${PORT}" in texts[k] for k in ("cmd", *env_keys.values())):
+            ctx.warn(node.key("proxy"), f"${{PORT}} is {port} here but neither cmd nor env "
+                     f"uses ${{PORT}}: the engine must listen on {port} by itself")
         substitute({"PORT": port})
     for key, value in [*texts.items(), *trees.items()]:
         _leftovers(ctx, node.key(key), value, macros, pid_ok=key == "cmdStop")
@@ -479,7 +483,18 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         url_ok = False
     if not url_ok:
         ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {_show(proxy)}")
-    check: str | None = texts.get("checkEndpoint", "/health")
+    engine_name = node.text("engine")
+    engine = _ENGINES.get(engine_name.strip().lower()) if engine_name else None
+    if engine_name and engine is None:
+        ctx.fail(node.key("engine"), "must be one of vllm, llama.cpp, sglang, trtllm, ollama, "
+                 f"got {_show(engine_name)}")
+    # A preset fills in only what the recipe leaves out (docs/recipes.md: precedence).
+    from swapd.presets import preset_for
+
+    preset = preset_for(engine)
+    check: str | None = texts.get(
+        "checkEndpoint", preset.check_endpoint if preset else "/health"
+    )
     if check is not None and check.strip().lower() == "none":
         check = None
     elif check is not None and not check.startswith("/"):
@@ -495,11 +510,6 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     if set_params and "model" in set_params:
         ctx.warn(node.key("filters.setParams.model"), '"model" cannot be overridden, ignored')
         del set_params["model"]
-    engine_name = node.text("engine")
-    engine = _ENGINES.get(engine_name.strip().lower()) if engine_name else None
-    if engine_name and engine is None:
-        ctx.fail(node.key("engine"), "must be one of vllm, llama.cpp, sglang, trtllm, ollama, "
-                 f"got {_show(engine_name)}")
     restart = RestartPolicy()
     if r := node.child("restart", frozenset({"maxRetries", "backoffInitial", "backoffMax"})):
         restart = RestartPolicy(
@@ -513,6 +523,18 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     for key, alias in aliases.items():
         if not alias.strip():
             ctx.fail(node.key(key), "must be a non-empty string")
+    # unloadTimeout: a positive value is the recipe's; 0 means the global one (llama-swap's
+    # meaning); left out, the preset's grace if there is one, else the global one.
+    grace = node.number("unloadTimeout", -1)
+    if grace < 0 and preset is not None:
+        grace = preset.unload_timeout
+    elif grace <= 0:
+        grace = base.unload_timeout
+    env = {name: texts[key] for name, key in env_keys.items()}
+    preset_env = [(k, v) for k, v in preset.env if k not in env] if preset else []
+    unload_request = None
+    if preset is not None and "cmdStop" not in texts:  # cmdStop: the recipe says how to stop
+        unload_request = preset.unload_request(texts.get("useModelName") or model_id)
     return ModelConfig(
         id=model_id,
         cmd=_argv(ctx, node.key("cmd"), texts["cmd"]),
@@ -520,8 +542,8 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         proxy=proxy,
         check_endpoint=check,
         ttl=float(ttl),
-        unload_timeout=float(node.number("unloadTimeout", 0) or base.unload_timeout),
-        env=tuple((name, texts[key]) for name, key in env_keys.items()),
+        unload_timeout=float(grace),
+        env=(*preset_env, *env.items()),
         aliases=tuple(dict.fromkeys(aliases.values())),
         use_model_name=texts.get("useModelName"),
         unlisted=node.flag("unlisted", False),
@@ -534,11 +556,15 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         send_loading_state=node.flag("sendLoadingState", base.send_loading_state),
         engine=engine,
         gpu=node.flag("gpu", True),
-        health_check_timeout=float(
-            node.number("healthCheckTimeout", base.health_check_timeout, strict=True)
-        ),
+        health_check_timeout=float(node.number(
+            "healthCheckTimeout",
+            preset.health_check_timeout if preset else base.health_check_timeout,
+            strict=True,
+        )),
         restart=restart,
         memory_release_timeout=float(node.number("memoryReleaseTimeout", 30.0)),
+        env_remove=preset.env_remove if preset else (),
+        unload_request=unload_request,
     )
 
 
@@ -716,8 +742,13 @@ def load_config(
                      f"{_show(name)} is not a defined model, ignored")
         elif found.id not in preload:
             preload.append(found.id)
+    queue_timeout = base.queue_timeout
+    if top.data.get("queueTimeout") is None:
+        # "healthCheckTimeout + 60" with the longest start any model may take (a preset's or
+        # the recipe's own), or a request for a cold vLLM would give up while it loads.
+        queue_timeout = max([hct, *(m.health_check_timeout for m in models.values())]) + 60
     config = replace(base, models=models, groups=_groups(ctx, top, models),
-                     preload=tuple(preload))
+                     preload=tuple(preload), queue_timeout=queue_timeout)
     return LoadResult(config=config, warnings=tuple(warnings))
 
 
@@ -755,11 +786,22 @@ def format_check(result: LoadResult) -> str:
             f"    argv:     {shlex.join(m.cmd)}",
             f"    upstream: {m.proxy} (ready: {ready})",
             f"    ttl:      {_fmt(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
-            f"    engine:   {m.engine.value if m.engine else '-'}",
+            f"    engine:   {m.engine.value + ' (preset defaults)' if m.engine else '-'}",
             f"    gpu:      {'yes' if m.gpu else 'no'}",
+            f"    start:    ready within {_fmt(m.health_check_timeout)}s (healthCheckTimeout)",
         ]
+        stop = "cmdStop" if m.cmd_stop else "SIGTERM to the process group"
+        if m.unload_request:
+            stop = f"POST {m.unload_request[0]} (unload), then {stop}"
+        lines.append(f"    stop:     {stop}; SIGKILL after {_fmt(m.unload_timeout)}s "
+                     "(unloadTimeout)")
         if m.cmd_stop:
             lines.append(f"    cmdStop:  {shlex.join(m.cmd_stop)}")
+        if m.env or m.env_remove:  # names only: values may be secrets
+            names = [name for name, _ in m.env]
+            dropped = [name for name in m.env_remove if name not in names]
+            lines.append(f"    env:      {', '.join(names) or '-'}" + (
+                f" (not inherited: {', '.join(dropped)})" if dropped else ""))
     lines.append(f"groups: {len(config.groups)}")
     for g in config.groups:
         lines.append(

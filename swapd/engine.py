@@ -38,6 +38,8 @@ PROBE_INTERVAL = 0.05
 PROBE_TIMEOUT = 2.0
 # Lines of output kept per engine for error messages.
 TAIL_LINES = 20
+# The most a preset's unload request (Ollama's keep_alive: 0) may delay the SIGTERM.
+UNLOAD_REQUEST_TIMEOUT = 5.0
 
 
 class EngineState(StrEnum):
@@ -84,6 +86,9 @@ def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> 
     env = dict(os.environ if base is None else base)
     # An engine that saw NOTIFY_SOCKET could send READY=1 / WATCHDOG=1 for swapd.
     for name in (*SYSTEMD_ENV_VARS, *cfg.env_remove):
+        if name.endswith("*"):  # a prefix (a preset's "LLAMA_ARG_*")
+            for key in [k for k in env if k.startswith(name[:-1])]:
+                del env[key]
         env.pop(name, None)
     env.update(dict(cfg.env))
     return env
@@ -343,6 +348,10 @@ class Engine:
     async def _stop_group(self, grace: float) -> bool:
         assert self.pid is not None
         pgid = self.pid
+        # Only an engine that served can unload; grace 0 means "now" (kill_all).
+        if (self.cfg.unload_request and grace > 0 and self.ready_at is not None
+                and not self._exited.is_set()):
+            await self._send_unload_request(min(UNLOAD_REQUEST_TIMEOUT, grace))
         if self.cfg.cmd_stop and not self._exited.is_set():
             await self._run_cmd_stop(grace)
             if not await procgroup.wait_group_gone(pgid, grace):
@@ -357,6 +366,30 @@ class Engine:
             log.warning("engine outlived its grace: SIGKILL", model=self.id, pgid=pgid, grace=grace)
         await self._reaped()
         return killed
+
+    async def _send_unload_request(self, timeout: float) -> None:
+        """Ask the engine to release its model before it is signalled (best effort)."""
+        assert self.cfg.unload_request is not None
+        path, body = self.cfg.unload_request
+        url = self.upstream + "/" + path.lstrip("/")
+        session = self._session
+        owned = session is None
+        if session is None:
+            session = aiohttp.ClientSession()
+        try:
+            async with session.post(
+                url, data=body, headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+            ) as resp:
+                answer = (await resp.content.read(300)).decode("utf-8", "replace")
+                log.info("engine unload request", model=self.id, url=url, status=resp.status,
+                         response=answer)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("engine unload request failed", model=self.id, url=url,
+                        error=str(exc) or type(exc).__name__)
+        finally:
+            if owned:
+                await session.close()
 
     async def _cleanup_group(self, grace: float) -> None:
         self._stopping = True

@@ -22,6 +22,8 @@ can play each of their awkward behaviours:
                         "grandchild" (with "child": pid), "ready" and "exit"
 --exit-on-sigterm-delay S  on SIGTERM, wait S seconds, then exit 0
 --env-dump FILE         write os.environ as JSON at startup
+--lazy-load S           the first POST under /v1/ waits S seconds (loading the model) before it
+                        is handled, as Ollama loads a model on its first request
 --gpu-alloc-gb N        hold N GB of CUDA memory (torch), for checks on a real GPU
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
@@ -233,10 +235,21 @@ def build_app(eng: Engine) -> web.Application:
     opts = eng.opts
     name: str = opts.model_name
 
+    lazy_lock = asyncio.Lock()
+    lazy_loaded = False
+
     @web.middleware
     async def log_requests(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal lazy_loaded
         if request.path != "/health":
             say(f"request {request.method} {request.path_qs}")
+        if opts.lazy_load and request.method == "POST" and request.path.startswith("/v1/"):
+            async with lazy_lock:
+                if not lazy_loaded:
+                    say(f"loading model {name} on first request")
+                    await asyncio.sleep(opts.lazy_load)
+                    lazy_loaded = True
+                    say(f"model {name} loaded")
         resp: web.StreamResponse = await handler(request)
         return resp
 
@@ -611,6 +624,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record", default=None)
     p.add_argument("--exit-on-sigterm-delay", type=float, default=0.0)
     p.add_argument("--env-dump", default=None)
+    p.add_argument("--lazy-load", type=float, default=0.0)
     p.add_argument("--gpu-alloc-gb", type=float, default=0.0)
     return p.parse_args(argv)
 

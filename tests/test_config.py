@@ -190,7 +190,8 @@ def test_swapd_keys(tmp_path: Path) -> None:
         """).config
     assert cfg.listen == "0.0.0.0:9000" and cfg.admin_keys == ("admin-1",)
     assert cfg.state_dir == "/var/lib/swapd" and cfg.max_queue == 8
-    assert cfg.queue_timeout == 90 and cfg.shutdown_timeout == 5.5
+    # queueTimeout defaults to the longest healthCheckTimeout (model a's 900) + 60
+    assert cfg.queue_timeout == 960 and cfg.shutdown_timeout == 5.5
     assert cfg.log_level == "warn" and cfg.include_aliases_in_list
     a, b, c = cfg.models["a"], cfg.models["b"], cfg.models["c"]
     assert a.engine is EngineKind.VLLM and not a.gpu and a.health_check_timeout == 900

@@ -1,0 +1,125 @@
+"""Engine presets: what `engine: vllm` (or llama.cpp, sglang, trtllm, ollama) means.
+
+A preset only supplies defaults. The config loader applies one to a recipe that names its
+engine, and only for keys the recipe leaves out: a recipe's own `checkEndpoint`,
+`healthCheckTimeout`, `unloadTimeout`, `env` and `cmdStop` always win. A preset is more
+specific than the file-wide `healthCheckTimeout` / `unloadTimeout` (it is written on the
+model), so for the models that name an engine it stands in for those globals.
+
+The values are sized for a DGX Spark (GB10, 128 GB unified memory): a cold start reads tens of
+gigabytes from disk, compiles kernels and captures CUDA graphs, which takes minutes, and an
+engine that holds most of the machine's memory needs seconds to give it back cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from swapd.config import EngineKind
+
+# Python engines write their logs through stdout; piped, that is block-buffered, and lines
+# would reach `/logs/stream` in 8 KiB bursts (or never, if the engine is SIGKILLed).
+_PY_ENV = (("PYTHONUNBUFFERED", "1"),)
+# swapd's own interpreter settings must not leak into an engine that runs another Python
+# (its own venv or container): PYTHONHOME breaks the interpreter, PYTHONPATH shadows packages.
+_PY_REMOVE = ("PYTHONHOME", "PYTHONPATH")
+
+
+@dataclass(frozen=True)
+class Preset:
+    engine: EngineKind
+    # GET this path until it answers 200; None: until the port accepts a connection.
+    check_endpoint: str | None
+    health_check_timeout: float  # seconds: a cold start on a Spark
+    unload_timeout: float  # seconds between SIGTERM and SIGKILL to the group
+    env: tuple[tuple[str, str], ...] = ()
+    # Variables of swapd's environment the engine does not inherit. A trailing `*` matches
+    # a prefix. The recipe's `env` may still set any of them.
+    env_remove: tuple[str, ...] = ()
+    # POSTed to the engine before it is signalled (best effort); the body names the model.
+    unload_path: str | None = None
+    # For people: `swapd check` and docs/recipes.md.
+    readiness: str = ""
+    stop: str = ""
+
+    def unload_request(self, model_name: str) -> tuple[str, str] | None:
+        """(path, JSON body) to send before stopping, or None."""
+        if self.unload_path is None:
+            return None
+        return self.unload_path, json.dumps({"model": model_name, "keep_alive": 0})
+
+
+_GROUP_STOP = "SIGTERM to the process group, SIGKILL to what is left after the grace"
+
+PRESETS: dict[EngineKind, Preset] = {
+    EngineKind.VLLM: Preset(
+        engine=EngineKind.VLLM,
+        check_endpoint="/health",
+        health_check_timeout=1200.0,
+        unload_timeout=30.0,
+        env=_PY_ENV,
+        # A VLLM_PORT inherited from elsewhere (a service named `vllm` in Kubernetes sets
+        # VLLM_PORT=tcp://...) is read by vLLM as its internal port and breaks start-up.
+        env_remove=("VLLM_PORT", *_PY_REMOVE),
+        readiness="the port opens only once the model is loaded, then GET /health → 200",
+        stop=f"{_GROUP_STOP} (API server, EngineCore and workers together)",
+    ),
+    EngineKind.LLAMA_CPP: Preset(
+        engine=EngineKind.LLAMA_CPP,
+        check_endpoint="/health",
+        health_check_timeout=600.0,
+        unload_timeout=10.0,
+        # llama-server reads LLAMA_ARG_* as defaults for every flag the command line leaves
+        # out: a stray LLAMA_ARG_MODEL or LLAMA_ARG_PORT in swapd's environment would change
+        # every recipe at once. Put them in the recipe's `env` if they are meant.
+        env_remove=("LLAMA_ARG_*",),
+        readiness="GET /health answers 503 while the model loads, then 200",
+        stop=f"{_GROUP_STOP} (one process)",
+    ),
+    EngineKind.SGLANG: Preset(
+        engine=EngineKind.SGLANG,
+        check_endpoint="/health",
+        health_check_timeout=1200.0,
+        unload_timeout=30.0,
+        env=_PY_ENV,
+        env_remove=_PY_REMOVE,
+        readiness="GET /health answers 503 until the model is loaded and warmed up, then 200",
+        stop=f"{_GROUP_STOP} (tokenizer, scheduler and detokenizer processes together)",
+    ),
+    EngineKind.TRTLLM: Preset(
+        engine=EngineKind.TRTLLM,
+        check_endpoint="/health",
+        health_check_timeout=1200.0,
+        unload_timeout=30.0,
+        env=_PY_ENV,
+        env_remove=_PY_REMOVE,
+        readiness="GET /health → 200 once trtllm-serve has loaded the model",
+        stop=f"{_GROUP_STOP} (MPI worker processes together)",
+    ),
+    EngineKind.OLLAMA: Preset(
+        engine=EngineKind.OLLAMA,
+        # `ollama serve` answers GET / ("Ollama is running") at once and loads a model on
+        # its first request: readiness is the server, the first request pays the load.
+        check_endpoint="/",
+        health_check_timeout=300.0,
+        unload_timeout=15.0,
+        env=(
+            # swapd decides what is resident: one model per Ollama server, kept until
+            # swapd stops it (Ollama's own 5-minute expiry would unload it behind
+            # swapd's back and make the next request pay a reload).
+            ("OLLAMA_MAX_LOADED_MODELS", "1"),
+            ("OLLAMA_KEEP_ALIVE", "-1"),
+        ),
+        # The recipe says where this server listens (env OLLAMA_HOST=127.0.0.1:${PORT});
+        # an OLLAMA_HOST meant for the ollama CLI must not move the server elsewhere.
+        env_remove=("OLLAMA_HOST",),
+        unload_path="/api/generate",
+        readiness="GET / → 200 as soon as the server is up; the model loads on first request",
+        stop="POST /api/generate {model, keep_alive: 0} (unload), then " + _GROUP_STOP,
+    ),
+}
+
+
+def preset_for(engine: EngineKind | None) -> Preset | None:
+    return None if engine is None else PRESETS[engine]
