@@ -20,6 +20,7 @@ from swapd import __version__
 from swapd.config import Config, ConfigError, load_model_entry
 from swapd.errors import error_response
 from swapd.files import write_atomic
+from swapd.redact import redact_argv
 from swapd.scheduler import Scheduler, SchedulerError
 
 log = structlog.get_logger("swapd.admin")
@@ -93,7 +94,7 @@ class Admin:
                 {
                     "model": engine.id,
                     "state": str(engine.state),
-                    "cmd": " ".join(engine.cfg.cmd),
+                    "cmd": " ".join(redact_argv(engine.cfg.cmd)),
                     "proxy": engine.upstream,
                     "ttl": engine.cfg.ttl,
                     "name": engine.cfg.name or "",
@@ -202,8 +203,8 @@ class Admin:
         except ConfigError as exc:
             return error_response(400, str(exc), code="invalid_recipe")
         text = yaml.safe_dump({"models": {recipe_id: entry}}, sort_keys=False)
-        previous = path.read_bytes() if path.exists() else None
         try:
+            previous = path.read_bytes() if path.exists() else None
             write_atomic(path, text.encode())
         except OSError as exc:
             log.error("recipe write failed", recipe=recipe_id, error=str(exc))
@@ -230,8 +231,8 @@ class Admin:
             return path
         if not path.exists():
             return error_response(404, f"no recipe {recipe_id!r}", code="recipe_not_found")
-        previous = path.read_bytes()
         try:
+            previous = path.read_bytes()
             path.unlink()
         except OSError as exc:
             return error_response(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hmac
 import ipaddress
 import os
@@ -119,8 +120,8 @@ class Daemon:
             on_engine_state=self._engine_state,
             on_engine_start=self._engine_started,
             on_engine_stop=self._engine_stopped,
-            on_queue=lambda m, n: self.metrics.queued.labels(m).set(n),
-            on_inflight=lambda m, n: self.metrics.inflight.labels(m).set(n),
+            on_queue=lambda m, n: self.metrics.series(m).queued.set(n),
+            on_inflight=lambda m, n: self.metrics.series(m).inflight.set(n),
         )
         self.sampler = Sampler(self.scheduler.process_groups)
         self._session: aiohttp.ClientSession | None = None
@@ -209,7 +210,8 @@ class Daemon:
     async def reload(self, why: str) -> dict[str, list[str]]:
         """Load the config again and adopt it; raises ConfigError and keeps the old one."""
         async with self._reload_lock:
-            loaded = await asyncio.to_thread(load_config, self.config_path)
+            ports = {m.id: m.port for m in self.config.models.values() if m.port is not None}
+            loaded = await asyncio.to_thread(load_config, self.config_path, None, ports)
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
@@ -310,7 +312,11 @@ class Daemon:
             version=__version__,
             models=len(self.config.models),
             state_dir=str(self.state_dir),
+            loop=type(loop).__module__.split(".")[0],
         )
+        # What startup built lives as long as the daemon: keep it out of the cyclic GC's
+        # full passes, which otherwise stall every request at that instant (p99 latency).
+        gc.freeze()
         systemd.ready(f"listening on {host}:{port}; tenant: none")
         background: list[asyncio.Task[None]] = []
         interval = systemd.watchdog_interval()
@@ -348,8 +354,24 @@ class Daemon:
             await self._session.close()
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the `uvloop` extra), else asyncio's.
+
+    uvloop trims the CPU the relay spends per request (docs/benchmarks.md); it is optional,
+    and SWAPD_LOOP=asyncio forces the standard loop.
+    """
+    if os.environ.get("SWAPD_LOOP", "").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def serve(config_path: str, loaded: LoadResult, listen: str | None, watch: bool) -> int:
     async def main() -> int:
         return await Daemon(config_path, loaded, listen=listen, watch_config=watch).run()
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main())

@@ -16,6 +16,7 @@ import shlex
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -663,12 +664,15 @@ def _check_names(ctx_of: Mapping[str, _Ctx], models: Mapping[str, ModelConfig]) 
 
 
 def load_config(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
+    keep_ports: Mapping[str, int] | None = None,
 ) -> LoadResult:
     """Load and validate a config file (llama-swap's format plus swapd's keys).
 
     Raises ConfigError naming the file and key path; whatever is merely ignored becomes
-    a warning in the result.
+    a warning in the result. `keep_ports` (a reload: model id → the port it has now) keeps
+    each model's ${PORT}, so that a model added or removed before it in file order does
+    not renumber it and restart an engine whose recipe did not change.
     """
     environ = os.environ if environ is None else environ
     warnings: list[str] = []
@@ -716,7 +720,18 @@ def load_config(
             if os.path.isfile(file) and os.path.abspath(file) != base.source:
                 sub = _Ctx(file, environ, warnings, label=f"{file}: ")
                 files.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
-    ports = iter(range(base.start_port, 1 << 30))
+    kept = dict(keep_ports or {})
+    taken: set[int] = set()
+    fresh = iter(range(base.start_port, 1 << 30))
+
+    def port_for(model_id: str) -> int:
+        port = kept.get(model_id)
+        if port is None or port in taken:
+            # Never a port another model holds now: it may still be running on it.
+            port = next(p for p in fresh if p not in taken and p not in kept.values())
+        taken.add(port)
+        return port
+
     models: dict[str, ModelConfig] = {}
     ctx_of: dict[str, _Ctx] = {}
     for where, node in files:
@@ -728,7 +743,7 @@ def load_config(
             if model_id in models:
                 where.fail(f"models.{model_id}",
                            f"defined twice: in {ctx_of[model_id].file} and in {where.file}")
-            models[model_id] = _model(where, model_id, raw, base, lambda: next(ports))
+            models[model_id] = _model(where, model_id, raw, base, partial(port_for, model_id))
             ctx_of[model_id] = where
     _check_names(ctx_of, models)
 

@@ -23,6 +23,7 @@ import structlog
 
 from swapd import procgroup
 from swapd.config import ModelConfig
+from swapd.redact import redact_argv
 from swapd.systemd import SYSTEMD_ENV_VARS
 
 log = structlog.get_logger("swapd.engine")
@@ -217,7 +218,7 @@ class Engine:
         self.ready_at = None
         if self._record is not None:
             self._record.add(self.id, proc.pid, proc.pid)
-        log.info("engine spawned", model=self.id, pid=proc.pid, argv=list(self.cfg.cmd))
+        log.info("engine spawned", model=self.id, pid=proc.pid, argv=redact_argv(self.cfg.cmd))
         assert proc.stdout is not None and proc.stderr is not None
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout), name=f"pump-out-{self.id}"),
@@ -272,6 +273,7 @@ class Engine:
 
     async def _wait_ready(self, deadline: float, timeout: float) -> None:
         exited = asyncio.create_task(self._exited.wait())
+        probe: asyncio.Future[bool] | None = None
         try:
             while True:
                 if self._exited.is_set():
@@ -281,12 +283,20 @@ class Engine:
                 if remaining <= 0:
                     reason = f"not ready after {timeout:g}s (healthCheckTimeout)"
                     raise StartError(self.id, reason, None, self.tail())
-                if await self._probe(min(PROBE_TIMEOUT, remaining)):
+                # A probe hanging on a wedged (or squatted) port must not hide the
+                # engine's exit until the probe's own timeout: whichever comes first.
+                probe = asyncio.ensure_future(self._probe(min(PROBE_TIMEOUT, remaining)))
+                await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if not probe.done():
+                    continue  # it exited: the loop's top reports it, `finally` drops the probe
+                if probe.result():
                     return
                 # Sleep until the next probe, but wake at once if the engine dies.
                 await asyncio.wait({exited}, timeout=min(PROBE_INTERVAL, max(remaining, 0)))
         finally:
             exited.cancel()
+            if probe is not None:
+                probe.cancel()
 
     async def _probe(self, timeout: float) -> bool:
         if self.cfg.check_endpoint is None:
@@ -341,7 +351,12 @@ class Engine:
         grace = self.cfg.unload_timeout if grace is None else grace
         self._stopping = True
         self._set_state(EngineState.STOPPING)
-        killed = await asyncio.shield(self._stop_group(grace))
+        # STOPPED is set inside the shield: a caller cancelled meanwhile (shutdown cancels
+        # an idle, swap or reload stop under way) must not leave the engine STOPPING forever.
+        return await asyncio.shield(self._stop_and_mark(grace))
+
+    async def _stop_and_mark(self, grace: float) -> bool:
+        killed = await self._stop_group(grace)
         self._set_state(EngineState.STOPPED)
         return killed
 
@@ -399,7 +414,7 @@ class Engine:
     async def _run_cmd_stop(self, grace: float) -> None:
         assert self.cfg.cmd_stop is not None and self.pid is not None
         argv = [a.replace("${PID}", str(self.pid)) for a in self.cfg.cmd_stop]
-        log.info("running cmdStop", model=self.id, argv=argv)
+        log.info("running cmdStop", model=self.id, argv=redact_argv(argv))
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -141,6 +141,33 @@ def sample_families(sample: Sample) -> Iterator[Metric]:
             yield family
 
 
+class ModelSeries:
+    """One model's per-request series, resolved once.
+
+    ``labels()`` takes a lock and builds a key on every call, and the proxy updates five
+    series on every request: it keeps these children instead (see docs/benchmarks.md).
+    """
+
+    __slots__ = ("_codes", "_model", "_requests", "inflight", "queued", "request_duration", "ttfb")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._model = model
+        self._requests = metrics.requests_total
+        self._codes: dict[int, Counter] = {}
+        self.request_duration = metrics.request_duration.labels(model)
+        self.ttfb = metrics.ttfb.labels(model)
+        self.inflight = metrics.inflight.labels(model)
+        self.queued = metrics.queued.labels(model)
+
+    def answered(self, code: int, seconds: float) -> None:
+        """Count one request answered with `code` after `seconds`."""
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._requests.labels(self._model, str(code))
+        counter.inc()
+        self.request_duration.observe(seconds)
+
+
 class Metrics:
     """Every swapd metric, in a registry of its own (tests make as many as they like)."""
 
@@ -217,6 +244,7 @@ class Metrics:
         self._collector = _SampleCollector()
         r.register(self._collector)
         self._models: set[str] = set()
+        self._series: dict[str, ModelSeries] = {}
 
     # -- models ------------------------------------------------------------------------
 
@@ -240,9 +268,17 @@ class Metrics:
             self.queued.labels(model)
             self.set_engine_state(model, "stopped")
 
+    def series(self, model: str) -> ModelSeries:
+        """The per-request series of `model` (created at zero on first use)."""
+        found = self._series.get(model)
+        if found is None:
+            found = self._series[model] = ModelSeries(self, model)
+        return found
+
     def forget_model(self, model: str) -> None:
         """Drop every series of a model (removed from the config by a reload)."""
         self._models.discard(model)
+        self._series.pop(model, None)
         for metric in (
             self.requests_total,
             self.request_duration,

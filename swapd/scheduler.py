@@ -219,6 +219,11 @@ class Scheduler:
             return await asyncio.wait_for(asyncio.shield(waiter.future), self.config.queue_timeout)
         except TimeoutError:
             self._drop_waiter(waiter)
+            if waiter.future.done() and not waiter.future.cancelled():
+                # Answered in the very tick the timeout fired (a busy loop runs both
+                # callbacks in one pass): that answer stands. Dropping a grant here
+                # would leak the lease: in-flight never back to 0, no swap ever again.
+                return waiter.future.result()
             raise QueueTimeout(
                 f"model {model!r} was not ready within "
                 f"{self.config.queue_timeout:g}s (queueTimeout)",
@@ -696,7 +701,9 @@ class Scheduler:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("scheduler task failed", task=task.get_name(), error=repr(task.exception()))
+            # Every task is about one engine, named "{kind}-{model}": say which (model=).
+            kind, _, model = task.get_name().partition("-")
+            log.error("scheduler task failed", model=model, task=kind, error=repr(task.exception()))
 
     def _notify(self) -> None:
         self._changed.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,28 @@ FAKE_ENGINE = HERE / "fake_engine.py"
 PY = sys.executable
 
 
+def port_block(n: int = 16) -> int:
+    """The first of `n` free ports below the kernel's ephemeral range.
+
+    Models take ${PORT} = startPort, startPort + 1, ...: a port from the ephemeral
+    range can become the local port of some client connection at any moment.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(max(1024, low - 12000), low - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no block of free ports")
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return port_block(1)
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
@@ -156,7 +175,7 @@ def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
               state_dir: Path | None = None) -> Swapd:
         port = port or free_port()
         state = state_dir or tmp_path / "state"
-        config = {"stateDir": str(state), "startPort": free_port(), **config}
+        config = {"stateDir": str(state), "startPort": port_block(), **config}
         config.setdefault("listen", f"127.0.0.1:{port}")
         path = write_config(tmp_path, config)
         log_path = tmp_path / f"swapd-{len(started)}.log"

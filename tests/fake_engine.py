@@ -7,6 +7,7 @@ can play each of their awkward behaviours:
 
 --boot-delay S          sleep S seconds before binding the port (vLLM: the port opens late)
 --health-503-for S      port opens at once, /health answers 503 for S seconds (llama-server, SGLang)
+--health-flap S         /health alternates 503 and 200 every S seconds (503 first), for good
 --crash-after N         exit with code 3 right after answering the N-th inference request
                         (streams: after the last chunk); N=0: print "fatal: simulated crash" and
                         exit 3 at startup
@@ -25,6 +26,8 @@ can play each of their awkward behaviours:
 --lazy-load S           the first POST under /v1/ waits S seconds (loading the model) before it
                         is handled, as Ollama loads a model on its first request
 --gpu-alloc-gb N        hold N GB of CUDA memory (torch), for checks on a real GPU
+--chatty N              every POST prints N more lines of about 1 KB to stdout before it is
+                        answered (an engine that logs a lot; a blocked pipe stalls the answer)
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
@@ -78,6 +81,7 @@ class Engine:
         self.pid = os.getpid()
         self.inference_count = 0
         self.ready_at: float | None = None  # monotonic time /health starts answering 200
+        self.listening_at: float | None = None  # monotonic time the port opened
         self.exit_recorded = False
         self.stop_event: asyncio.Event | None = None
         self.sigterm_seen = False
@@ -243,6 +247,12 @@ def build_app(eng: Engine) -> web.Application:
         nonlocal lazy_loaded
         if request.path != "/health":
             say(f"request {request.method} {request.path_qs}")
+        if opts.chatty and request.method == "POST":
+            pad = "x" * 1000
+            n = opts.chatty
+            text = "".join(f"chatty {request.path} {i + 1}/{n} {pad}\n" for i in range(n))
+            sys.stdout.write(text)
+            sys.stdout.flush()
         if opts.lazy_load and request.method == "POST" and request.path.startswith("/v1/"):
             async with lazy_lock:
                 if not lazy_loaded:
@@ -254,6 +264,12 @@ def build_app(eng: Engine) -> web.Application:
         return resp
 
     async def health(request: web.Request) -> web.Response:
+        flap = opts.health_flap
+        if flap > 0 and eng.listening_at is not None:
+            up = int((time.monotonic() - eng.listening_at) / flap) % 2 == 1
+            if up:
+                return web.json_response({"status": "ok"})
+            return web.json_response({"status": "flapping"}, status=503)
         if eng.is_ready():
             return web.json_response({"status": "ok"})
         return web.json_response(
@@ -594,6 +610,7 @@ async def serve(eng: Engine) -> None:
     site = web.TCPSite(runner, opts.host, opts.port)
     await site.start()
     say(f"listening on port {opts.port}")
+    eng.listening_at = time.monotonic()
     eng.ready_at = time.monotonic() + opts.health_503_for
     if opts.health_503_for > 0:
         say(f"warming up for {opts.health_503_for} s (health answers 503)")
@@ -614,6 +631,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-name", default="fake")
     p.add_argument("--boot-delay", type=float, default=0.0)
     p.add_argument("--health-503-for", type=float, default=0.0)
+    p.add_argument("--health-flap", type=float, default=0.0)
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--crash-before-answer", action="store_true")
     p.add_argument("--crash-mid-stream", action="store_true")
@@ -626,6 +644,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--env-dump", default=None)
     p.add_argument("--lazy-load", type=float, default=0.0)
     p.add_argument("--gpu-alloc-gb", type=float, default=0.0)
+    p.add_argument("--chatty", type=int, default=0)
     return p.parse_args(argv)
 
 
