@@ -117,6 +117,7 @@ class Engine:
         self._record = record
         self._on_state = on_state
         self._session = session
+        self._owns_session = False
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._pumps: list[asyncio.Task[None]] = []
@@ -313,21 +314,22 @@ class Engine:
                 await writer.wait_closed()
             return True
         url = self.upstream + "/" + self.cfg.check_endpoint.lstrip("/")
-        session = self._session
-        owned = session is None
-        if session is None:
-            session = aiohttp.ClientSession()
         try:
-            async with session.get(
+            async with self._http().get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as resp:
                 await resp.read()
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
-        finally:
-            if owned:
-                await session.close()
+
+    def _http(self) -> aiohttp.ClientSession:
+        """The session for probes and unload requests: one per engine lifetime, not
+        one per probe (a probe runs every 50 ms while an engine loads)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
 
     # -- exit and stop ---------------------------------------------------------------
 
@@ -387,12 +389,8 @@ class Engine:
         assert self.cfg.unload_request is not None
         path, body = self.cfg.unload_request
         url = self.upstream + "/" + path.lstrip("/")
-        session = self._session
-        owned = session is None
-        if session is None:
-            session = aiohttp.ClientSession()
         try:
-            async with session.post(
+            async with self._http().post(
                 url, data=body, headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
             ) as resp:
@@ -402,9 +400,6 @@ class Engine:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("engine unload request failed", model=self.id, url=url,
                         error=str(exc) or type(exc).__name__)
-        finally:
-            if owned:
-                await session.close()
 
     async def _cleanup_group(self, grace: float) -> None:
         self._stopping = True
@@ -444,3 +439,6 @@ class Engine:
                 task.cancel()
         if self._record is not None and self.pid is not None:
             self._record.remove(self.pid)
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
