@@ -1,0 +1,664 @@
+"""Reliability: load, engine faults, bad input, a fuzzed request parser, swapd's resources.
+
+Everything is checked from the outside: the engines' own start/exit records (tests/fake_engine.py
+--record), what clients receive, and /proc for swapd's file descriptors, threads and children.
+The load test uses the functions of the long soak (`python -m bench.soak`, docs/reliability.md)
+for a few seconds. swapd's own faults (SIGKILL and the reaping restart, SIGHUP with a broken
+config, recipe writes that fail) are in tests/test_operations.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from http.client import HTTPConnection
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench import soak
+from swapd.config import Config, ModelConfig
+from swapd.proxy import BadRequest, multipart_field, rewrite, route_json
+from swapd.scheduler import QueueTimeout
+from tests.conftest import (
+    FAKE_ENGINE,
+    PY,
+    fake_cmd,
+    free_port,
+    http,
+    metric_value,
+    model,
+    multipart,
+    pid_alive,
+    read_records,
+    stream_lines,
+    wait_until,
+)
+from tests.test_scheduler import fake, make, until  # noqa: F401  (make: the scheduler fixture)
+
+CHAT = "/v1/chat/completions"
+
+
+def timed_post(daemon: Any, body: Any, path: str = CHAT) -> tuple[int, Any, float]:
+    t0 = time.monotonic()
+    code, doc = daemon.post(path, body)
+    return code, doc, time.monotonic() - t0
+
+
+def is_openai_error(doc: Any, code: str | None = None) -> bool:
+    ok = isinstance(doc, dict) and set(doc.get("error") or {}) >= {"message", "type", "code"}
+    return ok and (code is None or doc["error"]["code"] == code)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes, read until the server closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            out += b"<timeout>"
+    return out
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+def test_load_over_three_models_loses_nothing(start_swapd, tmp_path):
+    """Twenty clients, five seconds of random traffic over three models: chat, streams, clients
+    that leave mid-stream, bad requests. The engines' records show one tenant at a time; every
+    request got its answer from the right engine within queueTimeout; starts ≤ what the arrival
+    order forces; afterwards swapd's fds, tasks, threads and children are back to baseline."""
+    rec = tmp_path / "records.jsonl"
+    queue_timeout = 15.0
+    daemon = start_swapd(soak.swapd_config(rec, queue_timeout=queue_timeout, faults=False),
+                         env=soak.instrument(tmp_path))
+    pid, dump = daemon.proc.pid, tmp_path / "tasks.jsonl"
+    soak.warm_up(daemon.url, soak.MODELS)
+    baseline = soak.resources(pid)
+    base_tasks = soak.task_names(pid, dump)
+
+    outcomes = asyncio.run(soak.drive(
+        daemon.url, duration=5.0, clients=20, seed=8, mix=soak.Mix(),
+        queue_timeout=queue_timeout, tokens=6))
+
+    status = daemon.status()
+    assert status["queue"] == 0
+    assert all(m["inflight"] == 0 for m in status["models"].values()), status
+    _, tasks, resource_problems = soak.settle(daemon.url, pid, baseline, dump, base_tasks)
+    records = read_records(rec)
+    intervals, record_problems = soak.engine_intervals(records)
+    figures = soak.summary(outcomes)
+    print(json.dumps(figures), f"starts={len(intervals) - 3}",
+          f"forced={soak.forced_starts(outcomes)}", f"fds={baseline.fds}",
+          f"tasks={len(base_tasks)}->{len(tasks)}")
+
+    kinds = collections.Counter(o.kind.split(":")[0] for o in outcomes)
+    assert {"chat", "stream", "cut", "bad"} <= set(kinds), kinds
+    assert figures["requests"] >= 60, figures
+    assert record_problems == []  # every engine exited gracefully and said so
+    assert soak.overlaps(intervals) == []
+    assert soak.judge(outcomes, records, queue_timeout, faults=False) == []
+    starts = len(intervals) - len(soak.MODELS)  # the warm-up started each model once
+    assert 1 <= starts <= soak.forced_starts(outcomes)
+    assert resource_problems == []
+
+
+def test_queue_timeout_is_504_on_time_and_the_start_goes_on(start_swapd, tmp_path):
+    cfg = {"queueTimeout": 1, "models": {
+        "slow": model(fake_cmd("--boot-delay", "2.5", name="slow"))}}
+    daemon = start_swapd(cfg)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        answers = list(pool.map(lambda _: timed_post(daemon, {"model": "slow"}), range(5)))
+    for code, doc, took in answers:
+        assert code == 504 and is_openai_error(doc, "queue_timeout"), doc
+        assert 0.9 <= took < 1.9, took
+    # The engine was not abandoned: it comes up and serves.
+    wait_until(lambda: daemon.status()["models"]["slow"]["state"] == "ready", timeout=10,
+               message="slow engine ready")
+    assert daemon.post(CHAT, {"model": "slow"})[0] == 200
+    assert daemon.status()["models"]["slow"]["inflight"] == 0
+
+
+async def test_grant_in_the_tick_of_the_queue_timeout_is_not_leaked(make):  # noqa: F811
+    """The queue timeout and the grant fire in one pass of a busy loop (timeout first): the
+    request must be served (or refused) without leaking its lease — a leaked lease keeps
+    in-flight at 1 for ever, and the model can then never be swapped out."""
+    sched = make(fake("a"))
+    await sched.load("a")
+    sched.config = dataclasses.replace(sched.config, queue_timeout=0.2)
+    slot = sched._slots["a"]
+    slot.draining = True  # an unload is under way: the next request queues
+    task = asyncio.create_task(sched.acquire("a"))
+    await until(lambda: sched.queued("a") == 1)
+
+    def undrain() -> None:
+        slot.draining = False
+        sched._dispatch()  # grants the queued request
+
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.25, undrain)  # due after the 0.2 s timeout...
+    loop.call_soon(time.sleep, 0.4)  # ...and both run in one pass after this stall
+    try:
+        await task
+    except QueueTimeout:
+        pass
+    else:
+        sched.release("a")
+    assert sched.inflight("a") == 0
+
+
+# -- engine faults ----------------------------------------------------------------------------
+
+
+def test_engine_that_exits_or_hangs_while_starting_fails_fast(start_swapd, tmp_path):
+    rec = tmp_path / "records.jsonl"
+    cfg = {"healthCheckTimeout": 30, "models": {
+        "dies": model(fake_cmd("--crash-after", "0", record=rec, name="dies")),
+        "hangs": model(fake_cmd("--health-503-for", "60", record=rec, name="hangs"),
+                       healthCheckTimeout=1),
+        "ok": model(fake_cmd(record=rec, name="ok")),
+    }}
+    daemon = start_swapd(cfg)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        dies = list(pool.map(lambda _: timed_post(daemon, {"model": "dies"}), range(3)))
+    for code, doc, took in dies:  # every waiter gets the failure, at once
+        assert code == 503 and is_openai_error(doc, "engine_start_failed"), doc
+        assert "exited with code 3" in doc["error"]["message"]
+        assert "simulated crash" in doc["error"]["message"]
+        assert took < 5, took
+    code, doc, took = timed_post(daemon, {"model": "hangs"})
+    assert code == 503 and "not ready after 1s" in doc["error"]["message"], doc
+    assert 0.9 <= took < 3.5, took
+    assert daemon.post(CHAT, {"model": "ok"})[0] == 200  # a failed model blocks nobody
+    hung = [r for r in read_records(rec) if r["model"] == "hangs"]
+    assert [r["event"] for r in hung] == ["start", "exit"]  # stopped, gracefully
+    assert not pid_alive(hung[0]["pid"])
+
+
+HALF_BODY_ENGINE = """
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        data += c.recv(65536)
+    if data.startswith(b"GET /health"):
+        c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
+        c.close()
+        continue
+    # 100 bytes of the 1000 promised, then death.
+    c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n"
+              b"Content-Length: 1000\\r\\n\\r\\n" + b"x" * 100)
+    os._exit(5)
+"""
+
+
+def test_engine_dying_mid_response_ends_the_response_with_an_error(start_swapd, tmp_path):
+    """An event stream gets an OpenAI-shaped error event and ends; a plain body whose
+    status line is gone already is cut (the client sees an incomplete body, never a
+    silently truncated one, never a hang)."""
+    script = tmp_path / "half_body.py"
+    script.write_text(HALF_BODY_ENGINE)
+    restart = {"maxRetries": 5, "backoffInitial": 0.1, "backoffMax": 0.5}
+    cfg = {"models": {
+        "mid": model(fake_cmd("--crash-mid-stream", "--stream-tokens", "6", name="mid"),
+                     restart=restart),
+        "half": model(f"{PY} {script} ${{PORT}}", restart=restart),
+    }}
+    daemon = start_swapd(cfg)
+    for _ in range(2):  # the crash, then the restart and the same again
+        t0 = time.monotonic()
+        lines = [line for line, _ in stream_lines(daemon.url + CHAT,
+                                                  {"model": "mid", "stream": True}, timeout=10)
+                 if line.startswith("data:")]
+        assert time.monotonic() - t0 < 5
+        assert len(lines) == 3, lines  # two tokens, then the error
+        assert is_openai_error(json.loads(lines[-1][5:]), "engine_error"), lines[-1]
+        wait_until(lambda: daemon.status()["models"]["mid"]["state"] != "ready", timeout=5,
+                   message="crash noticed")
+
+    async def plain() -> str:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(daemon.url + CHAT, json={"model": "half"},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                assert resp.status == 200
+                try:
+                    await resp.read()
+                except aiohttp.ClientPayloadError as exc:
+                    return str(exc)
+                return "complete?"
+
+    t0 = time.monotonic()
+    assert "Not enough data" in asyncio.run(plain())
+    assert time.monotonic() - t0 < 5
+    _, scrape = daemon.get("/metrics")
+    assert metric_value(scrape, "swapd_requests_total", model="half", code="502") == 1
+    assert metric_value(scrape, "swapd_requests_total", model="mid", code="502") == 2
+
+
+class Squatter:
+    """Something else holding a port: a bare listener (never answers), or an HTTP server that
+    answers every path with 200."""
+
+    def __init__(self, answers: bool) -> None:
+        self.port = free_port()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        self.conns: list[socket.socket] = []
+        self.served = 0
+        self._stop = False
+        if answers:
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(2)
+                try:
+                    data = conn.recv(65536)
+                    if not data.startswith(b"GET /health"):
+                        self.served += 1
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 17\r\nConnection: close\r\n\r\n"
+                                 b'{"squatter":true}')
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def test_port_already_taken(start_swapd, tmp_path):
+    """A bare squatter: the engine cannot bind and exits; the start fails with its exit code
+    at once (not after a probe's timeout). A squatter that answers /health: swapd takes it
+    for the engine until the engine's exit is seen; then crash backoff applies, the model is
+    answered 503 with Retry-After, and nothing hangs or blocks the other models."""
+    bare, answering = Squatter(answers=False), Squatter(answers=True)
+    try:
+        def on(port: int, name: str) -> dict[str, Any]:
+            cmd = f"{PY} {FAKE_ENGINE} --port {port} --model-name {name}"
+            return {"cmd": cmd, "proxy": f"http://127.0.0.1:{port}",
+                    # backoffMax well above the engine's life (a longer-lived engine's
+                    # crash counts as a fresh one, not as part of a loop).
+                    "restart": {"maxRetries": 1, "backoffInitial": 0.2, "backoffMax": 3.0}}
+
+        cfg = {"healthCheckTimeout": 10, "models": {
+            "bare": on(bare.port, "bare"), "squat": on(answering.port, "squat"),
+            "ok": model(fake_cmd(name="ok"))}}
+        daemon = start_swapd(cfg)
+        code, doc, took = timed_post(daemon, {"model": "bare"})
+        assert code == 503 and "exited with code 1" in doc["error"]["message"], doc
+        assert "address already in use" in doc["error"]["message"]
+        print(f"start on a bare squatter's port failed after {took:.2f}s")
+        assert took < 1.8, f"exit noticed after {took:.2f}s: the hung probe hid it"
+
+        answers = []
+        for _ in range(8):
+            code, doc, _ = timed_post(daemon, {"model": "squat"})
+            answers.append((code, doc.get("error", {}).get("code") if code != 200 else doc))
+            if code == 503:
+                break
+            # Wait until swapd has seen the engine exit (it dies ~0.3 s after "ready").
+            wait_until(lambda: daemon.status()["models"]["squat"]["state"] != "ready",
+                       timeout=5, message="the engine's exit noticed")
+        assert answers[-1] == (503, "engine_start_failed"), answers
+        squat = daemon.status()["models"]["squat"]
+        assert squat["last_exit"]["code"] == 1
+        assert any("address already in use" in line for line in squat["last_exit"]["last_lines"])
+        print(f"squatter answered {answering.served} request(s) before the 503: {answers}")
+        assert daemon.post(CHAT, {"model": "ok"})[0] == 200
+    finally:
+        bare.close()
+        answering.close()
+
+
+def test_flapping_readiness_endpoint(start_swapd, tmp_path):
+    """/health alternating 503 and 200: the first 200 makes it ready; later flaps (swapd does
+    not probe a ready engine) neither restart it nor fail a request."""
+    rec = tmp_path / "records.jsonl"
+    cfg = {"models": {"flappy": model(fake_cmd("--health-flap", "0.3", record=rec,
+                                               name="flappy"))}}
+    daemon = start_swapd(cfg)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda _: daemon.post(CHAT, {"model": "flappy"})[0], range(6)))
+    assert codes == [200] * 6
+    deadline = time.monotonic() + 1.0  # a few flaps more
+    while time.monotonic() < deadline:
+        assert daemon.post(CHAT, {"model": "flappy"})[0] == 200
+    assert [r["event"] for r in read_records(rec)] == ["start", "ready"]
+    assert daemon.status()["models"]["flappy"]["state"] == "ready"
+
+
+CRASH_TWICE = """
+import os, sys
+counter, fake, *args = sys.argv[1:]
+n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+open(counter, "w").write(str(n))
+extra = ["--crash-after", "0"] if n <= 2 else []
+os.execv(sys.executable, [sys.executable, fake, *args, *extra])
+"""
+
+
+def test_crash_loop_backs_off_then_503_then_recovers(start_swapd, tmp_path):
+    """An engine that dies at its first two starts: two failures (the second after the
+    backoff), then 503 with Retry-After while marked failed, then a start that works."""
+    wrapper, counter = tmp_path / "crash_twice.py", tmp_path / "starts"
+    wrapper.write_text(CRASH_TWICE)
+    cmd = f"{PY} {wrapper} {counter} {FAKE_ENGINE} --port ${{PORT}} --model-name loop"
+    cfg = {"models": {"loop": model(cmd, restart={
+        "maxRetries": 1, "backoffInitial": 0.2, "backoffMax": 0.5})}}
+    daemon = start_swapd(cfg)
+    for _ in range(2):
+        code, doc = daemon.post(CHAT, {"model": "loop"})
+        assert code == 503 and "exited with code 3" in doc["error"]["message"], doc
+    assert daemon.status()["models"]["loop"]["state"] == "failed"
+    code, headers, doc = _post_with_headers(daemon.url + CHAT, {"model": "loop"})
+    assert code == 503 and is_openai_error(doc, "engine_start_failed"), doc
+    assert "failed 2 times" in doc["error"]["message"] and int(headers["retry-after"]) >= 1
+    assert counter.read_text() == "2"  # refused without another start
+
+    results: list[int] = []
+
+    def recovered() -> bool:
+        results.append(daemon.post(CHAT, {"model": "loop"})[0])
+        return results[-1] == 200
+
+    wait_until(recovered, timeout=5, interval=0.1, message="recovery after the backoff")
+    assert set(results[:-1]) <= {503} and counter.read_text() == "3"
+    assert daemon.status()["models"]["loop"]["state"] == "ready"
+
+
+def _post_with_headers(url: str, body: Any) -> tuple[int, dict[str, str], Any]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("POST", parts.path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+BAD_BODIES: list[tuple[bytes, int, str]] = [
+    (b"", 400, "bad_json"),
+    (b"{not json", 400, "bad_json"),
+    (b'{"model": "alpha", "messages": [', 400, "bad_json"),  # truncated
+    (b'{"model": "alpha"', 400, "bad_json"),
+    (b'{"model": "\xff\xfe"}', 400, "bad_json"),  # not UTF-8
+    (b"[1, 2]", 400, "bad_json"),
+    (b'"alpha"', 400, "bad_json"),
+    (b"null", 400, "bad_json"),
+    (b"42", 400, "bad_json"),
+    (b"{}", 400, "missing_model"),
+    (b'{"messages": []}', 400, "missing_model"),
+    (b'{"model": 5}', 400, "missing_model"),
+    (b'{"model": null}', 400, "missing_model"),
+    (b'{"model": ["alpha"]}', 400, "missing_model"),
+    (b'{"model": {"id": "alpha"}}', 400, "missing_model"),
+    (b'{"model": ""}', 400, "missing_model"),
+    (b'{"model": "nope"}', 404, "model_not_found"),
+    (b'{"model": "alpha", "pad": "' + b"x" * 5000 + b'"}', 413, "body_too_large"),
+]
+
+
+def test_bad_input_gets_its_error_and_leaves_other_clients_alone(start_swapd, tmp_path):
+    cfg = {"maxBodyBytes": 4096, "models": {
+        "alpha": model(fake_cmd("--stream-tokens", "40", "--token-delay", "0.05",
+                                name="alpha"))}}
+    daemon = start_swapd(cfg)
+    daemon.post("/models/alpha/load")
+    # A good client streaming the whole time (2 s) the bad ones are answered.
+    got: list[str] = []
+    first = threading.Event()
+
+    def good_stream() -> None:
+        for line, _ in stream_lines(daemon.url + CHAT, {"model": "alpha", "stream": True}):
+            if line.startswith("data:"):
+                got.append(line)
+                first.set()
+
+    streamer = threading.Thread(target=good_stream)
+    streamer.start()
+    assert first.wait(10)
+
+    json_ct = {"Content-Type": "application/json"}
+    for body, status, code in BAD_BODIES:
+        got_status, doc = daemon.post(CHAT, body, headers=json_ct)
+        assert (got_status, is_openai_error(doc, code)) == (status, True), (body[:40], doc)
+    # A body past maxBodyBytes without Content-Length (chunked): 413 all the same.
+    conn = HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.request("POST", CHAT, body=iter([b'{"model": "alpha", "x": "', b"y" * 8000, b'"}']),
+                 headers=json_ct, encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413 and is_openai_error(json.loads(resp.read()), "body_too_large")
+    conn.close()
+    # Multipart without `model`, with `model` as a file, without a boundary.
+    wav = {"file": ("a.wav", b"RIFF....", "audio/wav")}
+    for fields, files in (({}, wav), ({}, {"model": ("m.txt", b"alpha", "text/plain")})):
+        body, ctype = multipart(fields, files)
+        code, doc = daemon.post("/v1/audio/transcriptions", body, headers={"Content-Type": ctype})
+        assert code == 400 and is_openai_error(doc, "missing_model"), doc
+    code, doc = daemon.post("/v1/audio/transcriptions", b"x",
+                            headers={"Content-Type": "multipart/form-data"})
+    assert code == 400 and is_openai_error(doc, "missing_model"), doc
+    # A boundary outside latin-1 (UTF-8 on the wire) once made the parser raise: a 500.
+    body = b'--\xc4\x80\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--\xc4\x80--\r\n'
+    answer = raw_request(daemon.port, b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                         b"Connection: close\r\nContent-Type: multipart/form-data; "
+                         b"boundary=\xc4\x80\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head, _, doc_bytes = answer.partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n")[0], answer[:200]
+    assert is_openai_error(json.loads(doc_bytes), "missing_model")
+    # Unknown paths and methods, unknown models under /upstream.
+    for method, path, status in (("GET", "/nope", 404), ("POST", "/v1/nope", 404),
+                                 ("GET", CHAT, 405), ("POST", "/upstream/nope/x", 404)):
+        code, doc = http(method, daemon.url + path, b"" if method == "POST" else None)
+        assert code == status and is_openai_error(doc), (method, path, doc)
+
+    # Malformed HTTP is refused by aiohttp's parser before swapd sees it: 400, connection closed.
+    port = daemon.port
+    for raw in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",  # > 8190
+        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200))
+        + b"\r\n",  # > 128 headers
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line too long
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS to a plain HTTP port
+        b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ):
+        answer = raw_request(port, raw)
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0], answer[:80]
+
+    streamer.join(15)
+    assert got[-1] == "data: [DONE]" and len(got) == 42, got[-3:]  # 40 tokens, final, DONE
+    assert daemon.post(CHAT, {"model": "alpha"})[0] == 200
+
+
+def test_slow_clients_hold_nothing_and_slow_nobody(start_swapd, tmp_path):
+    """Slowloris: connections dribbling half a request line of headers, or half a body. They
+    take no lease (the body is read before a model is asked for), so swaps and other
+    clients go on; once they leave, swapd's fds come back."""
+    cfg = {"models": {"alpha": model(fake_cmd(name="alpha")),
+                      "beta": model(fake_cmd(name="beta"))}}
+    daemon = start_swapd(cfg)
+    for name in ("alpha", "beta"):
+        assert daemon.post(CHAT, {"model": name})[0] == 200
+    assert daemon.post("/unload")[0] == 200
+    baseline = soak.resources(daemon.proc.pid)
+
+    async def scenario() -> list[tuple[str, int, float]]:
+        stop = asyncio.Event()
+        writers = []
+        for i in range(60):
+            _, w = await asyncio.open_connection("127.0.0.1", daemon.port)
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            if i % 2:
+                w.write(b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{")
+            writers.append((w, bool(i % 2)))
+
+        async def dribble() -> None:
+            while not stop.is_set():
+                for w, body in writers:
+                    w.write(b" " if body else b"X-Slow: 1\r\n")
+                await asyncio.sleep(0.1)
+
+        dribbler = asyncio.create_task(dribble())
+        results = []
+        async with aiohttp.ClientSession() as session:
+            for name in ["alpha", "beta"] * 2:  # swaps under slowloris
+                t0 = time.monotonic()
+                async with session.post(daemon.url + CHAT, json={"model": name}) as resp:
+                    doc = await resp.json()
+                    results.append((doc.get("x_served_by", ""), resp.status,
+                                    time.monotonic() - t0))
+        st_ = await asyncio.to_thread(daemon.status)
+        assert st_["queue"] == 0 and all(m["inflight"] == 0 for m in st_["models"].values())
+        assert soak.resources(daemon.proc.pid).fds >= baseline.fds + 60  # all still connected
+        stop.set()
+        await dribbler
+        for w, _ in writers:
+            w.close()
+        return results
+
+    results = asyncio.run(scenario())
+    for name, (served, code, took) in zip(["alpha", "beta"] * 2, results, strict=True):
+        assert (served, code) == (name, 200)
+        assert took < 3.0, results
+    assert daemon.post("/unload")[0] == 200
+    wait_until(lambda: soak.resources(daemon.proc.pid).fds <= baseline.fds + 2, timeout=10,
+               message="swapd's fds back after the slow clients left")
+
+
+# -- the request parser, fuzzed --------------------------------------------------------------
+
+FUZZ_CONFIG = Config(models={
+    "alpha": ModelConfig(id="alpha", cmd=("x",), aliases=("a", "alias/one"),
+                         use_model_name="alpha-upstream",
+                         strip_params=("temperature", "model"),
+                         set_params={"top_k": 5, "model": "ignored"}),
+    "org/beta": ModelConfig(id="org/beta", cmd=("x",)),
+})
+KNOWN = ["alpha", "a", "alias/one", "org/beta"]
+FUZZ = settings(max_examples=300, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12,
+)
+model_names = st.sampled_from(KNOWN) | st.text(max_size=12)
+
+
+def _route(body: bytes) -> tuple[str, Any] | BadRequest:
+    try:
+        cfg, data, _ = route_json(FUZZ_CONFIG, body)
+    except BadRequest as exc:
+        assert exc.status in (400, 404) and exc.message and exc.code, exc
+        return exc
+    return cfg.id, data
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_fuzz_route_json_bytes(body):
+    _route(body)  # never anything but BadRequest
+
+
+@FUZZ
+@given(json_values, st.one_of(st.none(), model_names, json_values))
+def test_fuzz_route_json_documents(doc, name):
+    if isinstance(doc, dict) and name is not None:
+        doc = {**doc, "model": name}
+    body = json.dumps(doc).encode()
+    result = _route(body)
+    if not isinstance(doc, dict):
+        assert isinstance(result, BadRequest) and result.code == "bad_json"
+    elif not isinstance(doc.get("model"), str) or not doc["model"]:
+        assert isinstance(result, BadRequest) and result.code == "missing_model"
+    elif FUZZ_CONFIG.resolve(doc["model"]) is None:
+        assert isinstance(result, BadRequest) and result.status == 404
+    else:
+        assert result == (FUZZ_CONFIG.resolve(doc["model"]).id, doc)  # type: ignore[union-attr]
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.text(max_size=40), st.text(max_size=10))
+def test_fuzz_multipart_field_never_raises(body, boundary, name):
+    for ctype in (f"multipart/form-data; boundary={boundary}", f"multipart/form-data;{boundary}",
+                  f'multipart/form-data; boundary="{boundary}"'):
+        value = multipart_field(body, ctype, name)
+        assert value is None or isinstance(value, str)
+
+
+field_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n-"),
+                     min_size=1, max_size=30)
+
+
+@FUZZ
+@given(field_text, st.dictionaries(st.from_regex(r"[a-z]{1,8}", fullmatch=True), field_text,
+                                   max_size=3), st.binary(max_size=200))
+def test_fuzz_multipart_finds_the_model_field(value, others, payload):
+    body, ctype = multipart({**others, "model": value},
+                            {"file": ("a.bin", payload.replace(b"--swapd", b""), "audio/wav")})
+    assert multipart_field(body, ctype, "model") == value
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=12), json_values, max_size=6), model_names)
+def test_fuzz_rewrite(data, requested):
+    for cfg in FUZZ_CONFIG.models.values():
+        doc = dict(data)
+        changed = rewrite(cfg, doc, requested)
+        upstream = cfg.use_model_name or cfg.id
+        if requested != upstream:
+            assert changed and doc["model"] == upstream
+        assert not any(k in doc for k in cfg.strip_params if k != "model")
+        for key, value in (cfg.set_params or {}).items():
+            if key != "model":
+                assert doc[key] == value
+        json.dumps(doc)  # still serialisable
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc")
+def test_resources_helper_sees_zombies(tmp_path):
+    """The zombie check itself works: a child that exited and was not waited for."""
+    import subprocess
+
+    child = subprocess.Popen([PY, "-c", "pass"])
+    wait_until(lambda: child.pid in soak.resources(os.getpid()).zombies, timeout=5,
+               message="an unreaped child shows as a zombie")
+    child.wait()
+    assert child.pid not in soak.resources(os.getpid()).zombies
