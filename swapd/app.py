@@ -295,7 +295,12 @@ class Daemon:
         self.metrics.attach_sampler(self.sampler)
         self.sampler.start()
         runner = web.AppRunner(
-            self.build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+            self.build_app(),
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=1.0,
+            # aiohttp's default (3630 s) lets a slowloris client hold a socket an hour.
+            keepalive_timeout=75,
         )
         await runner.setup()
         host, port = split_listen(self._listen)

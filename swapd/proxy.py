@@ -386,7 +386,7 @@ class Proxy:
             message = f"engine for model {model!r} failed before answering: {_describe(exc)}"
             log.warning("upstream failed", model=model, error=_describe(exc))
             if prepared is not None:
-                await _sse_error(prepared, message, "engine_error")
+                await _sse_error(prepared, message, "engine_error", path=request.path)
                 return prepared, 502
             return error_response(502, message, code="engine_error"), 502
         complete = False
@@ -430,7 +430,7 @@ class Proxy:
                 # The status line is gone already: an event stream gets an error
                 # event, anything else a cut connection (never a silent truncation).
                 if prepared is not None or sse:
-                    await _sse_error(resp, message, "engine_error")
+                    await _sse_error(resp, message, "engine_error", path=request.path)
                 elif request.transport is not None:
                     request.transport.close()
                 return resp, 502
@@ -480,10 +480,18 @@ def _loading_chunk(model: str, text: str) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-async def _sse_error(resp: web.StreamResponse, message: str, code: str) -> None:
-    body = error_body(message, type="server_error", code=code)
+async def _sse_error(
+    resp: web.StreamResponse, message: str, code: str, *, path: str = ""
+) -> None:
+    if path.startswith("/v1/messages"):
+        # Anthropic's SDKs read an `event: error` with their own error shape; a bare
+        # data line would look like a stream that simply ended.
+        event = {"type": "error", "error": {"type": "api_error", "message": message}}
+        frame = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    else:
+        frame = b"data: " + error_body(message, type="server_error", code=code) + b"\n\n"
     try:
-        await resp.write(b"data: " + body + b"\n\n")
+        await resp.write(frame)
         await resp.write_eof()
     except (ConnectionError, RuntimeError):
         pass

@@ -400,3 +400,13 @@ def test_engine_death_before_body_is_an_openai_502(start_swapd, tmp_path):
     code, body = daemon.post("/v1/chat/completions", {"model": "alpha", "messages": []})
     assert code == 502
     assert body["error"]["code"] == "engine_error" and "alpha" in body["error"]["message"]
+
+
+def test_anthropic_stream_death_ends_with_an_error_event(start_swapd, tmp_path):
+    daemon = start_swapd(two_models(tmp_path, "--crash-mid-stream", "--stream-tokens", "6"))
+    lines = [line for line, _ in stream_lines(daemon.url + "/v1/messages",
+                                              {"model": "alpha", "messages": [], "stream": True,
+                                               "max_tokens": 8})]
+    assert "event: error" in lines
+    data = lines[lines.index("event: error") + 1]
+    assert '"type": "error"' in data and "failed mid-response" in data
