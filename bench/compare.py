@@ -1,0 +1,94 @@
+"""Data-path CPU of swapd at a git revision against the working tree, side by side.
+
+    python -m bench.compare REF [--seconds 5] [--rounds 3]
+
+`REF`'s `swapd/` is extracted (git archive) into a temporary folder and run from there; the
+working tree's swapd runs on both event loops; the bare relay (asyncio) is the yardstick. Every
+contender talks to the same upstream, under the same closed-loop load as `python -m bench`'s
+saturation runs. Prints a Markdown table: how a change to the relay path moved its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+from bench import datapath, procs
+from bench.__main__ import contender, swapd_for
+from bench.datapath import Contender
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    p.add_argument("ref", help="git revision to compare with (e.g. HEAD, a commit)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="swapd-compare-"))
+    old_tree = workdir / "tree"
+    old_tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", args.ref, "swapd"], cwd=procs.ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive, check=True)
+
+    started: list[procs.Server] = []
+    try:
+        up = procs.upstream(workdir).start().wait_http()
+        started.append(up)
+        relay = procs.relay(workdir, up.url, "asyncio").start().wait_http("/health")
+        started.append(relay)
+        old = {}
+        for loop in ("asyncio", "uvloop"):
+            sw = procs.Swapd(
+                f"old-{loop}",
+                workdir / f"old-{loop}",
+                {
+                    "logLevel": "info",
+                    "apiKeys": [procs.API_KEY],
+                    "models": {"m": {"cmd": "sleep 86400", "proxy": up.url, "ttl": 0}},
+                    "hooks": {"on_startup": {"preload": ["m"]}},
+                },
+                loop=loop,
+            )
+            sw.cwd = old_tree
+            sw.start().wait_http()
+            started.append(sw)
+            procs.wait_until(lambda sw=sw: sw.status()["models"]["m"]["state"] == "ready", 30, "m")
+            old[loop] = sw
+        new = {loop: swapd_for(up, workdir, loop) for loop in ("asyncio", "uvloop")}
+        started += new.values()
+        cs = [
+            contender("relay", relay),
+            Contender(
+                "old-asyncio", f"{args.ref}, asyncio", old["asyncio"].url, old["asyncio"].tree
+            ),
+            Contender(
+                "old-uvloop", f"{args.ref}, default loop", old["uvloop"].url, old["uvloop"].tree
+            ),
+            Contender(
+                "new-asyncio", "working tree, asyncio", new["asyncio"].url, new["asyncio"].tree
+            ),
+            Contender("new-uvloop", "working tree, uvloop", new["uvloop"].url, new["uvloop"].tree),
+        ]
+        labels = {c.key: c.label for c in cs}
+        res = datapath.run_saturation(
+            cs, up.process(), datapath.SatSettings(seconds=args.seconds, rounds=args.rounds)
+        )
+        print(f"Load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}\n")
+        print("| workload | contender | req/s | CPU µs/request | × relay |")
+        print("|---|---|---|---|---|")
+        for wl, rows in res.items():
+            b = rows["relay"].cpu / rows["relay"].requests
+            for key, r in rows.items():
+                c = r.cpu / r.requests
+                print(f"| {wl} | {labels[key]} | {r.rps:.0f} | {c * 1e6:.0f} | {c / b:.2f} |")
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()
