@@ -77,7 +77,7 @@ class StreamSettings:
     tokens: int = 64
     # concurrency -> (rounds, requests per stream per round); contenders alternate each round
     levels: dict[int, tuple[int, int]] = field(
-        default_factory=lambda: {1: (8, 3), 16: (8, 1), 64: (6, 1)}
+        default_factory=lambda: {1: (8, 3), 16: (10, 1), 64: (10, 1)}
     )
 
 
@@ -86,6 +86,7 @@ class StreamRow:
     stats: load.StreamStats
     cpu: float  # the contender's own CPU seconds
     upstream_cpu: float
+    rounds: list[load.StreamStats] = field(default_factory=list)  # each round's own
 
     @property
     def tokens_per_s(self) -> float:
@@ -119,7 +120,15 @@ async def _stream_level(
                 row.cpu += cpu_seconds(procs) - cpu0
                 row.upstream_cpu += cpu_seconds([upstream]) - up0
                 row.stats.add(st)
+                row.rounds.append(st)
     return rows
+
+
+def paired(a: StreamRow, b: StreamRow, q: float) -> float:
+    """Median over rounds of (a's TTFB percentile q − b's) in the same round: contenders run
+    back to back in each round, so a burst of load from elsewhere hits both or neither."""
+    diffs = [pct(x.ttfb, q) - pct(y.ttfb, q) for x, y in zip(a.rounds, b.rounds, strict=True)]
+    return statistics.median(diffs) if diffs else float("nan")
 
 
 def run_streams(
