@@ -104,7 +104,9 @@ def swapd_for(upstream: procs.Server, workdir: Path, loop: str) -> procs.Swapd:
         loop=loop,
     )
     sw.start().wait_http()
-    procs.wait_until(lambda: sw.status()["models"]["m"]["state"] == "ready", 30, "model m ready")
+    procs.wait_until(
+        lambda: sw.status()["models"]["m"]["state"] == "ready", 30, message="model m ready"
+    )
     return sw
 
 

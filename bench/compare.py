@@ -56,7 +56,9 @@ def main() -> None:
             sw.cwd = old_tree
             sw.start().wait_http()
             started.append(sw)
-            procs.wait_until(lambda sw=sw: sw.status()["models"]["m"]["state"] == "ready", 30, "m")
+            procs.wait_until(
+                lambda sw=sw: sw.status()["models"]["m"]["state"] == "ready", 30, message="m"
+            )
             old[loop] = sw
         new = {loop: swapd_for(up, workdir, loop) for loop in ("asyncio", "uvloop")}
         started += new.values()

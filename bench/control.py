@@ -296,7 +296,9 @@ def loading(workdir: Path, seconds: float = 6.0) -> Idle:
 
         loader = threading.Thread(target=load)
         loader.start()
-        wait_until(lambda: sw.status()["models"]["m"]["state"] == "starting", 10, "starting")
+        wait_until(
+            lambda: sw.status()["models"]["m"]["state"] == "starting", 10, message="starting"
+        )
         time.sleep(1.0)  # past the spawn
         p = sw.process()
         (cpu0, runs0), t0 = schedstat(p.pid), time.monotonic()

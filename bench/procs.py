@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -20,40 +17,11 @@ from typing import Any
 import psutil
 import yaml
 
+from tests.conftest import free_port, port_block, wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 API_KEY = "bench-key"
-
-
-def port_block(n: int = 1) -> int:
-    """The first of `n` free ports below the kernel's ephemeral range (where no client
-    connection takes one meanwhile), picked at random: other swapds on this machine (test
-    suites) must not meet ours."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(max(1024, low - 12000), low - n)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no block of free ports")
-
-
-def free_port() -> int:
-    return port_block(1)
-
-
-def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -137,7 +105,7 @@ class Server:
                 raise RuntimeError(f"{self.name} exited: {self.log()[-2000:]}")
             return http_get(self.url + path)[0] == 200
 
-        wait_until(up, timeout, f"{self.name} to answer {path}")
+        wait_until(up, timeout, message=f"{self.name} to answer {path}")
         return self
 
     def log(self) -> str:

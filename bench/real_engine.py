@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "examples" / "cpu_llama_server.py"
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

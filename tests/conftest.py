@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -51,7 +52,9 @@ def free_port() -> int:
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    """Poll `condition` until it returns something truthy (returned); fail after `timeout`.
+
+    For a test on the event loop use `wait_until_async`: this one blocks the thread."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -60,6 +63,19 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+async def wait_until_async(condition: Callable[[], Any], timeout: float = 10.0,
+                           interval: float = 0.01, message: str = "condition") -> Any:
+    """`wait_until` for coroutines: the loop keeps running between polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
 
 
 def pid_alive(pid: int) -> bool:

@@ -7,46 +7,17 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-FAKE = Path(__file__).with_name("fake_engine.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); look at its state
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
+from tests.conftest import FAKE_ENGINE as FAKE
+from tests.conftest import free_port, pid_alive, wait_until_async
 
 
 class Fake:
@@ -305,7 +276,7 @@ async def test_ignore_sigterm_and_grandchild(
 
         fake.kill_group()
         assert await fake.wait_exit() == -signal.SIGKILL
-        assert await wait_until(lambda: not pid_alive(gpid))
+        await wait_until_async(lambda: not pid_alive(gpid), message="grandchild gone")
     grand = [e for e in read_record(rec) if e["event"] == "grandchild"]
     assert grand[0]["child"] == gpid
 

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -18,17 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from swapd import logs
 from swapd.logs import ENGINES, LogHub, configure_logging, log_routes, parse_level
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
+from tests.conftest import wait_until_async
 
 # -- ring buffers -----------------------------------------------------------------------------
 
@@ -136,7 +126,7 @@ async def test_hub_close_ends_iteration() -> None:
         return [line async for line in sub]
 
     task = asyncio.create_task(collect())
-    await wait_until(lambda: sub._waiter is not None)
+    await wait_until_async(lambda: sub._waiter is not None)
     hub.close()
     assert await asyncio.wait_for(task, 5) == ["last"]
     assert hub.subscriber_count() == 0
@@ -194,10 +184,10 @@ async def test_stream_all_sends_history_then_live_lines(
         assert resp.headers["Cache-Control"] == "no-cache"
         assert resp.content_type == "text/plain"
         assert [await read_line(resp), await read_line(resp)] == ["[swapd] one", "[m1] two"]
-        await wait_until(lambda: hub.subscriber_count() == 1)
+        await wait_until_async(lambda: hub.subscriber_count() == 1)
         hub.append("m2", "three")
         assert await read_line(resp) == "[m2] three"
-    await wait_until(lambda: hub.subscriber_count() == 0)
+    await wait_until_async(lambda: hub.subscriber_count() == 0)
 
 
 async def test_stream_one_model(
@@ -209,7 +199,7 @@ async def test_stream_one_model(
     async with client.get("/logs/stream/m1") as resp:
         assert resp.status == 200
         assert await read_line(resp) == "m1 old"
-        await wait_until(lambda: hub.subscriber_count() == 1)
+        await wait_until_async(lambda: hub.subscriber_count() == 1)
         hub.append("m2", "not mine")
         hub.append("swapd", "engine ready", also="m1")
         hub.append("m1", "m1 new")
@@ -224,7 +214,7 @@ async def test_stream_known_model_without_lines_and_no_history(
     hub.append("m2", "history")
     async with client.get("/logs/stream/m2?no-history") as resp:
         assert resp.status == 200
-        await wait_until(lambda: hub.subscriber_count() == 1)
+        await wait_until_async(lambda: hub.subscriber_count() == 1)
         hub.append("m2", "live")
         assert await read_line(resp) == "live"
 
@@ -258,9 +248,9 @@ async def test_stream_ends_when_client_disconnects_while_idle(
 ) -> None:
     hub, client = hub_client
     resp = await client.get("/logs/stream")
-    await wait_until(lambda: hub.subscriber_count() == 1)
+    await wait_until_async(lambda: hub.subscriber_count() == 1)
     resp.close()  # no line flows: the handler must notice by itself
-    await wait_until(lambda: hub.subscriber_count() == 0)
+    await wait_until_async(lambda: hub.subscriber_count() == 0)
 
 
 async def test_stream_ends_at_hub_close(
@@ -268,7 +258,7 @@ async def test_stream_ends_at_hub_close(
 ) -> None:
     hub, client = hub_client
     async with client.get("/logs/stream/m1") as resp:
-        await wait_until(lambda: hub.subscriber_count() == 1)
+        await wait_until_async(lambda: hub.subscriber_count() == 1)
         hub.append("m1", "bye")
         hub.close()
         assert await asyncio.wait_for(resp.text(), 5) == "bye\n"
