@@ -21,6 +21,7 @@ can play each of their awkward behaviours:
 --token-delay S         delay before each token chunk (default 0)
 --record FILE           append JSON lines {"event", "pid", "model", "t"}: events "start",
                         "grandchild" (with "child": pid), "ready" and "exit"
+--record-probes         with --record: also "health" (with "status") for each GET /health
 --exit-on-sigterm-delay S  on SIGTERM, wait S seconds, then exit 0
 --env-dump FILE         write os.environ as JSON at startup
 --lazy-load S           the first POST under /v1/ waits S seconds (loading the model) before it
@@ -264,6 +265,12 @@ def build_app(eng: Engine) -> web.Application:
         return resp
 
     async def health(request: web.Request) -> web.Response:
+        resp = health_answer()
+        if opts.record_probes:
+            eng.record("health", status=resp.status)
+        return resp
+
+    def health_answer() -> web.Response:
         flap = opts.health_flap
         if flap > 0 and eng.listening_at is not None:
             up = int((time.monotonic() - eng.listening_at) / flap) % 2 == 1
@@ -640,6 +647,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-tokens", type=int, default=5)
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--record", default=None)
+    p.add_argument("--record-probes", action="store_true")
     p.add_argument("--exit-on-sigterm-delay", type=float, default=0.0)
     p.add_argument("--env-dump", default=None)
     p.add_argument("--lazy-load", type=float, default=0.0)

@@ -26,6 +26,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from swapd.gpu import GpuSample, Sample, Sampler, group_rss, read_meminfo
+from swapd.metrics import Metrics
 from tests.conftest import wait_until
 
 # -- the fake pynvml -------------------------------------------------------------------------
@@ -516,21 +517,34 @@ def test_the_thread_survives_a_failing_groups_callable(sampler_cleanup: list[Sam
     assert len(events(logs, "process groups")) == 1
 
 
-def test_latest_never_waits_for_a_hung_nvml_call(sampler_cleanup: list[Sampler]) -> None:
+def test_a_scrape_never_waits_for_a_hung_nvml_call(sampler_cleanup: list[Sampler]) -> None:
+    """A driver call that hangs must not hang `/metrics`: the scrape renders the last
+    published sample while the sampler's thread is still stuck in NVML."""
     release = threading.Event()
     device = FakeDevice(block=release)
-    sampler = Sampler(Groups(), interval=0.005, nvml=make_nvml([device]))
+    nvml = make_nvml([device])
+    sampler = Sampler(Groups(), interval=0.005, nvml=nvml)
     sampler_cleanup.append(sampler)
+    metrics = Metrics()
+    metrics.attach_sampler(sampler)
     sampler.start()
+    scraped: list[str] = []
     try:
         assert device.entered.wait(10), "the sampler never called NVML"
-        t0 = time.monotonic()
-        latest = sampler.latest()
-        assert time.monotonic() - t0 < 0.1
-        assert latest.gpus == ()  # the pass in progress has not been published
+        calls = len(nvml.calls)
+        scrape = threading.Thread(
+            target=lambda: scraped.append(metrics.render()[0].decode()), daemon=True
+        )
+        scrape.start()
+        # Order of events: the scrape is done while NVML is still blocked.
+        wait_until(lambda: scraped, message="a scrape during the hung NVML call")
+        assert not release.is_set()
+        assert len(nvml.calls) == calls, "the scrape called NVML itself"
+        assert "swapd_gpu_memory_used_bytes{" not in scraped[0]  # nothing published yet
     finally:
         release.set()
     wait_until(lambda: len(sampler.latest().gpus) == 1, message="sample after release")
+    assert "swapd_gpu_memory_used_bytes{" in metrics.render()[0].decode()
 
 
 def test_stop_without_a_thread_shuts_nvml_down_and_sampling_can_resume() -> None:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from structlog.testing import capture_logs
 
 from swapd import orphans
 from swapd.orphans import OwnedGroups, is_same_process, reap_leftovers
+from tests.conftest import wait_until
 
 SLEEPER = "import time; time.sleep(60)"
 # Ignores SIGTERM, and says so only once the handler is in place.
@@ -74,15 +74,6 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not gone(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def load(state: Path) -> dict[str, Any]:
@@ -150,8 +141,16 @@ def test_unwritable_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> 
     blocker.write_text("")
     owned = OwnedGroups(blocker / "state")  # mkdir fails even for root
     proc = spawn(SLEEPER)
-    owned.add("alpha", proc.pid, proc.pid)
+    with capture_logs() as logs:
+        owned.add("alpha", proc.pid, proc.pid)  # must not raise
+    # The failure is said once, and the group is still tracked in memory.
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "cannot write engine record"
+    ]
+    assert [r["pid"] for r in owned.records()] == [proc.pid]
     owned.remove(proc.pid)
+    assert owned.records() == []
+    assert blocker.read_text() == ""  # nothing written over the file in the way
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
@@ -162,8 +161,13 @@ def test_read_only_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> N
     try:
         owned = OwnedGroups(state)
         proc = spawn(SLEEPER)
-        owned.add("alpha", proc.pid, proc.pid)
+        with capture_logs() as logs:
+            owned.add("alpha", proc.pid, proc.pid)  # must not raise
+        assert any(e["event"] == "cannot write engine record" for e in logs)
+        assert [r["pid"] for r in owned.records()] == [proc.pid]
+        assert list(state.iterdir()) == []
         owned.remove(proc.pid)
+        assert owned.records() == []
     finally:
         state.chmod(0o700)
 
@@ -207,7 +211,7 @@ async def test_reaps_grandchildren_after_the_leader_exited(tmp_path: Path, spawn
     reaped = await reap_leftovers(tmp_path, grace=5.0)
 
     assert [(r["model"], r["pgid"], r["gone"]) for r in reaped] == [("vllm", leader.pid, True)]
-    assert wait_gone(grandchild)
+    wait_until(lambda: gone(grandchild), message="grandchild reaped")
 
 
 async def test_sigkill_when_sigterm_is_ignored(tmp_path: Path, spawn: Spawner) -> None:
