@@ -105,7 +105,6 @@ class Engine:
         sink: LineSink | None = None,
         record: GroupRecord | None = None,
         on_state: Callable[[Engine], None] | None = None,
-        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.cfg = cfg
         self.state = EngineState.STOPPED
@@ -116,8 +115,7 @@ class Engine:
         self._sink = sink
         self._record = record
         self._on_state = on_state
-        self._session = session
-        self._owns_session = False
+        self._session: aiohttp.ClientSession | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._pumps: list[asyncio.Task[None]] = []
@@ -328,7 +326,6 @@ class Engine:
         one per probe (a probe runs every 50 ms while an engine loads)."""
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
-            self._owns_session = True
         return self._session
 
     # -- exit and stop ---------------------------------------------------------------
@@ -439,6 +436,6 @@ class Engine:
                 task.cancel()
         if self._record is not None and self.pid is not None:
             self._record.remove(self.pid)
-        if self._owns_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
             self._session = None

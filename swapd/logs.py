@@ -120,9 +120,6 @@ class Subscription:
         self._hub._unsubscribe(self)
         self._wake()
 
-    async def aclose(self) -> None:
-        self.close()
-
     def __aiter__(self) -> Subscription:
         return self
 

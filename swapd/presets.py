@@ -39,9 +39,6 @@ class Preset:
     env_remove: tuple[str, ...] = ()
     # POSTed to the engine before it is signalled (best effort); the body names the model.
     unload_path: str | None = None
-    # For people: `swapd check` and docs/recipes.md.
-    readiness: str = ""
-    stop: str = ""
 
     def unload_request(self, model_name: str) -> tuple[str, str] | None:
         """(path, JSON body) to send before stopping, or None."""
@@ -49,8 +46,6 @@ class Preset:
             return None
         return self.unload_path, json.dumps({"model": model_name, "keep_alive": 0})
 
-
-_GROUP_STOP = "SIGTERM to the process group, SIGKILL to what is left after the grace"
 
 PRESETS: dict[EngineKind, Preset] = {
     EngineKind.VLLM: Preset(
@@ -62,8 +57,6 @@ PRESETS: dict[EngineKind, Preset] = {
         # A VLLM_PORT inherited from elsewhere (a service named `vllm` in Kubernetes sets
         # VLLM_PORT=tcp://...) is read by vLLM as its internal port and breaks start-up.
         env_remove=("VLLM_PORT", *_PY_REMOVE),
-        readiness="the port opens only once the model is loaded, then GET /health → 200",
-        stop=f"{_GROUP_STOP} (API server, EngineCore and workers together)",
     ),
     EngineKind.LLAMA_CPP: Preset(
         engine=EngineKind.LLAMA_CPP,
@@ -74,8 +67,6 @@ PRESETS: dict[EngineKind, Preset] = {
         # out: a stray LLAMA_ARG_MODEL or LLAMA_ARG_PORT in swapd's environment would change
         # every recipe at once. Put them in the recipe's `env` if they are meant.
         env_remove=("LLAMA_ARG_*",),
-        readiness="GET /health answers 503 while the model loads, then 200",
-        stop=f"{_GROUP_STOP} (one process)",
     ),
     EngineKind.SGLANG: Preset(
         engine=EngineKind.SGLANG,
@@ -84,8 +75,6 @@ PRESETS: dict[EngineKind, Preset] = {
         unload_timeout=30.0,
         env=_PY_ENV,
         env_remove=_PY_REMOVE,
-        readiness="GET /health answers 503 until the model is loaded and warmed up, then 200",
-        stop=f"{_GROUP_STOP} (tokenizer, scheduler and detokenizer processes together)",
     ),
     EngineKind.TRTLLM: Preset(
         engine=EngineKind.TRTLLM,
@@ -94,8 +83,6 @@ PRESETS: dict[EngineKind, Preset] = {
         unload_timeout=30.0,
         env=_PY_ENV,
         env_remove=_PY_REMOVE,
-        readiness="GET /health → 200 once trtllm-serve has loaded the model",
-        stop=f"{_GROUP_STOP} (MPI worker processes together)",
     ),
     EngineKind.OLLAMA: Preset(
         engine=EngineKind.OLLAMA,
@@ -115,8 +102,6 @@ PRESETS: dict[EngineKind, Preset] = {
         # an OLLAMA_HOST meant for the ollama CLI must not move the server elsewhere.
         env_remove=("OLLAMA_HOST",),
         unload_path="/api/generate",
-        readiness="GET / → 200 as soon as the server is up; the model loads on first request",
-        stop="POST /api/generate {model, keep_alive: 0} (unload), then " + _GROUP_STOP,
     ),
 }
 

@@ -228,11 +228,6 @@ class Proxy:
 
     async def _route(self, request: web.Request) -> Routed:
         config = self._config()
-        if request.method == "GET":
-            name = request.query.get("model")
-            if not name:
-                raise BadRequest(400, "query parameter 'model' is required", "missing_model")
-            return Routed(find_model(config, name), b"", False)
         body = await read_body(request, config.max_body_bytes)
         ctype = request.headers.get("Content-Type", "")
         if ctype.lower().startswith("multipart/form-data"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Mapping
 
 import structlog
@@ -60,11 +59,6 @@ def notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
 def ready(status: str | None = None) -> bool:
     """READY=1, with an optional STATUS= in the same datagram."""
     return notify("READY=1" if status is None else f"READY=1\nSTATUS={status}")
-
-
-def reloading() -> bool:
-    """RELOADING=1 before a config reload (send ready() when done)."""
-    return notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
 
 def stopping() -> bool:

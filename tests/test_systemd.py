@@ -52,13 +52,6 @@ def test_ready_stopping_status(notify_socket: socket.socket) -> None:
     assert notify_socket.recv(4096) == b"STOPPING=1"
 
 
-def test_reloading_carries_monotonic_time(notify_socket: socket.socket) -> None:
-    assert systemd.reloading()
-    lines = notify_socket.recv(4096).decode().split("\n")
-    assert lines[0] == "RELOADING=1"
-    assert lines[1].startswith("MONOTONIC_USEC=") and int(lines[1].split("=")[1]) > 0
-
-
 async def test_watchdog_loop_pings_until_cancelled(notify_socket: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     notify_socket.setblocking(False)
