@@ -40,12 +40,16 @@ def recipe(n_ctx: int, **extra: object) -> dict[str, object]:
     }
 
 
-def engine_pids() -> list[int]:
-    """Every llama.cpp server process on this machine, seen from /proc, not swapd."""
+def engine_pids(cwd: Path) -> list[int]:
+    """The llama.cpp server processes started in `cwd` (this test's swapd runs there, and
+    its engines, wherever they moved, inherit it), seen from /proc, not swapd. Other test
+    runs on the machine have engines of their own."""
     out = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
         cmd = proc.info.get("cmdline") or []
-        if any("llama_cpp.server" in part or "cpu_llama_server" in part for part in cmd):
+        if proc.info.get("cwd") == str(cwd) and any(
+            "llama_cpp.server" in part or "cpu_llama_server" in part for part in cmd
+        ):
             out.append(proc.info["pid"])
     return out
 
@@ -53,14 +57,15 @@ def engine_pids() -> list[int]:
 class OverlapWatch:
     """Samples /proc every few ms; records the most engines alive at one instant."""
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
         self.most = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.most = max(self.most, len(engine_pids()))
+            self.most = max(self.most, len(engine_pids(self.cwd)))
             time.sleep(0.005)
 
     def __enter__(self) -> OverlapWatch:
@@ -76,7 +81,7 @@ def metric(daemon, name: str, **labels: str) -> float:  # type: ignore[no-untype
     return metric_value(daemon.get("/metrics")[1], name, **labels)
 
 
-def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
+def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd, tmp_path):
     daemon = start_swapd(
         {
             "healthCheckTimeout": 300,
@@ -87,7 +92,7 @@ def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
         }
     )
     client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="none", max_retries=0, timeout=300)
-    assert engine_pids() == []
+    assert engine_pids(tmp_path) == []
 
     # Cold start and a real completion with tokens.
     chat = client.chat.completions.create(
@@ -117,7 +122,7 @@ def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
     assert len(pieces) >= 2
 
     # A swap: the first engine's whole group is gone before the second exists.
-    with OverlapWatch() as watch:
+    with OverlapWatch(tmp_path) as watch:
         swapped = client.completions.create(model="large", prompt="The sky is", max_tokens=4)
     assert swapped.choices[0].text is not None
     assert watch.most == 1, "two llama.cpp engines were alive at the same instant"
@@ -137,4 +142,4 @@ def test_real_llama_cpp_cold_start_stream_swap_and_idle(start_swapd):
     assert daemon.get("/running")[1]["running"] == []
     assert metric(daemon, 'swapd_engine_stops_total', model="large", reason="idle") == 1
     assert metric(daemon, 'swapd_requests_total', model="small", code="200") == 2
-    assert engine_pids() == []
+    assert engine_pids(tmp_path) == []
