@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from swapd import __version__
 from swapd.config import ConfigError, LoadResult, format_check, load_config
+from swapd.redact import redact_text
 
 EXIT_OK = 0
 EXIT_BAD_CONFIG = 2
@@ -118,12 +119,13 @@ def _status(url: str, admin_key: str | None, raw: bool) -> int:
         with urllib.request.urlopen(request, timeout=10) as resp:
             doc = json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"swapd: cannot read {url}/status: {exc}", file=sys.stderr)
+        print(redact_text(f"swapd: cannot read {url}/status: {exc}"), file=sys.stderr)
         return 1
     if raw:
-        print(json.dumps(doc, indent=2))
+        # An older swapd may not mask its answer: mask it here too.
+        print(redact_text(json.dumps(doc, indent=2)))
         return EXIT_OK
-    print(format_status(doc))
+    print(redact_text(format_status(doc)))
     return EXIT_OK
 
 

@@ -69,9 +69,11 @@ class StartError(Exception):
         self.reason = reason
         self.exit_code = exit_code
         self.tail = tail
+        # The engine's own lines stay out of the message: API clients see it, and an engine
+        # may print anything (its key, a token in a URL). They are in /logs (admin).
         message = f"model {model!r} failed to start: {reason}"
         if tail:
-            message += "; last output: " + " | ".join(tail[-5:])
+            message += f"; its output is in GET /logs/stream/{model}"
         super().__init__(message)
 
 

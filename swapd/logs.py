@@ -28,6 +28,8 @@ from typing import Any, Final, TextIO
 import structlog
 from aiohttp import web
 
+from swapd.redact import clean_line, redact_text
+
 SWAPD: Final = "swapd"
 """The source name of swapd's own log lines."""
 
@@ -47,7 +49,8 @@ def _clip(line: str) -> str:
     if len(line) > MAX_LINE_CHARS:
         extra = len(line) - MAX_LINE_CHARS
         line = f"{line[:MAX_LINE_CHARS]}... ({extra} more characters)"
-    return line
+    # What /logs* serve: no terminal escapes or NUL from an engine, no secret.
+    return clean_line(line)
 
 
 class Subscription:
@@ -355,6 +358,24 @@ def _resolve_exc_info(_: Any, __: str, ed: MutableMapping[str, Any]) -> MutableM
     return ed
 
 
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    return value
+
+
+def _redact_event(_: Any, __: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: every string in the event masked (journald and the hub both get this)."""
+    for key, value in ed.items():
+        if key not in ("exc_info", "_hub", "_record", "_from_structlog"):
+            ed[key] = _redact_value(value)
+    return ed
+
+
 class _HubTee:
     """Formatter processor: copies each event, as one plain line, into the hub."""
 
@@ -409,7 +430,8 @@ def configure_logging(
         timestamper,
     ]
     final: list[structlog.typing.Processor] = [
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _redact_event,
     ]
     if hub is not None:
         final.append(_HubTee(hub))

@@ -152,7 +152,12 @@ def test_start_failure_reports_exit_code_and_last_lines(start_swapd, tmp_path):
     code, body = daemon.post("/v1/chat/completions", {"model": "alpha", "messages": []})
     assert code == 503
     msg = body["error"]["message"]
-    assert "exited with code 3" in msg and "simulated crash" in msg
+    # The client learns the exit code; the engine's own lines are for the operator (/logs).
+    assert "exited with code 3" in msg and "/logs/stream/alpha" in msg
+    assert "simulated crash" not in msg
+    assert "simulated crash" in daemon.get("/logs")[1]
+    last = daemon.status()["models"]["alpha"]["last_exit"]
+    assert any("simulated crash" in line for line in last["last_lines"])
     # A failed model never blocks the others.
     assert daemon.post("/v1/chat/completions", {"model": "beta", "messages": []})[0] == 200
 
