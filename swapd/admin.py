@@ -5,8 +5,8 @@ Handlers ask the scheduler to act; they never hold an engine themselves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +20,18 @@ from swapd import __version__
 from swapd.config import Config, ConfigError, load_model_entry
 from swapd.errors import error_response
 from swapd.files import write_atomic
-from swapd.redact import redact_argv
+from swapd.proxy import BadRequest, bad_request, read_body
+from swapd.recipes import (
+    MAX_RECIPE_BYTES,
+    RecipeError,
+    body_kind,
+    existing,
+    parse_body,
+    read_entry,
+    recipe_path,
+    render,
+)
+from swapd.redact import clean_line, redact_argv, redact_text
 from swapd.scheduler import Scheduler, SchedulerError
 
 log = structlog.get_logger("swapd.admin")
@@ -42,7 +53,7 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
             else None,
             "inflight": scheduler.inflight(engine.id),
             "queued": scheduler.queued(engine.id),
-            "upstream": engine.upstream,
+            "upstream": redact_text(engine.upstream),
             "gpu": engine.cfg.gpu,
             "ttl": engine.cfg.ttl,
             "last_exit": None
@@ -50,7 +61,7 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
             else {
                 "code": exit_info.code,
                 "at": exit_info.at,
-                "last_lines": list(exit_info.tail[-5:]),
+                "last_lines": [clean_line(line) for line in exit_info.tail[-5:]],
             },
         }
     return {
@@ -67,6 +78,8 @@ class Admin:
         self._scheduler = scheduler
         self._config = config
         self._reload = reload
+        # One recipe write at a time: check, write and reload must not interleave.
+        self._recipe_lock = asyncio.Lock()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -95,7 +108,7 @@ class Admin:
                     "model": engine.id,
                     "state": str(engine.state),
                     "cmd": " ".join(redact_argv(engine.cfg.cmd)),
-                    "proxy": engine.upstream,
+                    "proxy": redact_text(engine.upstream),
                     "ttl": engine.cfg.ttl,
                     "name": engine.cfg.name or "",
                     "description": engine.cfg.description or "",
@@ -147,77 +160,86 @@ class Admin:
 
     # -- recipes ---------------------------------------------------------------------
 
-    def _recipe_dir(self) -> Path | None:
-        config = self._config()
-        if not config.include:
-            return None
-        pattern = Path(config.include)
-        if not pattern.is_absolute() and config.source:
-            pattern = Path(config.source).parent / pattern
-        return pattern.parent
-
-    def _recipe_path(self, recipe_id: str) -> Path | web.Response:
-        folder = self._recipe_dir()
-        if folder is None:
-            return error_response(
-                409,
-                "recipes need an `include` glob in the config (e.g. include: recipes/*.yaml)",
-                code="no_include",
-            )
-        if "/" in recipe_id or recipe_id.startswith(".") or not recipe_id:
-            return error_response(400, f"invalid recipe id {recipe_id!r}", code="invalid_id")
-        return folder / f"{recipe_id}.yaml"
+    def _recipe(self, request: web.Request) -> tuple[str, Path]:
+        recipe_id = request.match_info["id"]
+        return recipe_id, recipe_path(self._config(), recipe_id)
 
     async def get_recipe(self, request: web.Request) -> web.Response:
-        recipe_id = request.match_info["id"]
-        path = self._recipe_path(recipe_id)
-        if isinstance(path, web.Response):
-            return path
         try:
-            text = path.read_text(encoding="utf-8")
+            recipe_id, path = self._recipe(request)
+            entry = await asyncio.to_thread(read_entry, path, recipe_id)
+        except RecipeError as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
         except FileNotFoundError:
-            return error_response(404, f"no recipe {recipe_id!r}", code="recipe_not_found")
-        data = yaml.safe_load(text) or {}
-        entry = (data.get("models") or {}).get(recipe_id, {})
+            entry = None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+            return error_response(
+                500, f"recipe file cannot be read: {exc}", code="bad_recipe_file"
+            )
+        if entry is None:
+            return error_response(
+                404, f"no recipe {request.match_info['id']!r}", code="recipe_not_found"
+            )
         if "json" in request.headers.get("Accept", ""):
             return web.json_response(entry)
         return web.Response(
             text=yaml.safe_dump(entry, sort_keys=False), content_type="application/yaml"
         )
 
-    async def put_recipe(self, request: web.Request) -> web.Response:
-        recipe_id = request.match_info["id"]
-        path = self._recipe_path(recipe_id)
-        if isinstance(path, web.Response):
-            return path
-        raw = await request.read()
+    async def put_recipe(self, request: web.Request) -> web.StreamResponse:
+        config = self._config()
         try:
-            if request.content_type == "application/json":
-                entry = json.loads(raw)
-            else:
-                entry = yaml.safe_load(raw)
-        except (ValueError, yaml.YAMLError) as exc:
-            return error_response(400, f"recipe body does not parse: {exc}", code="bad_recipe")
+            recipe_id, path = self._recipe(request)
+            kind = body_kind(request.headers.get("Content-Type", ""))
+        except RecipeError as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
         try:
-            load_model_entry(recipe_id, entry, self._config())
+            raw = await read_body(request, MAX_RECIPE_BYTES, config.body_timeout)
+        except BadRequest as exc:
+            return await bad_request(request, exc)
+
+        def check() -> Any:
+            # Off the event loop: /health and requests in flight keep their pace meanwhile.
+            entry = parse_body(raw, kind)
+            load_model_entry(recipe_id, entry, config)
+            return entry
+
+        try:
+            entry = await asyncio.to_thread(check)
+        except RecipeError as exc:
+            return error_response(exc.status, exc.message, code=exc.code)
         except ConfigError as exc:
             return error_response(400, str(exc), code="invalid_recipe")
-        text = yaml.safe_dump({"models": {recipe_id: entry}}, sort_keys=False)
-        try:
-            previous = path.read_bytes() if path.exists() else None
-            write_atomic(path, text.encode())
-        except OSError as exc:
-            log.error("recipe write failed", recipe=recipe_id, error=str(exc))
-            return error_response(
-                507 if exc.errno == 28 else 500,
-                f"could not write recipe {recipe_id!r}: {exc.strerror or exc}",
-                code="recipe_write_failed",
-            )
-        try:
-            changes = await self._reload(f"recipe {recipe_id} written")
-        except ConfigError as exc:
-            self._restore(path, previous)
-            return error_response(400, str(exc), code="invalid_recipe")
+        async with self._recipe_lock:
+            try:
+                previous = await asyncio.to_thread(existing, path)
+                await asyncio.to_thread(write_atomic, path, render(recipe_id, entry))
+            except RecipeError as exc:
+                return error_response(exc.status, exc.message, code=exc.code)
+            except OSError as exc:
+                log.error("recipe write failed", recipe=recipe_id, error=str(exc))
+                return error_response(
+                    507 if exc.errno == 28 else 500,
+                    f"could not write recipe {recipe_id!r}: {exc.strerror or exc}",
+                    code="recipe_write_failed",
+                )
+            try:
+                changes = await self._reload(f"recipe {recipe_id} written")
+            except ConfigError as exc:
+                self._restore(path, previous)
+                return error_response(400, str(exc), code="invalid_recipe")
+            if recipe_id not in self._config().models:
+                # The glob did not load it after all: take the file back rather than leave
+                # a recipe that looks written and never runs.
+                self._restore(path, previous)
+                with contextlib.suppress(ConfigError):
+                    await self._reload(f"recipe {recipe_id} taken back")
+                return error_response(
+                    409,
+                    f"{path} was written but the include glob {config.include!r} did not "
+                    "load it; nothing was changed",
+                    code="id_not_included",
+                )
         log.info("recipe written", recipe=recipe_id, path=str(path))
         return web.json_response(
             {"id": recipe_id, "path": str(path), "changes": changes},
@@ -225,24 +247,31 @@ class Admin:
         )
 
     async def delete_recipe(self, request: web.Request) -> web.Response:
-        recipe_id = request.match_info["id"]
-        path = self._recipe_path(recipe_id)
-        if isinstance(path, web.Response):
-            return path
-        if not path.exists():
-            return error_response(404, f"no recipe {recipe_id!r}", code="recipe_not_found")
-        try:
-            previous = path.read_bytes()
-            path.unlink()
-        except OSError as exc:
-            return error_response(
-                500, f"could not delete recipe: {exc}", code="recipe_write_failed"
-            )
-        try:
-            changes = await self._reload(f"recipe {recipe_id} deleted")
-        except ConfigError as exc:
-            self._restore(path, previous)
-            return error_response(400, str(exc), code="invalid_recipe")
+        async with self._recipe_lock:
+            try:
+                recipe_id, path = self._recipe(request)
+                previous = await asyncio.to_thread(existing, path)
+            except RecipeError as exc:
+                return error_response(exc.status, exc.message, code=exc.code)
+            except OSError as exc:
+                return error_response(
+                    500, f"could not read recipe: {exc.strerror or exc}",
+                    code="recipe_write_failed",
+                )
+            if previous is None:
+                return error_response(404, f"no recipe {recipe_id!r}", code="recipe_not_found")
+            try:
+                path.unlink()
+            except OSError as exc:
+                return error_response(
+                    500, f"could not delete recipe: {exc.strerror or exc}",
+                    code="recipe_write_failed",
+                )
+            try:
+                changes = await self._reload(f"recipe {recipe_id} deleted")
+            except ConfigError as exc:
+                self._restore(path, previous)
+                return error_response(400, str(exc), code="invalid_recipe")
         return web.json_response({"id": recipe_id, "deleted": True, "changes": changes})
 
     @staticmethod

@@ -21,7 +21,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from swapd import __version__, systemd
+from swapd import __version__, origins, redact, systemd
 from swapd.admin import Admin
 from swapd.config import Config, ConfigError, LoadResult, load_config
 from swapd.engine import Engine
@@ -30,13 +30,15 @@ from swapd.gpu import Sampler
 from swapd.logs import LogHub, configure_logging, log_routes
 from swapd.metrics import Metrics
 from swapd.orphans import OwnedGroups, reap_leftovers
-from swapd.proxy import Proxy
+from swapd.proxy import INFERENCE_POST_PATHS, Proxy
 from swapd.scheduler import Scheduler
 
 log = structlog.get_logger("swapd")
 
 OPEN_PATHS = ("/health", "/metrics")
 ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/")
+# Where browsers of other origins are served (CORS): the inference API, nothing else.
+CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
 # How often --watch-config looks at the config files' mtimes.
 WATCH_INTERVAL = 1.0
 
@@ -62,9 +64,13 @@ def _is_loopback(request: web.Request) -> bool:
     if not peer:
         return False
     try:
-        return ipaddress.ip_address(peer.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(peer.split("%")[0])
     except ValueError:
         return peer == "localhost"
+    # A dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -72,6 +78,19 @@ def _presented_key(request: web.Request) -> str | None:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return request.headers.get("x-api-key")
+
+
+def config_secrets(config: Config) -> list[str]:
+    """Values the config itself names as secrets: masked wherever they would be printed."""
+    from urllib.parse import urlsplit
+
+    values = [*config.api_keys, *config.admin_keys]
+    for model in config.models.values():
+        values += [v for k, v in model.env if redact.is_secret_name(k)]
+        with contextlib.suppress(ValueError):
+            if password := urlsplit(model.proxy).password:
+                values.append(password)
+    return values
 
 
 def _key_in(key: str | None, keys: tuple[str, ...]) -> bool:
@@ -100,6 +119,10 @@ class Daemon:
         self._listen_override = listen
         self.config: Config = self._effective(loaded.config)
         self._warnings = loaded.warnings
+        redact.remember(config_secrets(self.config))
+        # This machine's names: a Host naming them is no rebinding (origins.py).
+        self._own_names = origins.own_names()
+        self._host_ok: dict[str, bool] = {}
         self._listen = self.config.listen
         self._watch = watch_config
         self.hub = LogHub(self.config.log_buffer_lines)
@@ -160,6 +183,7 @@ class Daemon:
             client_max_size=self.config.max_body_bytes + 1024 * 1024,
             middlewares=[self._middleware],
         )
+        app.on_response_prepare.append(self._cors_headers)
         proxy = Proxy(self.scheduler, lambda: self.config, self.metrics, self.session)
         admin = Admin(self.scheduler, lambda: self.config, self.reload)
         app.add_routes(admin.routes())
@@ -172,6 +196,9 @@ class Daemon:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Auth, then the handler with aiohttp's own errors in OpenAI's shape. One middleware,
         not two: each is a layer of calls on every request (docs/benchmarks.md)."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         denied = self._denied(request)
         if denied is not None:
             return denied
@@ -185,6 +212,71 @@ class Daemon:
             )
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, "request body too large", code="body_too_large")
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """The answer for a request a browser was tricked into sending (docs/security.md):
+        a Host that is not ours (DNS rebinding), a page of another origin on a route that
+        changes state, a CORS preflight. None for every other request."""
+        config = self.config
+        host = request.headers.get("Host")
+        if host is not None:
+            ok = self._host_ok.get(host)
+            if ok is None:
+                ok = origins.host_allowed(host, config.allowed_hosts, self._own_names)
+                if len(self._host_ok) > 256:
+                    self._host_ok.clear()
+                self._host_ok[host] = ok
+            if not ok:
+                return error_response(
+                    421,
+                    f"Host {host[:200]!r} is not a name of this server; if it is, add it to "
+                    "allowedHosts",
+                    code="host_not_allowed",
+                )
+        if request.method == "OPTIONS":
+            return self._preflight(request)
+        if request.path.startswith(ADMIN_PREFIXES):
+            why = origins.foreign_origin(request.headers, host)
+            if why is not None:
+                return error_response(403, why, code="cross_origin_forbidden")
+        return None
+
+    def _preflight(self, request: web.Request) -> web.Response | None:
+        origin = request.headers.get("Origin")
+        if request.path in CORS_PATHS:
+            if origin is None:
+                return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
+            allow = origins.cors_allow(origin, self.config.cors_allow_origins)
+            if allow is None:
+                return error_response(
+                    403, f"origin {origin[:200]!r} is not in cors.allowOrigins",
+                    code="cors_forbidden",
+                )
+            return web.Response(
+                status=204,
+                headers=origins.preflight_headers(
+                    allow, request.headers.get("Access-Control-Request-Headers")
+                ),
+            )
+        if origin is not None:
+            # No CORS outside the inference API, and a preflight must not start an engine
+            # through /upstream.
+            return error_response(
+                403, f"{request.path} is not open to other origins (CORS)", code="cors_forbidden"
+            )
+        return None
+
+    async def _cors_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """on_response_prepare: CORS headers on the inference API's answers (errors too, so a
+        browser client can read them) for the origins in cors.allowOrigins."""
+        origin = request.headers.get("Origin")
+        if origin is None or request.method == "OPTIONS" or request.path not in CORS_PATHS:
+            return
+        allow = origins.cors_allow(origin, self.config.cors_allow_origins)
+        if allow is not None:
+            response.headers["Access-Control-Allow-Origin"] = allow
+            if allow != "*":
+                response.headers.add("Vary", "Origin")
 
     def _denied(self, request: web.Request) -> web.Response | None:
         """The error answer for a request without the key its route needs, else None."""
@@ -215,9 +307,11 @@ class Daemon:
         async with self._reload_lock:
             ports = {m.id: m.port for m in self.config.models.values() if m.port is not None}
             loaded = await asyncio.to_thread(load_config, self.config_path, None, ports)
+            redact.remember(config_secrets(loaded.config))
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
+            self._host_ok.clear()
             if self.config.listen != self._listen:
                 log.warning("listen changed; it takes effect on restart", listen=self._listen)
             changes = self.scheduler.apply_config(self.config)

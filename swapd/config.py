@@ -88,6 +88,9 @@ class ModelConfig:
     # (path, JSON body) POSTed to the engine before it is signalled to stop (best effort):
     # the ollama preset's unload with `keep_alive: 0`. None: nothing is sent.
     unload_request: tuple[str, str] | None = None
+    # Forward the client's Authorization / x-api-key to the engine although swapd has keys
+    # of its own (they are meant for swapd and removed otherwise): `forwardClientAuth`.
+    forward_client_auth: bool = False
 
     @property
     def port(self) -> int | None:
@@ -127,6 +130,12 @@ class Config:
     log_buffer_lines: int = 2000
     max_body_bytes: int = 64 * 1024 * 1024
     include: str | None = None
+    # Host names accepted besides IP addresses, loopback names and this machine's names.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins whose pages may call the inference routes (CORS); "*" is any.
+    cors_allow_origins: tuple[str, ...] = ("*",)
+    # Seconds a request body may take to arrive in full (a trickling client gets 408).
+    body_timeout: float = 60.0
     # Where the file came from: `include` globs resolve relative to it.
     source: str | None = None
     # Global macros in file order, ${env.*} already substituted, other references not yet:
@@ -166,12 +175,13 @@ _ENGINES = {kind.value: kind for kind in EngineKind} | {
 _TOP_KEYS = frozenset(
     "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
     "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
-    "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include".split()
+    "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include allowedHosts cors "
+    "bodyTimeout".split()
 )
 _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
-    "healthCheckTimeout restart memoryReleaseTimeout".split()
+    "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth".split()
 )
 
 
@@ -213,6 +223,14 @@ class _Loader(yaml.SafeLoader):
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+DuplicateKeyLoader = _Loader
+
+
+def valid_id(model_id: str) -> bool:
+    """True for an id that is safe as a recipe's file name and in URLs."""
+    return bool(_SAFE_ID.fullmatch(model_id)) and ".." not in model_id
 
 
 class _Ctx:
@@ -357,14 +375,38 @@ def _argv(ctx: _Ctx, path: str, text: str) -> tuple[str, ...]:
     return tuple(argv)
 
 
+# Longest string a macro expansion may produce: macros that double each other would
+# otherwise grow a few hundred bytes of YAML into gigabytes.
+MAX_EXPANDED = 64 * 1024
+# Most values a YAML document may expand to through aliases (`*a` shares, a walk copies).
+MAX_VALUES = 1_000_000
+
+
+class _TooLong(Exception):
+    pass
+
+
 def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
     """Substitute macros in strings, recursively. A string that is exactly one macro
-    takes the macro's value with its type (`port: ${PORT}` stays a number)."""
+    takes the macro's value with its type (`port: ${PORT}` stays a number).
+    Raises _TooLong past MAX_EXPANDED characters, before building the long string."""
     if isinstance(value, str):
         whole = _REF.fullmatch(value)
         if typed and whole and whole[1] in macros:
             return macros[whole[1]]
-        return _REF.sub(lambda m: _fmt(macros[m[1]]) if m[1] in macros else m[0], value)
+        size = len(value)
+
+        def one(m: re.Match[str]) -> str:
+            nonlocal size
+            if m[1] not in macros:
+                return m[0]
+            text = _fmt(macros[m[1]])
+            size += len(text) - len(m[0])
+            if size > MAX_EXPANDED:
+                raise _TooLong
+            return text
+
+        return _REF.sub(one, value)
     if isinstance(value, dict):
         return {k: _expand(v, macros, typed) for k, v in value.items()}
     if isinstance(value, list):
@@ -420,7 +462,12 @@ def _leftovers(ctx: _Ctx, path: str, value: Any, macros: Mapping[str, Any], pid_
 def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
            next_port: Callable[[], int]) -> ModelConfig:
     node = _Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
-    macros = _resolve(model_id, dict(base.macros), _macro_defs(ctx, node.child("macros", None)))
+    too_long = f"expands to more than {MAX_EXPANDED // 1024} KiB (macros that repeat each other?)"
+    try:
+        macros = _resolve(model_id, dict(base.macros),
+                          _macro_defs(ctx, node.child("macros", None)))
+    except _TooLong:
+        ctx.fail(node.key("macros"), too_long)
 
     def command(key: str) -> str:
         # Comments go first, so that `# needs ${env.X}` in a `|` block needs nothing.
@@ -461,9 +508,15 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
 
     def substitute(values: Mapping[str, Any]) -> None:
         for key, text in texts.items():
-            texts[key] = _expand(text, values, typed=False)
+            try:
+                texts[key] = _expand(text, values, typed=False)
+            except _TooLong:
+                ctx.fail(node.key(key), too_long)
         for key, tree in trees.items():
-            trees[key] = _expand(tree, values)
+            try:
+                trees[key] = _expand(tree, values)
+            except _TooLong:
+                ctx.fail(node.key(key), too_long)
 
     substitute(macros)
     if "${PORT}" in texts["cmd"] or "${PORT}" in texts["proxy"]:
@@ -566,6 +619,7 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         memory_release_timeout=float(node.number("memoryReleaseTimeout", 30.0)),
         env_remove=preset.env_remove if preset else (),
         unload_request=unload_request,
+        forward_client_auth=node.flag("forwardClientAuth", False),
     )
 
 
@@ -601,7 +655,30 @@ def _read(ctx: _Ctx, path: str) -> dict[Any, Any]:
         ctx.fail("", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}")
     if data is not None and not isinstance(data, dict):
         ctx.fail("", f"must be a mapping of settings, got {_show(data)}")
+    if expanded_size(data) > MAX_VALUES:
+        ctx.fail("", f"expands to more than {MAX_VALUES} values through YAML aliases")
     return data or {}
+
+
+def expanded_size(data: Any) -> int:
+    """How many values `data` holds once every shared (aliased) part is copied: what a walk
+    over it costs. Linear in the distinct containers, whatever the expansion."""
+    sizes: dict[int, int] = {}
+
+    def size(value: Any) -> int:
+        if not isinstance(value, dict | list):
+            return 1
+        known = sizes.get(id(value))
+        if known is not None:
+            return known
+        # A container that holds itself (`&a [*a]`) expands forever.
+        sizes[id(value)] = MAX_VALUES + 1
+        children = value.values() if isinstance(value, dict) else value
+        total = 1 + sum(size(child) for child in children)
+        sizes[id(value)] = total
+        return total
+
+    return size(data)
 
 
 def _keys(node: _Node, key: str) -> tuple[str, ...]:
@@ -610,6 +687,29 @@ def _keys(node: _Node, key: str) -> tuple[str, ...]:
         if not value or any(c.isspace() for c in value):
             node.ctx.fail(f"{key}[{i}]", "must be a non-empty string without spaces")
     return tuple(keys)
+
+
+def _hosts(top: _Node) -> tuple[str, ...]:
+    hosts = top.texts("allowedHosts")
+    for i, value in enumerate(hosts):
+        name = value.strip()
+        if not name or any(c.isspace() or c in "/:@" for c in name):
+            top.ctx.fail(f"allowedHosts[{i}]", "must be a host name (llm.example.com), a "
+                         f"domain with a leading dot (.example.com) or *, got {_show(value)}")
+    return tuple(h.strip().lower() for h in hosts)
+
+
+def _origins(top: _Node) -> tuple[str, ...]:
+    cors = top.child("cors", frozenset({"allowOrigins"}))
+    if cors is None or cors.data.get("allowOrigins") is None:
+        return ("*",)
+    origins = cors.texts("allowOrigins")
+    for i, value in enumerate(origins):
+        url = urlsplit(value.strip())
+        if value.strip() != "*" and not (url.scheme and url.netloc and url.path in ("", "/")):
+            cors.ctx.fail(f"cors.allowOrigins[{i}]", "must be * or an origin such as "
+                          f"https://chat.example.com, got {_show(value)}")
+    return tuple(o.strip().rstrip("/") for o in origins)
 
 
 def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[GroupConfig, ...]:
@@ -706,6 +806,9 @@ def load_config(
         log_buffer_lines=top.number("logBufferLines", 2000, minimum=1, integer=True),
         max_body_bytes=top.number("maxBodyBytes", 64 * 1024 * 1024, minimum=1, integer=True),
         include=top.text("include") or None,
+        allowed_hosts=_hosts(top),
+        cors_allow_origins=_origins(top),
+        body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
         source=os.path.abspath(os.fspath(path)),
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
     )
@@ -716,10 +819,25 @@ def load_config(
     files = [(ctx, top)]
     if base.include:
         pattern = os.path.join(os.path.dirname(base.source or "."), base.include)
+        seen: dict[str, str] = {os.path.realpath(base.source or "."): base.source or ""}
+        repeated: set[str] = set()
         for file in sorted(glob.glob(pattern, recursive=True)):
-            if os.path.isfile(file) and os.path.abspath(file) != base.source:
-                sub = _Ctx(file, environ, warnings, label=f"{file}: ")
-                files.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
+            if os.path.islink(file) and not os.path.exists(file):
+                ctx.warn("include", f"{file} is a broken or looping symlink, not loaded")
+                continue
+            if not os.path.isfile(file):
+                continue
+            real = os.path.realpath(file)
+            if real in seen:
+                # A symlinked folder that `**` walks into again, or a link to the main file.
+                if os.path.abspath(file) != base.source and real not in repeated:
+                    repeated.add(real)
+                    ctx.warn("include", f"{file} is {seen[real]} again (a symlink), "
+                             "loaded once")
+                continue
+            seen[real] = file
+            sub = _Ctx(file, environ, warnings, label=f"{file}: ")
+            files.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
     kept = dict(keep_ports or {})
     taken: set[int] = set()
     fresh = iter(range(base.start_port, 1 << 30))
@@ -772,7 +890,7 @@ def load_model_entry(model_id: str, data: object, base: Config,
     """Validate one recipe (what would stand under `models.{model_id}`) against a loaded
     config, as the admin API must before writing it to disk as `{model_id}.yaml`."""
     ctx = _Ctx(None, os.environ if environ is None else environ, [])
-    if not _SAFE_ID.match(model_id) or ".." in model_id:
+    if not valid_id(model_id):
         ctx.fail(f"models.{model_id}", "a recipe id must match "
                  "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ and not contain '..'")
     used = {m.port for m in base.models.values() if m.id != model_id}
@@ -791,15 +909,23 @@ def load_model_entry(model_id: str, data: object, base: Config,
 def format_check(result: LoadResult) -> str:
     """What `swapd check` prints: the resolved models, the groups, every warning."""
     config = result.config
-    lines = [f"config: {config.source}", f"listen: {config.listen}",
-             f"models: {len(config.models)}"]
+    from swapd.redact import redact_argv, redact_text
+
+    lines = [
+        f"config: {config.source}", f"listen: {config.listen}",
+        "allowedHosts: IP addresses, localhost, this machine's names"
+        + "".join(f", {h}" for h in config.allowed_hosts),
+        f"cors.allowOrigins: {', '.join(config.cors_allow_origins) or '- (none)'}",
+        f"bodyTimeout: {_fmt(config.body_timeout)}s",
+        f"models: {len(config.models)}",
+    ]
     for m in config.models.values():
         ready = f"GET {m.check_endpoint}" if m.check_endpoint else "port open"
         lines += [
             f"  {m.id}",
             f"    aliases:  {', '.join(m.aliases) or '-'}",
-            f"    argv:     {shlex.join(m.cmd)}",
-            f"    upstream: {m.proxy} (ready: {ready})",
+            f"    argv:     {shlex.join(redact_argv(m.cmd))}",
+            f"    upstream: {redact_text(m.proxy)} (ready: {ready})",
             f"    ttl:      {_fmt(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
             f"    engine:   {m.engine.value + ' (preset defaults)' if m.engine else '-'}",
             f"    gpu:      {'yes' if m.gpu else 'no'}",
@@ -811,7 +937,10 @@ def format_check(result: LoadResult) -> str:
         lines.append(f"    stop:     {stop}; SIGKILL after {_fmt(m.unload_timeout)}s "
                      "(unloadTimeout)")
         if m.cmd_stop:
-            lines.append(f"    cmdStop:  {shlex.join(m.cmd_stop)}")
+            lines.append(f"    cmdStop:  {shlex.join(redact_argv(m.cmd_stop))}")
+        if m.forward_client_auth:
+            lines.append("    auth:     the client's Authorization / x-api-key reach the engine "
+                         "(forwardClientAuth)")
         if m.env or m.env_remove:  # names only: values may be secrets
             names = [name for name, _ in m.env]
             dropped = [name for name in m.env_remove if name not in names]

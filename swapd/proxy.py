@@ -94,12 +94,27 @@ class Routed:
     stream: bool
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body, or 413 past `limit` (checked before reading it all)."""
+async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
+    """The whole request body, or 413 past `limit` (checked before reading it all), or 408
+    when it has not arrived in full within `timeout` seconds (`bodyTimeout`: a client that
+    trickles a byte a second must not hold its connection forever)."""
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(
             413, f"request body exceeds {limit} bytes (maxBodyBytes)", "body_too_large"
         )
+    if timeout is None or request.content.is_eof():
+        return await _read_body(request, limit)  # all there already: no timer to arm
+    try:
+        async with asyncio.timeout(timeout):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise BadRequest(
+            408, f"request body did not arrive within {timeout:g} s (bodyTimeout)",
+            "body_timeout",
+        ) from None
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None:
         # Known and within the limit: one read (half the CPU of the loop below).
         return await request.read()
@@ -188,10 +203,15 @@ def rewrite(model: ModelConfig, data: dict[str, Any], requested: str) -> bool:
     return changed
 
 
-def forward_headers(headers: CIMultiDict[str] | Any) -> CIMultiDict[str]:
+# A client's credentials: meant for swapd when swapd has keys, and then not the engine's.
+CLIENT_AUTH = frozenset({"authorization", "x-api-key"})
+
+
+def forward_headers(headers: CIMultiDict[str] | Any, strip_auth: bool = False) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
-        if key.lower() not in HOP_BY_HOP:
+        lower = key.lower()
+        if lower not in HOP_BY_HOP and not (strip_auth and lower in CLIENT_AUTH):
             out.add(key, value)
     return out
 
@@ -228,7 +248,7 @@ class Proxy:
 
     async def _route(self, request: web.Request) -> Routed:
         config = self._config()
-        body = await read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes, config.body_timeout)
         ctype = request.headers.get("Content-Type", "")
         if ctype.lower().startswith("multipart/form-data"):
             name = multipart_field(body, ctype, "model")
@@ -247,7 +267,7 @@ class Proxy:
         try:
             routed = await self._route(request)
         except BadRequest as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
+            return await bad_request(request, exc)
         return await self._serve(request, routed, request.path_qs, t0)
 
     async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
@@ -267,9 +287,9 @@ class Proxy:
             name = parts[0] if parts else ""
             return error_response(404, f"model {name!r} is not configured", code="model_not_found")
         try:
-            body = await read_body(request, config.max_body_bytes)
+            body = await read_body(request, config.max_body_bytes, config.body_timeout)
         except BadRequest as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
+            return await bad_request(request, exc)
         path = "/" + rest
         if request.query_string:
             path += "?" + request.query_string
@@ -373,7 +393,9 @@ class Proxy:
             upstream = await self._session().request(
                 request.method,
                 url,
-                headers=forward_headers(request.headers),
+                headers=forward_headers(
+                    request.headers, self._strip_auth(routed.model)
+                ),
                 data=routed.body if routed.body else None,
                 allow_redirects=False,
             )
@@ -394,7 +416,10 @@ class Proxy:
                 kind = web.StreamResponse if sse else _HeadersWithBody
                 resp = kind(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
-                    if key.lower() not in HOP_BY_HOP:
+                    lower = key.lower()
+                    # An engine's own CORS answer (llama.cpp sends `*`) must not override
+                    # swapd's `cors.allowOrigins`.
+                    if lower not in HOP_BY_HOP and not lower.startswith("access-control-"):
                         resp.headers.add(key, value)
                 if sse:
                     resp.headers["X-Accel-Buffering"] = "no"
@@ -443,8 +468,25 @@ class Proxy:
                 # engine sees the disconnect and stops generating.
                 upstream.close()
 
+    def _strip_auth(self, model: ModelConfig) -> bool:
+        config = self._config()
+        return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
+
     def _count(self, model: str, code: int, t0: float) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
+
+
+async def bad_request(request: web.Request, exc: BadRequest) -> web.StreamResponse:
+    """The error answer for `exc`; after a 408 the connection is closed at once (aiohttp
+    would otherwise linger up to 10 s reading what the slow client still sends)."""
+    resp = error_response(exc.status, exc.message, code=exc.code)
+    if exc.status == 408:
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        if request.protocol is not None:
+            request.protocol.force_close()
+    return resp
 
 
 def _describe(exc: BaseException) -> str:

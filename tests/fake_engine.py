@@ -32,7 +32,7 @@ can play each of their awkward behaviours:
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
-{"path", "method", "query", "content_type", "body"}.
+{"path", "method", "query", "content_type", "body", "headers"}.
 
 Answers carry "x_served_by" (--model-name), "x_pid" and, for chat/completions/messages,
 "x_request" (the request body as received) so tests can check what swapd sent upstream.
@@ -588,6 +588,7 @@ def build_app(eng: Engine) -> web.Application:
                 "query": request.query_string,
                 "content_type": request.headers.get("Content-Type", ""),
                 "body": raw.decode("utf-8", errors="replace"),
+                "headers": {k.lower(): v for k, v in request.headers.items()},
                 "x_served_by": name,
                 "x_pid": eng.pid,
             }

@@ -1,0 +1,668 @@
+"""Issue 11's attacks, replayed against a real swapd process over real sockets: a web page
+(DNS rebinding, cross-site requests), a recipe that replaces the main config, unbounded
+parsing, secrets leaking, a trickling client (docs/security.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from swapd.config import ConfigError, load_config
+from swapd.origins import foreign_origin, host_allowed, same_origin, split_host
+from swapd.recipes import RecipeError, recipe_path
+from swapd.redact import MASK, clean_line, redact_argv, redact_text
+
+from .conftest import (
+    FAKE_ENGINE,
+    PY,
+    Swapd,
+    fake_cmd,
+    http,
+    model,
+    port_block,
+    wait_until,
+)
+
+JSON = {"Content-Type": "application/json"}
+YAML = {"Content-Type": "application/yaml"}
+
+
+@pytest.fixture
+def start(start_swapd):
+    def run(config: dict[str, Any], **kw: Any) -> Swapd:
+        return start_swapd({"startPort": port_block(), **config}, **kw)
+
+    return run
+
+
+def recipes_config(tmp_path: Path, include: str = "recipes/*.yaml", **extra: Any) -> dict[str, Any]:
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    return {"include": include, "models": {"base": model(fake_cmd(name="base"), gpu=False)},
+            **extra}
+
+
+def chat(daemon: Swapd, name: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    return daemon.post("/v1/chat/completions", {"model": name, "messages": []}, headers=headers)
+
+
+def running(daemon: Swapd) -> list[str]:
+    return [m for m, s in daemon.status()["models"].items() if s["pid"]]
+
+
+# -- 1. a web page: DNS rebinding and cross-site requests ------------------------------------
+
+
+def test_rebinding_request_with_a_foreign_host_is_refused_before_routing(start, tmp_path):
+    """Issue 11 attack 1: PUT /admin/recipes/x with Host: attacker.example, a foreign Origin
+    and text/plain was answered 201 and the next request ran its cmd."""
+    daemon = start(recipes_config(tmp_path))
+    marker = tmp_path / "pwned"
+    evil = {"cmd": f"/bin/sh -c 'touch {marker}; sleep 30'", "gpu": False}
+    attack = {"Host": f"attacker.example:{daemon.port}", "Origin": "http://attacker.example",
+              "Content-Type": "text/plain"}
+    code, body = http("PUT", daemon.url + "/admin/recipes/x", yaml.safe_dump(evil), attack)
+    assert code == 421, body
+    assert body["error"]["code"] == "host_not_allowed"
+    assert "allowedHosts" in body["error"]["message"]
+    # Before routing: every route, known or not, open or not.
+    for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/unload"),
+                         ("POST", "/v1/chat/completions"), ("GET", "/no/such/route")):
+        code, body = http(method, daemon.url + path, headers={"Host": "attacker.example"})
+        assert code == 421 and body["error"]["type"] == "invalid_request_error", (path, body)
+    assert not list((tmp_path / "recipes").iterdir())
+    assert chat(daemon, "x")[0] == 404 and not marker.exists()
+
+    # The names a LAN or local client uses keep working.
+    for host in (f"127.0.0.1:{daemon.port}", f"localhost:{daemon.port}", "[::1]:28080",
+                 "swapd.localhost", socket.gethostname(), f"{socket.gethostname()}:80",
+                 "192.168.1.20:28080"):
+        assert http("GET", daemon.url + "/health", headers={"Host": host})[0] == 200, host
+
+
+def test_allowed_hosts_adds_names(start, tmp_path):
+    daemon = start(recipes_config(tmp_path, allowedHosts=["llm.example.com", ".lab.internal"]))
+    for host, code in (("llm.example.com", 200), ("LLM.example.com.:443", 200),
+                       ("spark.lab.internal", 200), ("lab.internal", 200),
+                       ("evil.example.com", 421), ("lab.internal.evil", 421)):
+        assert http("GET", daemon.url + "/health", headers={"Host": host})[0] == code, host
+
+
+def test_foreign_origin_cannot_change_state(start, tmp_path):
+    """Issue 11 attack 1: GET /unload with a foreign Origin unloaded everything; POST
+    /models/x/load worked the same way; a form post could carry a recipe."""
+    daemon = start(recipes_config(tmp_path))
+    assert chat(daemon, "base")[0] == 200
+    foreign = {"Origin": "http://attacker.example"}
+    attempts: list[tuple[str, str, Any, dict[str, str]]] = [
+        ("GET", "/unload", None, foreign),
+        ("POST", "/unload", None, foreign),
+        ("POST", "/models/base/unload", None, foreign),
+        ("POST", "/models/base/load", None, foreign),
+        ("PUT", "/admin/recipes/r", {"cmd": fake_cmd(name="r")}, foreign),
+        ("DELETE", "/admin/recipes/r", None, foreign),
+        # A page on another port of this machine is another origin too.
+        ("GET", "/unload", None, {"Origin": "http://127.0.0.1:3000"}),
+        ("GET", "/unload", None, {"Origin": "null"}),
+        # An <img src=…/unload> carries no Origin, but the browser says where it came from.
+        ("GET", "/unload", None, {"Sec-Fetch-Site": "cross-site"}),
+        ("GET", "/unload", None, {"Sec-Fetch-Site": "same-site"}),
+    ]
+    for method, path, body, headers in attempts:
+        code, answer = http(method, daemon.url + path, body, headers)
+        assert code == 403, (method, path, headers, answer)
+        assert answer["error"]["code"] == "cross_origin_forbidden"
+    assert running(daemon) == ["base"]
+    assert not (tmp_path / "recipes" / "r.yaml").exists()
+
+    # The same origin (the status page at /ui), curl, and a typed URL all work.
+    same = {"Origin": f"http://127.0.0.1:{daemon.port}", "Sec-Fetch-Site": "same-origin"}
+    assert http("GET", daemon.url + "/status", headers=same)[0] == 200
+    assert http("GET", daemon.url + "/status", headers={"Sec-Fetch-Site": "none"})[0] == 200
+    code, answer = http("PUT", daemon.url + "/admin/recipes/r",
+                        {"cmd": fake_cmd(name="r"), "gpu": False}, {**same, **JSON})
+    assert code == 201, answer
+    assert http("GET", daemon.url + "/unload", headers=same)[0] == 200
+    wait_until(lambda: not running(daemon), message="models unloaded")
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded",
+                                   "multipart/form-data; boundary=x", None])
+def test_recipe_body_must_be_json_or_yaml(start, tmp_path, ctype):
+    """A form can post text/plain, urlencoded or multipart without a CORS preflight."""
+    daemon = start(recipes_config(tmp_path))
+    headers = {"Content-Type": ctype} if ctype else {}
+    body = json.dumps({"cmd": fake_cmd(name="r"), "gpu": False}).encode()
+    if ctype is None:
+        # urllib would add a form Content-Type; send none at all.
+        answer = raw_request(daemon.port, b"PUT /admin/recipes/r HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        assert answer.startswith(b"HTTP/1.1 415"), answer
+    else:
+        code, answer = http("PUT", daemon.url + "/admin/recipes/r", body, headers)
+        assert code == 415 and answer["error"]["code"] == "unsupported_media_type", answer
+    assert not (tmp_path / "recipes" / "r.yaml").exists()
+    for ok in ("application/json", "application/yaml; charset=utf-8", "application/x-yaml",
+               "text/yaml"):
+        code, answer = http("PUT", daemon.url + "/admin/recipes/r", body, {"Content-Type": ok})
+        assert code in (200, 201), (ok, answer)
+
+
+# -- 2. CORS on purpose -----------------------------------------------------------------------
+
+
+def preflight(daemon: Swapd, path: str, origin: str) -> tuple[int, dict[str, str]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    try:
+        conn.request("OPTIONS", path, headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def post_with_headers(daemon: Swapd, path: str, body: Any,
+                      headers: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body),
+                     headers={"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(data)
+    finally:
+        conn.close()
+
+
+def test_cors_default_lets_browser_chat_clients_in_but_not_on_admin_routes(start, tmp_path):
+    daemon = start(recipes_config(tmp_path, apiKeys=["k-123456"]))
+    code, headers = preflight(daemon, "/v1/chat/completions", "https://chat.example")
+    assert code == 204, headers
+    assert headers["access-control-allow-origin"] == "*"
+    assert "authorization" in headers["access-control-allow-headers"].lower()
+    assert "POST" in headers["access-control-allow-methods"]
+    code, headers, body = post_with_headers(
+        daemon, "/v1/chat/completions", {"model": "base", "messages": []},
+        {"Origin": "https://chat.example", "Authorization": "Bearer k-123456"})
+    assert code == 200 and headers["access-control-allow-origin"] == "*", body
+    # An error answer carries them too, so the browser client can read it.
+    code, headers, body = post_with_headers(
+        daemon, "/v1/chat/completions", {"model": "base"}, {"Origin": "https://chat.example"})
+    assert code == 401 and headers["access-control-allow-origin"] == "*"
+
+    for path in ("/admin/recipes/r", "/unload", "/models/base/load", "/status", "/logs",
+                 "/upstream/base/v1/chat/completions"):
+        code, headers = preflight(daemon, path, "https://chat.example")
+        assert code == 403, path
+        assert not any(h.startswith("access-control-") for h in headers), (path, headers)
+    assert running(daemon) == ["base"]  # the /upstream preflight started nothing new
+
+
+def test_cors_allow_origins_list(start, tmp_path):
+    daemon = start(recipes_config(tmp_path, cors={"allowOrigins": ["https://chat.example"]}))
+    code, headers = preflight(daemon, "/v1/models", "https://chat.example")
+    assert code == 204 and headers["access-control-allow-origin"] == "https://chat.example"
+    assert "origin" in headers["vary"].lower()
+    code, headers = preflight(daemon, "/v1/chat/completions", "https://other.example")
+    assert code == 403 and "access-control-allow-origin" not in headers
+    code, headers, _ = post_with_headers(daemon, "/v1/chat/completions",
+                                         {"model": "base", "messages": []},
+                                         {"Origin": "https://other.example"})
+    assert code == 200 and "access-control-allow-origin" not in headers
+
+
+# -- 3. recipes in a folder of their own --------------------------------------------------------
+
+
+def test_recipe_put_cannot_replace_the_main_config(start, tmp_path):
+    """Issue 11 attack 4: with include: "*.yaml", PUT /admin/recipes/config overwrote
+    config.yaml and the reload dropped apiKeys, adminKeys and every model."""
+    daemon = start(recipes_config(tmp_path, include="*.yaml", adminKeys=["adm-123456"]))
+    admin = {"Authorization": "Bearer adm-123456", **JSON}
+    before = daemon.config_path.read_bytes()
+    code, body = http("PUT", daemon.url + "/admin/recipes/config",
+                      {"cmd": fake_cmd(name="config"), "gpu": False}, admin)
+    assert code == 409 and body["error"]["code"] == "no_recipe_folder", body
+    assert "folder of their own" in body["error"]["message"]
+    assert daemon.config_path.read_bytes() == before
+    assert http("GET", daemon.url + "/status")[0] == 401  # adminKeys still in force
+
+
+def test_recipe_ids_the_glob_would_not_load_are_refused(tmp_path):
+    def config(include: str) -> Any:
+        main = tmp_path / "config.yaml"
+        main.write_text(yaml.safe_dump({"include": include, "models": {}}))
+        return load_config(main).config
+
+    folder = tmp_path / "recipes"
+    cases = [
+        ("recipes/*.yml", "r", folder / "r.yml"),
+        ("recipes/qwen-*.yaml", "qwen-7b", folder / "qwen-7b.yaml"),
+        ("recipes/qwen-*.yaml", "llama", None),
+        ("recipes/**/*.yaml", "r", folder / "r.yaml"),  # never a folder named `**`
+        ("recipes/*/x.yaml", "r", None),
+        ("recipes.yaml", "r", None),
+        ("*.yaml", "r", None),
+        ("./*.yml", "r", None),
+    ]
+    for include, recipe, want in cases:
+        if want is None:
+            with pytest.raises(RecipeError) as info:
+                recipe_path(config(include), recipe)
+            assert info.value.status == 409, include
+        else:
+            assert recipe_path(config(include), recipe) == want, include
+
+
+@pytest.mark.parametrize(("include", "recipe", "file"), [
+    ("recipes/*.yml", "r", "recipes/r.yml"),
+    ("recipes/qwen-*.yaml", "qwen-7b", "recipes/qwen-7b.yaml"),
+    ("recipes/**/*.yaml", "r", "recipes/r.yaml"),
+])
+def test_recipes_are_written_where_the_glob_loads_them(start, tmp_path, include, recipe, file):
+    """Issue 11 attack 4: these globs answered 201 and the recipe was never loaded."""
+    daemon = start(recipes_config(tmp_path, include=include))
+    code, body = http("PUT", f"{daemon.url}/admin/recipes/{recipe}",
+                      {"cmd": fake_cmd(name=recipe), "gpu": False})
+    assert code == 201 and body["path"] == str(tmp_path / file), body
+    assert chat(daemon, recipe)[1]["x_served_by"] == recipe
+    assert not (tmp_path / "recipes" / "**").exists()
+    if "qwen" in include:
+        code, body = http("PUT", f"{daemon.url}/admin/recipes/llama",
+                          {"cmd": fake_cmd(name="llama")})
+        assert code == 409 and body["error"]["code"] == "id_not_included", body
+        assert "qwen-*.yaml" in body["error"]["message"]
+
+
+def test_files_swapd_did_not_write_are_not_replaced(start, tmp_path):
+    cfg = recipes_config(tmp_path)
+    hand = tmp_path / "recipes" / "hand.yaml"
+    hand.write_text(yaml.safe_dump({"models": {"hand": model(fake_cmd(name="hand"))}}))
+    (tmp_path / "recipes" / "link.yaml").symlink_to(tmp_path / "config.yaml")
+    daemon = start(cfg)
+    before = hand.read_bytes()
+    for recipe in ("hand", "link"):
+        for method in ("PUT", "DELETE"):
+            body = {"cmd": fake_cmd(name=recipe)} if method == "PUT" else None
+            code, answer = http(method, f"{daemon.url}/admin/recipes/{recipe}", body)
+            assert code == 409 and answer["error"]["code"] == "not_a_recipe", (recipe, answer)
+    assert hand.read_bytes() == before
+    assert (tmp_path / "recipes" / "link.yaml").is_symlink()
+    # GET reads a hand-written recipe; a recipe swapd writes is marked as its own.
+    assert http("GET", f"{daemon.url}/admin/recipes/hand", headers={"Accept": "json"})[0] == 200
+    assert http("PUT", f"{daemon.url}/admin/recipes/mine", {"cmd": fake_cmd(name="m")})[0] == 201
+    assert (tmp_path / "recipes" / "mine.yaml").read_text().startswith("# swapd recipe")
+    assert http("DELETE", f"{daemon.url}/admin/recipes/mine")[0] == 200
+
+
+# -- 4. bounded parsing -----------------------------------------------------------------------
+
+# 466 bytes: nine levels of nine aliases, 9^9 strings once expanded.
+LAUGHS = """cmd: /bin/true
+gpu: false
+description: nine levels of nine aliases, 387420489 strings in all!!!
+metadata:
+  a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+  b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+  c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+  d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+  e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+  f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+  g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+  h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+  i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+# Each macro doubles the last: 2^40 characters once expanded.
+DOUBLING = {"cmd": "/bin/echo ${m40}", "gpu": False,
+            "macros": {"m0": "xxxxxxxx", **{f"m{i}": f"${{m{i - 1}}}${{m{i - 1}}}"
+                                            for i in range(1, 41)}}}
+
+
+class HealthProbe:
+    """Polls /health on a thread while the attack runs; records each answer's latency."""
+
+    def __init__(self, daemon: Swapd) -> None:
+        self.daemon = daemon
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=5)
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                conn.request("GET", "/health")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    self.failures.append(str(resp.status))
+            except OSError as exc:
+                self.failures.append(repr(exc))
+            self.latencies.append(time.monotonic() - t0)
+        conn.close()
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_billion_laughs_and_macro_doubling_recipes_are_refused_quickly(start, tmp_path):
+    """Issue 11 attack 5: a 466-byte PUT blocked the event loop for 63 s and grew swapd to
+    500 MB; /health did not answer for 33 s."""
+    assert len(LAUGHS.encode()) == 466
+    daemon = start(recipes_config(tmp_path))
+    with HealthProbe(daemon) as probe:
+        t0 = time.monotonic()
+        code, body = http("PUT", daemon.url + "/admin/recipes/lol", LAUGHS, YAML)
+        laughs_took = time.monotonic() - t0
+        assert code == 400 and "aliases" in body["error"]["message"], body
+        t0 = time.monotonic()
+        code, body = http("PUT", daemon.url + "/admin/recipes/dbl", DOUBLING)
+        doubling_took = time.monotonic() - t0
+        assert code == 400 and "64 KiB" in body["error"]["message"], body
+        assert "models.dbl.macros" in body["error"]["message"]
+        wait_until(lambda: len(probe.latencies) >= 20, message="health answers")
+    assert laughs_took < 2 and doubling_took < 2, (laughs_took, doubling_took)
+    assert not probe.failures
+    assert max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
+    assert not list((tmp_path / "recipes").iterdir())
+    rss_kb = int(next(line for line in Path(f"/proc/{daemon.proc.pid}/status").read_text()
+                      .splitlines() if line.startswith("VmRSS")).split()[1])
+    assert rss_kb < 300_000
+
+
+def test_duplicate_keys_and_deep_nesting_in_a_put_body_are_refused(start, tmp_path):
+    daemon = start(recipes_config(tmp_path))
+    cmd = fake_cmd(name="r")
+    bodies = [
+        (f'{{"cmd": "{cmd}", "ttl": 5, "ttl": 0}}', JSON, "duplicate key 'ttl'"),
+        (f"cmd: {cmd}\nttl: 5\nttl: 0\n", YAML, "duplicate key 'ttl'"),
+        ('{"cmd": "x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}", JSON, "nested"),
+        ("\xff\xfe".encode("latin-1"), YAML, "UTF-8"),
+    ]
+    for body, headers, why in bodies:
+        code, answer = http("PUT", daemon.url + "/admin/recipes/r", body, headers)
+        assert code == 400 and why in answer["error"]["message"], answer
+    assert not list((tmp_path / "recipes").iterdir())
+    assert http("GET", daemon.url + "/health")[0] == 200
+
+
+def test_config_files_are_bounded_too(tmp_path):
+    main = tmp_path / "config.yaml"
+    main.write_text(yaml.safe_dump({"models": {"m": DOUBLING}}))
+    with pytest.raises(ConfigError, match=r"models\.m\.macros: expands to more than 64 KiB"):
+        load_config(main)
+    main.write_text("models:\n  m:\n" + "".join(f"    {line}\n" for line in LAUGHS.splitlines()))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="YAML aliases"):
+        load_config(main)
+    assert time.monotonic() - t0 < 2
+    # An alias that repeats a little is fine (llama-swap configs use `<<: *defaults`).
+    main.write_text("d: &d {ttl: 5, gpu: false}\nmodels:\n  m: {<<: *d, cmd: /bin/true}\n")
+    assert load_config(main).config.models["m"].ttl == 5
+
+
+# -- 5. one redaction, everywhere ---------------------------------------------------------------
+
+SECRET_CORPUS = [
+    "curl -k SEKRET-A http://x",
+    "curl --header 'Authorization: Bearer SEKRET-B' http://x",
+    "-H 'x-api-key: SEKRET-C'",
+    "proxy https://user:SEKRET-D@host:8080/v1",
+    "https://SEKRET-E@github.com/org/repo",
+    "--auth 'Bearer SEKRET-F'",
+    "--api-key SEKRET-G --port 1",
+    "--api-key=SEKRET-H",
+    "--token SEKRET-I",
+    "--hf-token=SEKRET-J",
+    "OPENAI_API_KEY=SEKRET-K HF_TOKEN=SEKRET-L AWS_SECRET_ACCESS_KEY=SEKRET-M "
+    "DB_PASSWORD=SEKRET-N",
+    "Authorization: Bearer SEKRET-O",
+    "authorization=basic U0VLUkVULVA6eHh4",
+    '{"api_key": "SEKRET-Q", "max_tokens": 5}',
+    "using key sk-SEKRETRSEKRETRSEKRETR and hf_SEKRETSSEKRETSSEKRETS",
+]
+NOT_SECRETS = [
+    "--max-num-batched-tokens 8192 --tokenizer t --ssl-keyfile /k.pem",
+    "--override-kv tokenizer.ggml.add_bos_token=bool:false",
+    "proxy http://127.0.0.1:5800/v1/chat/completions",
+    "invalid or missing API key",
+    "max tokens 4096, prompt tokens=12",
+]
+
+
+def test_redaction_corpus():
+    for text in SECRET_CORPUS:
+        masked = redact_text(text)
+        assert "SEKRET" not in masked and MASK in masked, (text, masked)
+    for text in NOT_SECRETS:
+        assert redact_text(text) == text
+    argv = ["curl", "-k", "SEKRET-1", "-H", "Authorization: Bearer SEKRET-2",
+            "--header=x-api-key: SEKRET-3", "--auth", "Bearer SEKRET-4",
+            "https://u:SEKRET-5@h/x", "-e", "HF_TOKEN=SEKRET-6", "--port", "8000"]
+    masked = redact_argv(argv)
+    assert "SEKRET" not in " ".join(masked), masked
+    assert masked[-2:] == ["--port", "8000"] and masked[0] == "curl"
+    assert clean_line("\x1b[31mred\x1b[0m\x00 nul\r ok\tTAB \x07bell") == "red nul ok\tTAB bell"
+
+
+def test_secrets_stay_out_of_status_check_errors_and_engines(start, tmp_path):
+    """Issue 11 attack 6: /status and `swapd status` showed a proxy URL's password, `swapd
+    check` printed argv unmasked, engine output reached API clients in 503 bodies, and the
+    client's own Authorization / x-api-key were forwarded to engines."""
+    port = port_block()
+    fail_script = ("echo 'loading with token=SEKRET-OUT and \x1b[31mcolour\x1b[0m'; "
+                   "printf 'nul\\000byte\\n'; exit 5")
+    cfg = recipes_config(
+        tmp_path, apiKeys=["api-SEKRET-1"],
+        models={
+            "m": model(fake_cmd(name="m"), gpu=False,
+                       proxy=f"http://user:SEKRET-PROXY@127.0.0.1:{port}"),
+            "e": model(fake_cmd(name="e"), gpu=False),
+            "opt": model(fake_cmd(name="opt"), gpu=False, forwardClientAuth=True),
+            "broken": {"cmd": f"/bin/sh -c \"{fail_script}\" -k SEKRET-ARGV", "gpu": False,
+                       "proxy": "http://127.0.0.1:${PORT}"},
+        },
+    )
+    cfg["models"]["m"]["cmd"] = fake_cmd(name="m").replace("${PORT}", str(port))
+    daemon = start(cfg)
+    api = {"Authorization": "Bearer api-SEKRET-1"}
+
+    # The engine does not see the key meant for swapd, unless the recipe opts in.
+    for headers in (api, {"x-api-key": "api-SEKRET-1"}):
+        code, echo = http("POST", daemon.url + "/upstream/e/echo", {}, headers)
+        assert code == 200, echo
+        assert "api-SEKRET-1" not in json.dumps(echo["headers"]), echo["headers"]
+    code, echo = http("POST", daemon.url + "/upstream/opt/echo", {}, api)
+    assert echo["headers"]["authorization"] == "Bearer api-SEKRET-1"
+
+    # A failed start: the client learns the model failed and its exit code, nothing more.
+    code, body = chat(daemon, "broken", api)
+    assert code == 503, body
+    message = body["error"]["message"]
+    assert "broken" in message and "exited with code 5" in message
+    assert "token" not in message and "SEKRET" not in message
+    code, logs = daemon.get("/logs")
+    assert "loading with token=***" in logs and "nulbyte" in logs and "colour" in logs
+    assert "\x1b" not in logs and "\x00" not in logs and "SEKRET" not in logs
+
+    assert chat(daemon, "m", api)[0] == 200
+    status = json.dumps(daemon.status())
+    assert "user:***@127.0.0.1" in status and "SEKRET" not in status
+    assert "SEKRET" not in json.dumps(daemon.get("/running")[1])
+    cli = subprocess.run([PY, "-m", "swapd", "status", "--url", daemon.url, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert cli.returncode == 0 and "user:***@" in cli.stdout and "SEKRET" not in cli.stdout
+    check = subprocess.run([PY, "-m", "swapd", "check", "--config", str(daemon.config_path)],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    assert "-k '***'" in check.stdout and "SEKRET" not in check.stdout, check.stdout
+    assert "not supported" not in check.stdout
+    daemon.stop()
+    assert "SEKRET" not in daemon.log()
+
+
+# -- 6. item 8 ---------------------------------------------------------------------------------
+
+
+def raw_request(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/admin/recipes/r"])
+def test_a_trickled_body_gets_408_and_loses_its_connection(start, tmp_path, path):
+    """Issue 11 item 8: a body trickled at 1 byte/s kept its connection forever."""
+    daemon = start(recipes_config(tmp_path, bodyTimeout=1))
+    method = b"PUT" if path.startswith("/admin") else b"POST"
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(method + b" " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+        t0 = time.monotonic()
+        answer = b""
+        sock.settimeout(0.2)
+        while time.monotonic() - t0 < 8:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b" ")  # one byte every 0.2 s: never done within 1 s
+                except OSError:
+                    break
+                continue
+            except OSError:
+                break  # reset by swapd
+            if not chunk:
+                break  # closed by swapd
+            answer += chunk
+        took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"bodyTimeout" in answer
+    assert took < 5, took
+
+
+async def test_ipv4_client_on_a_dual_stack_listener_is_loopback(tmp_path):
+    """An IPv4 client of a dual-stack socket (systemd socket activation, `[::]` with
+    bindv6only=0) arrives as ::ffff:127.0.0.1; it is loopback, so adminKeys-less /status
+    answers it."""
+    import aiohttp
+    from aiohttp import web
+
+    from swapd.app import Daemon
+
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    main = tmp_path / "config.yaml"
+    main.write_text(yaml.safe_dump({"stateDir": str(tmp_path / "state"),
+                                    "models": {"m": {"cmd": "/bin/true"}}}))
+    daemon = Daemon(str(main), load_config(main))
+    sock = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = sock.getsockname()[1]
+    runner = web.AppRunner(daemon.build_app())
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/status") as resp:
+                assert resp.status == 200, await resp.text()
+            async with session.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+
+def test_broken_and_looping_include_symlinks_are_warned_about(tmp_path):
+    folder = tmp_path / "recipes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "ok.yaml").write_text(yaml.safe_dump({"models": {"ok": {"cmd": "/bin/true"}}}))
+    (folder / "gone.yaml").symlink_to(folder / "missing.yaml")
+    (folder / "loop.yaml").symlink_to(folder / "loop.yaml")
+    (folder / "sub" / "back").symlink_to(folder)
+    main = tmp_path / "config.yaml"
+    main.write_text(yaml.safe_dump({"include": "recipes/**/*.yaml", "models": {}}))
+    result = load_config(main)
+    assert list(result.config.models) == ["ok"]
+    text = "\n".join(result.warnings)
+    assert "gone.yaml is a broken or looping symlink" in text
+    assert "loop.yaml is a broken or looping symlink" in text
+    assert "a symlink), loaded once" in text
+
+
+# -- pure rules ---------------------------------------------------------------------------------
+
+
+def test_host_and_origin_rules():
+    own = frozenset({"spark-1", "spark-1.lan"})
+    for host in ("127.0.0.1", "127.0.0.1:28080", "[::1]:28080", "10.0.0.5", "[fe80::1%eth0]",
+                 "localhost", "LOCALHOST:1", "a.localhost", "spark-1", "spark-1.lan:28080",
+                 "spark-1.", "swapd:28080", None):
+        assert host_allowed(host, (), own), host
+    for host in ("attacker.example", "localhost.attacker.example", "spark-1.evil", "",
+                 "::1", "a b", "127.0.0.1:99999", "x@127.0.0.1"):
+        assert not host_allowed(host, (), own), host
+    assert host_allowed("anything.example", ("*",), own)
+    assert split_host("[::1]:80") == ("::1", 80)
+    assert same_origin("http://127.0.0.1:28080", "127.0.0.1:28080")
+    assert same_origin("https://llm.example.com", "llm.example.com")
+    assert not same_origin("http://127.0.0.1:3000", "127.0.0.1:28080")
+    assert not same_origin("http://evil.example:28080", "127.0.0.1:28080")
+    assert not same_origin("null", "127.0.0.1:28080")
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    def headers(**kw: str) -> CIMultiDictProxy[str]:
+        return CIMultiDictProxy(CIMultiDict({k.replace("_", "-"): v for k, v in kw.items()}))
+
+    assert foreign_origin(headers(), "127.0.0.1:1") is None
+    assert foreign_origin(headers(Sec_Fetch_Site="same-origin"), "127.0.0.1:1") is None
+    assert foreign_origin(headers(Sec_Fetch_Site="cross-site"), "127.0.0.1:1")
+    assert foreign_origin(headers(Origin="http://127.0.0.1:2"), "127.0.0.1:1")
+
+
+def test_engine_argv_in_check_output_is_masked(tmp_path):
+    main = tmp_path / "config.yaml"
+    main.write_text(yaml.safe_dump({
+        "allowedHosts": ["llm.example.com"], "cors": {"allowOrigins": ["https://a.example"]},
+        "bodyTimeout": 30,
+        "models": {"m": {"cmd": "llama-server --api-key SEKRET-1 -H 'Authorization: Bearer "
+                                "SEKRET-2'", "proxy": "http://u:SEKRET-3@127.0.0.1:9000",
+                         "forwardClientAuth": True}}}))
+    out = subprocess.run([sys.executable, "-m", "swapd", "check", "--config", str(main)],
+                         capture_output=True, text=True, timeout=30, env={**os.environ})
+    assert out.returncode == 0, out.stderr
+    assert "SEKRET" not in out.stdout and "not supported" not in out.stdout, out.stdout
+    for text in ("llm.example.com", "https://a.example", "bodyTimeout: 30s", "forwardClientAuth"):
+        assert text in out.stdout, text
+
+
+assert FAKE_ENGINE.exists()
