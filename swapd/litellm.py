@@ -1,7 +1,10 @@
-"""`swapd litellm-config`: a LiteLLM `model_list` for this node's models.
+"""`swapd litellm-config`: a LiteLLM config for this node's models.
 
-With two Sparks, LiteLLM (an existing router) sits in front of one swapd per Spark;
-each node prints its part and the operator concatenates them.
+The output starts LiteLLM as it is (`litellm --config FILE`): LiteLLM refuses to start
+without a master key, so `general_settings.master_key` names an environment variable, never
+a key. With two Sparks, LiteLLM (an existing router) sits in front of one swapd per Spark;
+each node prints its config and the operator appends the second node's `model_list` entries
+to the first (docs/scale-out.md). `model_list` comes last so that the entries are the tail.
 """
 
 from __future__ import annotations
@@ -9,6 +12,16 @@ from __future__ import annotations
 import yaml
 
 from swapd.config import Config
+
+MASTER_KEY = "os.environ/LITELLM_MASTER_KEY"
+HEADER = """\
+# LiteLLM config for this swapd node (swapd litellm-config).
+# LiteLLM will not start without a master key: general_settings.master_key reads it from
+# the environment variable LITELLM_MASTER_KEY (the key is never written here), e.g.
+#   LITELLM_MASTER_KEY=sk-... litellm --config litellm.yaml --port 4000
+# Clients then use that key as their API key. With apiKeys set in swapd's config, LiteLLM
+# also needs SWAPD_API_KEY (api_key below).
+"""
 
 
 def litellm_config(config: Config, url: str | None = None) -> str:
@@ -30,4 +43,5 @@ def litellm_config(config: Config, url: str | None = None) -> str:
             if model.description:
                 entry["model_info"] = {"description": model.description}
             entries.append(entry)
-    return yaml.safe_dump({"model_list": entries}, sort_keys=False)
+    settings = yaml.safe_dump({"general_settings": {"master_key": MASTER_KEY}}, sort_keys=False)
+    return HEADER + settings + yaml.safe_dump({"model_list": entries}, sort_keys=False)

@@ -59,9 +59,25 @@ def test_two_sparks_merge_into_one_model_list() -> None:
                             "--url", "http://spark-1.lan:28080")
     spark2 = litellm_config(ROOT / "examples" / "vllm-nemotron-3-nano.yaml",
                             "--url", "http://spark-2.lan:28080")
-    # docs/scale-out.md: the second node's list without its first line (`model_list:`).
-    merged = yaml.safe_load(spark1 + "".join(spark2.splitlines(keepends=True)[1:]))
+    # docs/scale-out.md: the second node's entries (`sed '1,/^model_list:/d'`) appended.
+    lines = spark2.splitlines(keepends=True)
+    merged = yaml.safe_load(spark1 + "".join(lines[lines.index("model_list:\n") + 1:]))
+    assert merged["general_settings"] == {"master_key": "os.environ/LITELLM_MASTER_KEY"}
     bases = {e["model_name"]: e["litellm_params"]["api_base"] for e in merged["model_list"]}
     assert bases["brain"] == "http://spark-1.lan:28080/v1"
     assert bases["nemotron-3-nano"] == bases["nano"] == "http://spark-2.lan:28080/v1"
     assert len(merged["model_list"]) == 4 + 3
+
+
+def test_output_starts_litellm_with_a_master_key_from_the_environment(tmp_path: Path) -> None:
+    # LiteLLM 1.108 refuses to start without general_settings.master_key.
+    config = tmp_path / "c.yaml"
+    config.write_text('apiKeys: [sk-spark]\nmodels:\n  chat: {cmd: "x --port ${PORT}"}\n')
+    out = litellm_config(config)
+    doc = yaml.safe_load(out)
+    assert doc["general_settings"] == {"master_key": "os.environ/LITELLM_MASTER_KEY"}
+    assert list(doc) == ["general_settings", "model_list"]  # entries last: they merge by tail
+    comments = [line for line in out.splitlines() if line.startswith("#")]
+    assert any("LITELLM_MASTER_KEY" in line and "environment variable" in line
+               for line in comments), comments
+    assert "sk-spark" not in out  # no key is ever written out
