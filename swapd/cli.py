@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import urllib.error
@@ -30,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config and print the resolved models")
     check.add_argument("--config", "-config", required=True, help="config file (YAML)")
+    check.add_argument(
+        "--strict", action="store_true", help="exit 2 on any warning (for CI and deploy scripts)"
+    )
 
     status = sub.add_parser("status", help="show a running swapd's engines")
     status.add_argument("--url", default="http://127.0.0.1:28080", help="swapd's base URL")
@@ -59,6 +63,22 @@ def _load(path: str) -> LoadResult | None:
         return None
 
 
+def _with_exec_warnings(loaded: LoadResult) -> LoadResult:
+    """`loaded` plus a warning for each command that could not be exec'd here, with this
+    process's environment: the one `swapd serve` started the same way would give engines."""
+    from swapd.engine import engine_environment, exec_problem
+
+    found = []
+    for model in loaded.config.models.values():
+        env = engine_environment(model)
+        for key, argv in (("cmd", model.cmd), ("cmdStop", model.cmd_stop)):
+            problem = exec_problem(argv, env) if argv else None
+            if problem:
+                found.append(f"models.{model.id}.{key}: {problem}; the engine cannot start"
+                             if key == "cmd" else f"models.{model.id}.{key}: {problem}")
+    return dataclasses.replace(loaded, warnings=(*loaded.warnings, *found))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     commands = {"serve", "check", "status", "litellm-config"}
@@ -79,13 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = _load(args.config)
         if loaded is None:
             return EXIT_BAD_CONFIG
+        loaded = _with_exec_warnings(loaded)
         print(format_check(loaded))
+        if args.strict and loaded.warnings:
+            print(f"swapd: {len(loaded.warnings)} warning(s) and --strict", file=sys.stderr)
+            return EXIT_BAD_CONFIG
         return EXIT_OK
 
     if args.command == "serve":
         loaded = _load(args.config)
         if loaded is None:
             return EXIT_BAD_CONFIG
+        loaded = _with_exec_warnings(loaded)  # logged at startup, with the other warnings
         if args.listen is not None:
             try:
                 _, _, port = args.listen.rpartition(":")

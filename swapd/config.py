@@ -7,12 +7,14 @@ scheduler compares `ModelConfig`s by equality to decide which engines keep runni
 from __future__ import annotations
 
 import datetime
+import difflib
 import glob
 import json
 import math
 import os
 import re
 import shlex
+import sys
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -161,6 +163,7 @@ class LoadResult:
 
 # -- loading ---------------------------------------------------------------------------
 
+PYTHON = sys.executable or "python3"
 _REF = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
 _ENV_REF = re.compile(r"\$\{env\.([a-zA-Z_][a-zA-Z0-9_]*)\}")
 _MACRO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
@@ -314,7 +317,8 @@ class _Node:
         self.ctx, self.data, self.path = ctx, ctx.mapping(data, path), path
         for key in self.data:
             if known is not None and key not in known:
-                ctx.warn(self.key(key), "not supported by swapd, ignored")
+                hint = _did_you_mean(key, known)
+                ctx.warn(self.key(key), f"not supported by swapd, ignored{hint}")
 
     def key(self, key: Any) -> str:
         return f"{self.path}.{key}" if self.path else str(key)
@@ -356,6 +360,23 @@ class _Node:
         return value
 
 
+def _did_you_mean(key: Any, known: frozenset[str]) -> str:
+    """A hint for a key one slip away from a known one (`healthcheckTimeout`, `aliasses`):
+    "ignored" alone leaves the user believing the setting took effect."""
+    if not isinstance(key, str):
+        return ""
+    lower = {k.lower(): k for k in known}
+    # 0.8 is close enough for a typo or a case slip, yet far from llama-swap's own keys that
+    # swapd ignores (logRequests, peers, timeouts), which must not be "corrected".
+    found = lower.get(key.lower())
+    if found is None:
+        close = difflib.get_close_matches(key.lower(), lower, n=1, cutoff=0.8)
+        # A known key plus a word (setParamsByID) is another key, not a slip of setParams.
+        if close and not (key.lower().startswith(close[0]) and len(key) > len(close[0]) + 1):
+            found = lower[close[0]]
+    return f"; did you mean {found}?" if found else ""
+
+
 def _strip_comments(text: str) -> str:
     return "\n".join(ln for ln in text.split("\n") if not ln.strip().startswith("#"))
 
@@ -384,6 +405,24 @@ MAX_VALUES = 1_000_000
 
 class _TooLong(Exception):
     pass
+
+
+def _anchor(argv: tuple[str, ...], folder: str | None) -> tuple[str, ...]:
+    """Relative paths in a command resolve against the config file's folder, never against
+    swapd's working directory (`/` under systemd): cmd[0] when it has a slash
+    (`./bin/llama-server`), and an argument with a slash that names a file or folder there
+    (`examples/cpu_llama_server.py`). Other arguments are left alone: `Qwen/Qwen3-8B` is a
+    Hugging Face repo, not a path, unless such a folder exists beside the config."""
+    if folder is None:
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if "/" not in arg or os.path.isabs(arg) or arg.startswith(("-", "~")) or "=" in arg:
+            continue
+        path = os.path.normpath(os.path.join(folder, arg))
+        if i == 0 or os.path.exists(path):
+            out[i] = path
+    return tuple(out)
 
 
 def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
@@ -435,7 +474,10 @@ def _resolve(model_id: str, base: Mapping[str, Any], local: Mapping[str, Any]) -
     """A model's macros. Each sees only those defined before it (llama-swap substitutes in
     reverse order); a model macro overriding a global one keeps the global's place, so
     globals built from it follow the override."""
-    resolved: dict[str, Any] = {"MODEL_ID": model_id}
+    # PYTHON: the interpreter swapd runs on, for engines installed beside it (the demo's
+    # llama-cpp-python). A bare `python` would be whatever PATH finds: under systemd, none.
+    # Not reserved: a config's own PYTHON macro wins.
+    resolved: dict[str, Any] = {"MODEL_ID": model_id, "PYTHON": shlex.quote(PYTHON)}
     for name, value in {**base, **local}.items():
         resolved[name] = _expand(value, resolved)
     return resolved
@@ -585,14 +627,16 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     elif grace <= 0:
         grace = base.unload_timeout
     env = {name: texts[key] for name, key in env_keys.items()}
+    folder = os.path.dirname(base.source) if base.source else None
     preset_env = [(k, v) for k, v in preset.env if k not in env] if preset else []
     unload_request = None
     if preset is not None and "cmdStop" not in texts:  # cmdStop: the recipe says how to stop
         unload_request = preset.unload_request(texts.get("useModelName") or model_id)
     return ModelConfig(
         id=model_id,
-        cmd=_argv(ctx, node.key("cmd"), texts["cmd"]),
-        cmd_stop=_argv(ctx, node.key("cmdStop"), texts["cmdStop"]) if "cmdStop" in texts else None,
+        cmd=_anchor(_argv(ctx, node.key("cmd"), texts["cmd"]), folder),
+        cmd_stop=_anchor(_argv(ctx, node.key("cmdStop"), texts["cmdStop"]), folder)
+        if "cmdStop" in texts else None,
         proxy=proxy,
         check_endpoint=check,
         ttl=float(ttl),

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +96,25 @@ def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> 
         env.pop(name, None)
     env.update(dict(cfg.env))
     return env
+
+
+def exec_problem(argv: tuple[str, ...], env: dict[str, str]) -> str | None:
+    """Why `argv[0]` cannot be exec'd with `env` the way `start()` execs it, or None.
+
+    A name without a slash is looked up on the PATH of the engine's environment (which is
+    swapd's own: systemd's default under the unit, without any virtualenv on it).
+    """
+    program = argv[0]
+    if "/" in program:
+        if not os.path.isfile(program):
+            return f"{program} does not exist"
+        if not os.access(program, os.X_OK):
+            return f"{program} is not executable"
+        return None
+    path = env.get("PATH", os.defpath)
+    if shutil.which(program, path=path) is None:
+        return f"{program!r} is not on the PATH engines run with ({path})"
+    return None
 
 
 class Engine:

@@ -35,7 +35,11 @@ def test_the_stacks_are_all_there() -> None:
 def test_swapd_check_passes(path: Path) -> None:
     done = swapd_check(path)
     assert done.returncode == 0, done.stderr
-    assert "warning:" not in done.stdout, done.stdout  # shipped configs are clean
+    # Shipped configs are clean. (An engine that is not installed on this machine, such as
+    # /opt/vllm/bin/vllm, is a warning about the machine, not about the config.)
+    found = [line for line in done.stdout.splitlines()
+             if line.startswith("warning:") and not line.endswith("the engine cannot start")]
+    assert found == [], done.stdout
     assert f"config: {path}" in done.stdout and "(preset defaults)" in done.stdout
 
 

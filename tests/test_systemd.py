@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -141,24 +142,38 @@ def test_unit_has_the_contract() -> None:
     assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
+README = UNIT.parent / "README.md"
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    # verify rejects an ExecStart binary that does not exist here; point a copy at one
-    # that does. Problems (unknown keys, bad values) are printed, yet the exit code may
-    # stay 0: fail on any output.
-    text = "\n".join(
-        "ExecStart=/bin/true" if line.startswith("ExecStart=") else line
-        for line in UNIT.read_text().splitlines()
-    )
-    unit = tmp_path / "swapd.service"
-    unit.write_text(text + "\n")
+def test_systemd_analyze_verify_the_unit_as_the_readme_installs_it(tmp_path: Path) -> None:
+    readme = README.read_text()
+    # The README installs the unit file unchanged, with the drop-in it shows for local changes.
+    assert "sudo install -m 0644 systemd/swapd.service /etc/systemd/system/swapd.service" in readme
+    assert "sudo ln -sf /opt/swapd/bin/swapd /usr/local/bin/swapd" in readme
+    dropin = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+    assert dropin.startswith("[Service]")
+    # verify rejects an ExecStart binary that does not exist; /usr/local/bin/swapd is a link
+    # to the swapd script of a virtualenv, so point the copy at this virtualenv's.
+    swapd = Path(sys.executable).parent / "swapd"
+    assert swapd.exists()
+    text = UNIT.read_text()
+    assert "ExecStart=/usr/local/bin/swapd serve --config /etc/swapd/config.yaml" in text
+    text = text.replace("ExecStart=/usr/local/bin/swapd ", f"ExecStart={swapd} ")
+    units = tmp_path / "system"
+    (units / "swapd.service.d").mkdir(parents=True)
+    (units / "swapd.service").write_text(text)
+    (units / "swapd.service.d" / "override.conf").write_text(dropin)
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)],
+        ["systemd-analyze", "verify", str(units / "swapd.service")],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"},
     )
+    # Problems (unknown keys, bad values) are printed, yet the exit code may stay 0: fail on
+    # any output.
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0, output
     assert output == "", output
