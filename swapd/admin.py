@@ -18,12 +18,11 @@ from aiohttp import web
 
 from swapd import __version__
 from swapd.config import Config, ConfigError, load_model_entry
-from swapd.errors import error_response
+from swapd.errors import ApiError
 from swapd.files import write_atomic
-from swapd.proxy import BadRequest, bad_request, read_body
+from swapd.proxy import read_body
 from swapd.recipes import (
     MAX_RECIPE_BYTES,
-    RecipeError,
     body_kind,
     existing,
     parse_body,
@@ -32,7 +31,7 @@ from swapd.recipes import (
     render,
 )
 from swapd.redact import clean_line, redact_argv, redact_text
-from swapd.scheduler import Scheduler, SchedulerError
+from swapd.scheduler import Scheduler
 
 log = structlog.get_logger("swapd.admin")
 
@@ -126,22 +125,13 @@ class Admin:
 
     async def unload_one(self, request: web.Request) -> web.Response:
         model = self._model(request)
-        if isinstance(model, web.Response):
-            return model
         stopped = await self._scheduler.unload(model)
         return web.json_response({"unloaded": stopped})
 
     async def load(self, request: web.Request) -> web.Response:
         model = self._model(request)
-        if isinstance(model, web.Response):
-            return model
         t0 = time.monotonic()
-        try:
-            engine = await self._scheduler.load(model)
-        except SchedulerError as exc:
-            return error_response(
-                exc.status, exc.message, code=exc.code, type=exc.type, retry_after=exc.retry_after
-            )
+        engine = await self._scheduler.load(model)
         return web.json_response(
             {
                 "model": model,
@@ -151,11 +141,11 @@ class Admin:
             }
         )
 
-    def _model(self, request: web.Request) -> str | web.Response:
+    def _model(self, request: web.Request) -> str:
         name = request.match_info["id"]
         model = self._config().resolve(name)
         if model is None:
-            return error_response(404, f"model {name!r} is not configured", code="model_not_found")
+            raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
         return model.id
 
     # -- recipes ---------------------------------------------------------------------
@@ -165,21 +155,25 @@ class Admin:
         return recipe_id, recipe_path(self._config(), recipe_id)
 
     async def get_recipe(self, request: web.Request) -> web.Response:
+        recipe_id, path = self._recipe(request)
         try:
-            recipe_id, path = self._recipe(request)
             entry = await asyncio.to_thread(read_entry, path, recipe_id)
-        except RecipeError as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
         except FileNotFoundError:
             entry = None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
-            return error_response(
-                500, f"recipe file cannot be read: {exc}", code="bad_recipe_file"
-            )
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ApiError(
+                f"recipe file {path.name} cannot be read: {exc}",
+                status=500,
+                code="bad_recipe_file",
+            ) from None
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ApiError(
+                f"recipe file {path.name} does not parse: {exc}",
+                status=422,
+                code="bad_recipe_file",
+            ) from None
         if entry is None:
-            return error_response(
-                404, f"no recipe {request.match_info['id']!r}", code="recipe_not_found"
-            )
+            raise ApiError(f"no recipe {recipe_id!r}", status=404, code="recipe_not_found")
         if "json" in request.headers.get("Accept", ""):
             return web.json_response(entry)
         return web.Response(
@@ -188,15 +182,9 @@ class Admin:
 
     async def put_recipe(self, request: web.Request) -> web.StreamResponse:
         config = self._config()
-        try:
-            recipe_id, path = self._recipe(request)
-            kind = body_kind(request.headers.get("Content-Type", ""))
-        except RecipeError as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
-        try:
-            raw = await read_body(request, MAX_RECIPE_BYTES, config.body_timeout)
-        except BadRequest as exc:
-            return await bad_request(request, exc)
+        recipe_id, path = self._recipe(request)
+        kind = body_kind(request.headers.get("Content-Type", ""))
+        raw = await read_body(request, MAX_RECIPE_BYTES, config.body_timeout)
 
         def check() -> Any:
             # Off the event loop: /health and requests in flight keep their pace meanwhile.
@@ -206,38 +194,34 @@ class Admin:
 
         try:
             entry = await asyncio.to_thread(check)
-        except RecipeError as exc:
-            return error_response(exc.status, exc.message, code=exc.code)
         except ConfigError as exc:
-            return error_response(400, str(exc), code="invalid_recipe")
+            raise _invalid(exc) from None
         async with self._recipe_lock:
             try:
                 previous = await asyncio.to_thread(existing, path)
                 await asyncio.to_thread(write_atomic, path, render(recipe_id, entry))
-            except RecipeError as exc:
-                return error_response(exc.status, exc.message, code=exc.code)
             except OSError as exc:
                 log.error("recipe write failed", recipe=recipe_id, error=str(exc))
-                return error_response(
-                    507 if exc.errno == 28 else 500,
+                raise ApiError(
                     f"could not write recipe {recipe_id!r}: {exc.strerror or exc}",
+                    status=507 if exc.errno == 28 else 500,
                     code="recipe_write_failed",
-                )
+                ) from None
             try:
                 changes = await self._reload(f"recipe {recipe_id} written")
             except ConfigError as exc:
                 self._restore(path, previous)
-                return error_response(400, str(exc), code="invalid_recipe")
+                raise _invalid(exc) from None
             if recipe_id not in self._config().models:
                 # The glob did not load it after all: take the file back rather than leave
                 # a recipe that looks written and never runs.
                 self._restore(path, previous)
                 with contextlib.suppress(ConfigError):
                     await self._reload(f"recipe {recipe_id} taken back")
-                return error_response(
-                    409,
+                raise ApiError(
                     f"{path} was written but the include glob {config.include!r} did not "
                     "load it; nothing was changed",
+                    status=409,
                     code="id_not_included",
                 )
         log.info("recipe written", recipe=recipe_id, path=str(path))
@@ -248,30 +232,30 @@ class Admin:
 
     async def delete_recipe(self, request: web.Request) -> web.Response:
         async with self._recipe_lock:
+            recipe_id, path = self._recipe(request)
             try:
-                recipe_id, path = self._recipe(request)
                 previous = await asyncio.to_thread(existing, path)
-            except RecipeError as exc:
-                return error_response(exc.status, exc.message, code=exc.code)
             except OSError as exc:
-                return error_response(
-                    500, f"could not read recipe: {exc.strerror or exc}",
+                raise ApiError(
+                    f"could not read recipe: {exc.strerror or exc}",
+                    status=500,
                     code="recipe_write_failed",
-                )
+                ) from None
             if previous is None:
-                return error_response(404, f"no recipe {recipe_id!r}", code="recipe_not_found")
+                raise ApiError(f"no recipe {recipe_id!r}", status=404, code="recipe_not_found")
             try:
                 path.unlink()
             except OSError as exc:
-                return error_response(
-                    500, f"could not delete recipe: {exc.strerror or exc}",
+                raise ApiError(
+                    f"could not delete recipe: {exc.strerror or exc}",
+                    status=500,
                     code="recipe_write_failed",
-                )
+                ) from None
             try:
                 changes = await self._reload(f"recipe {recipe_id} deleted")
             except ConfigError as exc:
                 self._restore(path, previous)
-                return error_response(400, str(exc), code="invalid_recipe")
+                raise _invalid(exc) from None
         return web.json_response({"id": recipe_id, "deleted": True, "changes": changes})
 
     @staticmethod
@@ -281,3 +265,7 @@ class Admin:
                 path.unlink()
             else:
                 write_atomic(path, previous)
+
+
+def _invalid(exc: ConfigError) -> ApiError:
+    return ApiError(str(exc), status=400, code="invalid_recipe")

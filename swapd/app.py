@@ -25,7 +25,7 @@ from swapd import __version__, origins, redact, systemd
 from swapd.admin import Admin
 from swapd.config import Config, ConfigError, LoadResult, load_config
 from swapd.engine import Engine
-from swapd.errors import error_response
+from swapd.errors import ApiError, answer
 from swapd.gpu import Sampler
 from swapd.logs import LogHub, configure_logging, log_routes
 from swapd.metrics import Metrics
@@ -96,10 +96,13 @@ def config_secrets(config: Config) -> list[str]:
 def _key_in(key: str | None, keys: tuple[str, ...]) -> bool:
     if key is None:
         return False
+    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: give the bytes
+    # back (such a key matches none, and is refused like any wrong key).
+    presented = key.encode("utf-8", "surrogateescape")
     found = False
     for candidate in keys:
         # No early exit: the time taken must not say which key came close.
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
+        found |= hmac.compare_digest(presented, candidate.encode())
     return found
 
 
@@ -194,29 +197,23 @@ class Daemon:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Auth, then the handler with aiohttp's own errors in OpenAI's shape. One middleware,
-        not two: each is a layer of calls on every request (docs/benchmarks.md)."""
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        denied = self._denied(request)
-        if denied is not None:
-            return denied
+        """Host/Origin, keys, then the handler; every error raised on the way becomes the one
+        error response (swapd.errors). One middleware, not two: each is a layer of calls on
+        every request (docs/benchmarks.md)."""
         try:
+            preflight = self._refused(request)
+            if preflight is not None:
+                return preflight
+            self._authorize(request)
             return await handler(request)
-        except web.HTTPNotFound:
-            return error_response(404, f"no route for {request.path}", code="not_found")
-        except web.HTTPMethodNotAllowed:
-            return error_response(
-                405, f"{request.method} is not allowed on {request.path}", code="method_not_allowed"
-            )
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(413, "request body too large", code="body_too_large")
+        except Exception as exc:
+            return await answer(request, exc)
 
     def _refused(self, request: web.Request) -> web.Response | None:
-        """The answer for a request a browser was tricked into sending (docs/security.md):
-        a Host that is not ours (DNS rebinding), a page of another origin on a route that
-        changes state, a CORS preflight. None for every other request."""
+        """Raise the refusal of a request a browser was tricked into sending
+        (docs/security.md): a Host that is not ours (DNS rebinding), a page of another origin
+        on a route that changes state. A CORS preflight's answer; None for every other
+        request."""
         config = self.config
         host = request.headers.get("Host")
         if host is not None:
@@ -227,10 +224,10 @@ class Daemon:
                     self._host_ok.clear()
                 self._host_ok[host] = ok
             if not ok:
-                return error_response(
-                    421,
+                raise ApiError(
                     f"Host {host[:200]!r} is not a name of this server; if it is, add it to "
                     "allowedHosts",
+                    status=421,
                     code="host_not_allowed",
                 )
         if request.method == "OPTIONS":
@@ -238,7 +235,7 @@ class Daemon:
         if request.path.startswith(ADMIN_PREFIXES):
             why = origins.foreign_origin(request.headers, host)
             if why is not None:
-                return error_response(403, why, code="cross_origin_forbidden")
+                raise ApiError(why, status=403, code="cross_origin_forbidden")
         return None
 
     def _preflight(self, request: web.Request) -> web.Response | None:
@@ -248,8 +245,9 @@ class Daemon:
                 return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
             allow = origins.cors_allow(origin, self.config.cors_allow_origins)
             if allow is None:
-                return error_response(
-                    403, f"origin {origin[:200]!r} is not in cors.allowOrigins",
+                raise ApiError(
+                    f"origin {origin[:200]!r} is not in cors.allowOrigins",
+                    status=403,
                     code="cors_forbidden",
                 )
             return web.Response(
@@ -261,8 +259,10 @@ class Daemon:
         if origin is not None:
             # No CORS outside the inference API, and a preflight must not start an engine
             # through /upstream.
-            return error_response(
-                403, f"{request.path} is not open to other origins (CORS)", code="cors_forbidden"
+            raise ApiError(
+                f"{request.path} is not open to other origins (CORS)",
+                status=403,
+                code="cors_forbidden",
             )
         return None
 
@@ -278,27 +278,26 @@ class Daemon:
             if allow != "*":
                 response.headers.add("Vary", "Origin")
 
-    def _denied(self, request: web.Request) -> web.Response | None:
-        """The error answer for a request without the key its route needs, else None."""
+    def _authorize(self, request: web.Request) -> None:
+        """Raise the 401/403 for a request without the key its route needs."""
         path = request.path
         config = self.config
         if path in OPEN_PATHS:
-            return None
+            return
         key = _presented_key(request)
         if path.startswith(ADMIN_PREFIXES):
             if config.admin_keys:
                 if not _key_in(key, config.admin_keys):
-                    return error_response(401, "admin key required", code="invalid_admin_key")
+                    raise ApiError("admin key required", status=401, code="invalid_admin_key")
             elif not _is_loopback(request):
-                return error_response(
-                    403,
+                raise ApiError(
                     "operations routes answer only loopback clients when adminKeys is empty",
+                    status=403,
                     code="forbidden",
                 )
-            return None
+            return
         if config.api_keys and not _key_in(key, config.api_keys + config.admin_keys):
-            return error_response(401, "invalid or missing API key", code="invalid_api_key")
-        return None
+            raise ApiError("invalid or missing API key", status=401, code="invalid_api_key")
 
     # -- reload ----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import Any, Final, TextIO
 import structlog
 from aiohttp import web
 
+from swapd.errors import ApiError
 from swapd.redact import clean_line, redact_text
 
 SWAPD: Final = "swapd"
@@ -483,16 +484,9 @@ _STREAM_HEADERS: Final = {
 }
 
 
-def _not_found(name: str) -> web.Response:
-    return web.json_response(
-        {
-            "error": {
-                "message": f"no logs for model {name!r}: not a configured model",
-                "type": "invalid_request_error",
-                "code": "model_not_found",
-            }
-        },
-        status=404,
+def _not_found(name: str) -> ApiError:
+    return ApiError(
+        f"no logs for model {name!r}: not a configured model", status=404, code="model_not_found"
     )
 
 
@@ -567,7 +561,7 @@ def log_routes(
         name = request.match_info["model"]
         key = resolve(name)
         if key is None:
-            return _not_found(name)
+            raise _not_found(name)
         return await stream(request, key)
 
     return [

@@ -19,12 +19,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from swapd.config import Config, ModelConfig
 from swapd.engine import Engine
-from swapd.errors import error_body, error_response
+from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.metrics import Metrics
-from swapd.scheduler import Scheduler, SchedulerError
+from swapd.scheduler import Scheduler
 
 log = structlog.get_logger("swapd.proxy")
 
@@ -77,14 +78,6 @@ UPSTREAM_BROKE = (
 )
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-
-
 @dataclass(frozen=True)
 class Routed:
     """A request after routing: which model, and the bytes to send upstream."""
@@ -99,18 +92,20 @@ async def read_body(request: web.Request, limit: int, timeout: float | None = No
     when it has not arrived in full within `timeout` seconds (`bodyTimeout`: a client that
     trickles a byte a second must not hold its connection forever)."""
     if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(
-            413, f"request body exceeds {limit} bytes (maxBodyBytes)", "body_too_large"
-        )
+        raise _too_large(limit)
     if timeout is None or request.content.is_eof():
         return await _read_body(request, limit)  # all there already: no timer to arm
     try:
         async with asyncio.timeout(timeout):
             return await _read_body(request, limit)
     except TimeoutError:
-        raise BadRequest(
-            408, f"request body did not arrive within {timeout:g} s (bodyTimeout)",
-            "body_timeout",
+        # The connection is closed after the answer: aiohttp would otherwise linger up to
+        # 10 s reading what the slow client still sends.
+        raise ApiError(
+            f"request body did not arrive within {timeout:g} s (bodyTimeout)",
+            status=408,
+            code="body_timeout",
+            close_connection=True,
         ) from None
 
 
@@ -123,11 +118,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
-            raise BadRequest(
-                413, f"request body exceeds {limit} bytes (maxBodyBytes)", "body_too_large"
-            )
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        f"request body exceeds {limit} bytes (maxBodyBytes)", status=413, code="body_too_large"
+    )
 
 
 def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
@@ -162,25 +161,39 @@ def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
 def route_json(config: Config, body: bytes) -> tuple[ModelConfig, Any, str]:
     """Parse a JSON request body; return the model it names, the object and that name."""
     if not body:
-        raise BadRequest(
-            400, "request body is empty; expected a JSON object with 'model'", "bad_json"
+        raise ApiError(
+            "request body is empty; expected a JSON object with 'model'",
+            status=400,
+            code="bad_json",
         )
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"request body is not valid JSON: {exc}", "bad_json") from None
+    data = parse_json(body, "request body")
     if not isinstance(data, dict):
-        raise BadRequest(400, "request body must be a JSON object", "bad_json")
+        raise ApiError("request body must be a JSON object", status=400, code="bad_json")
     name = data.get("model")
     if not isinstance(name, str) or not name:
-        raise BadRequest(400, "'model' is missing or not a non-empty string", "missing_model")
+        raise ApiError(
+            "'model' is missing or not a non-empty string", status=400, code="missing_model"
+        )
     return find_model(config, name), data, name
+
+
+def parse_json(body: bytes, what: str) -> Any:
+    """JSON from a client, or a 400 that says why (nesting deep enough to exhaust Python's
+    recursion limit included: that is the client's input, not swapd failing)."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(f"{what} is not valid JSON: {exc}", status=400, code="bad_json") from None
+    except RecursionError:
+        raise ApiError(
+            f"{what} is nested too deeply to parse", status=400, code="bad_json"
+        ) from None
 
 
 def find_model(config: Config, name: str) -> ModelConfig:
     model = config.resolve(name)
     if model is None:
-        raise BadRequest(404, f"model {name!r} is not configured", "model_not_found")
+        raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
     return model
 
 
@@ -253,7 +266,9 @@ class Proxy:
         if ctype.lower().startswith("multipart/form-data"):
             name = multipart_field(body, ctype, "model")
             if not name:
-                raise BadRequest(400, "multipart form field 'model' is required", "missing_model")
+                raise ApiError(
+                    "multipart form field 'model' is required", status=400, code="missing_model"
+                )
             return Routed(find_model(config, name), body, False)
         model, data, requested = route_json(config, body)
         if rewrite(model, data, requested):
@@ -264,10 +279,7 @@ class Proxy:
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
-        try:
-            routed = await self._route(request)
-        except BadRequest as exc:
-            return await bad_request(request, exc)
+        routed = await self._route(request)
         return await self._serve(request, routed, request.path_qs, t0)
 
     async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
@@ -285,11 +297,8 @@ class Proxy:
                 break
         if model is None:
             name = parts[0] if parts else ""
-            return error_response(404, f"model {name!r} is not configured", code="model_not_found")
-        try:
-            body = await read_body(request, config.max_body_bytes, config.body_timeout)
-        except BadRequest as exc:
-            return await bad_request(request, exc)
+            raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
+        body = await read_body(request, config.max_body_bytes, config.body_timeout)
         path = "/" + rest
         if request.query_string:
             path += "?" + request.query_string
@@ -339,14 +348,12 @@ class Proxy:
                 engine = await self._acquire_with_progress(loading, model)
             else:
                 engine = await self._scheduler.acquire(model)
-        except SchedulerError as exc:
+        except ApiError as exc:
             self._count(model, exc.status, t0)
             if loading is not None:
                 await _sse_error(loading, exc.message, exc.code)
                 return loading
-            return error_response(
-                exc.status, exc.message, code=exc.code, type=exc.type, retry_after=exc.retry_after
-            )
+            raise
         # The status the client was sent, kept even if it goes away mid-body.
         outcome = [0]
         try:
@@ -354,6 +361,9 @@ class Proxy:
                 request, routed, engine.upstream + path, t0, loading, outcome
             )
             return resp
+        except ApiError as exc:
+            outcome[0] = exc.status
+            raise
         finally:
             self._scheduler.release(model)
             self._count(model, outcome[0] or 499, t0)
@@ -389,13 +399,16 @@ class Proxy:
         outcome: list[int],
     ) -> tuple[web.StreamResponse, int]:
         model = routed.model.id
+        headers = forward_headers(request.headers, self._strip_auth(routed.model))
+        if "@" in url and URL(url).user is not None:
+            # The proxy URL carries the engine's own credentials: they are what the engine
+            # reads, and a client's Authorization cannot go along with them.
+            headers.popall("Authorization", None)
         try:
             upstream = await self._session().request(
                 request.method,
                 url,
-                headers=forward_headers(
-                    request.headers, self._strip_auth(routed.model)
-                ),
+                headers=headers,
                 data=routed.body if routed.body else None,
                 allow_redirects=False,
             )
@@ -405,7 +418,7 @@ class Proxy:
             if prepared is not None:
                 await _sse_error(prepared, message, "engine_error", path=request.path)
                 return prepared, 502
-            return error_response(502, message, code="engine_error"), 502
+            raise ApiError(message, status=502, code="engine_error") from None
         complete = False
         try:
             sse = _is_sse(upstream.headers)
@@ -446,7 +459,7 @@ class Proxy:
                 message = f"engine for model {model!r} failed mid-response: {_describe(exc)}"
                 log.warning("upstream died mid-response", model=model, error=_describe(exc))
                 if not resp.prepared:
-                    return error_response(502, message, code="engine_error"), 502
+                    raise ApiError(message, status=502, code="engine_error") from None
                 # The status line is gone already: an event stream gets an error
                 # event, anything else a cut connection (never a silent truncation).
                 if prepared is not None or sse:
@@ -474,19 +487,6 @@ class Proxy:
 
     def _count(self, model: str, code: int, t0: float) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
-
-
-async def bad_request(request: web.Request, exc: BadRequest) -> web.StreamResponse:
-    """The error answer for `exc`; after a 408 the connection is closed at once (aiohttp
-    would otherwise linger up to 10 s reading what the slow client still sends)."""
-    resp = error_response(exc.status, exc.message, code=exc.code)
-    if exc.status == 408:
-        resp.force_close()
-        await resp.prepare(request)
-        await resp.write_eof()
-        if request.protocol is not None:
-            request.protocol.force_close()
-    return resp
 
 
 def _describe(exc: BaseException) -> str:
@@ -523,8 +523,7 @@ async def _sse_error(
     if path.startswith("/v1/messages"):
         # Anthropic's SDKs read an `event: error` with their own error shape; a bare
         # data line would look like a stream that simply ended.
-        event = {"type": "error", "error": {"type": "api_error", "message": message}}
-        frame = b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+        frame = b"event: error\ndata: " + anthropic_error_body(message, type="api_error") + b"\n\n"
     else:
         frame = b"data: " + error_body(message, type="server_error", code=code) + b"\n\n"
     try:

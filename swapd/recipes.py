@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from swapd.config import MAX_VALUES, Config, DuplicateKeyLoader, expanded_size
+from swapd.errors import ApiError
 
 MARKER = "# swapd recipe"
 MAX_RECIPE_BYTES = 1024 * 1024
@@ -40,14 +41,11 @@ BODY_TYPES = {
 _MAGIC = re.compile(r"[*?[]")
 
 
-class RecipeError(Exception):
+class RecipeError(ApiError):
     """A recipe request refused; carries the HTTP answer."""
 
     def __init__(self, status: int, message: str, code: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
+        super().__init__(message, status=status, code=code)
 
 
 class _RecipeLoader(DuplicateKeyLoader):
@@ -203,5 +201,15 @@ def read_entry(path: Path, recipe_id: str) -> Any:
     data = yaml.load(path.read_text(encoding="utf-8"), Loader=DuplicateKeyLoader)
     if expanded_size(data) > MAX_VALUES:
         raise RecipeError(500, f"{path} expands to too many values", "bad_recipe_file")
+    if data is None:
+        return None  # an empty file
     models = data.get("models") if isinstance(data, dict) else None
-    return models.get(recipe_id) if isinstance(models, dict) else None
+    if not isinstance(models, dict):
+        # Edited by hand into something else: say so, rather than "no recipe".
+        raise RecipeError(
+            422,
+            f"recipe file {path.name} is not a mapping with `models:` (a recipe file holds "
+            f"models: {{{recipe_id}: ...}})",
+            "bad_recipe_file",
+        )
+    return models.get(recipe_id)

@@ -27,6 +27,7 @@ import structlog
 from swapd import gpu, policy
 from swapd.config import Config, ModelConfig
 from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
+from swapd.errors import ApiError
 
 log = structlog.get_logger("swapd.scheduler")
 
@@ -35,17 +36,12 @@ log = structlog.get_logger("swapd.scheduler")
 MEMORY_POLL = 0.1
 
 
-class SchedulerError(Exception):
+class SchedulerError(ApiError):
     """A request the scheduler cannot serve. Carries the HTTP answer."""
 
     status = 503
     code = "service_unavailable"
     type = "server_error"
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
 
 
 class UnknownModel(SchedulerError):

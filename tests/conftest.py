@@ -175,6 +175,20 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
         return status, raw.decode(errors="replace")
 
 
+def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes as they are (headers no HTTP client would send), read until the server
+    closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except TimeoutError:
+            out += b"<timeout>"
+    return out
+
+
 def write_config(tmp_path: Path, config: dict[str, Any], name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from swapd import logs
+from swapd.errors import error_middleware
 from swapd.logs import ENGINES, LogHub, configure_logging, log_routes, parse_level
 from tests.conftest import wait_until_async
 
@@ -147,7 +148,7 @@ async def test_append_threadsafe_from_a_worker_thread() -> None:
 @pytest.fixture
 async def hub_client() -> AsyncIterator[tuple[LogHub, TestClient[web.Request, web.Application]]]:
     hub = LogHub()
-    app = web.Application()
+    app = web.Application(middlewares=[error_middleware])
     app.add_routes(log_routes(hub, known_sources=lambda: ["m1", "m2"], disconnect_poll=0.05))
     async with TestClient(TestServer(app)) as client:
         yield hub, client
@@ -267,7 +268,7 @@ async def test_stream_ends_at_hub_close(
 async def test_unknown_sources_without_known_sources_callback() -> None:
     hub = LogHub()
     hub.append("m1", "x")
-    app = web.Application()
+    app = web.Application(middlewares=[error_middleware])
     app.add_routes(log_routes(hub))
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/logs/stream/nope")).status == 404

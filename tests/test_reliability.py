@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from bench import soak
 from swapd.config import Config, ModelConfig
-from swapd.proxy import BadRequest, multipart_field, rewrite, route_json
+from swapd.errors import ApiError
+from swapd.proxy import multipart_field, rewrite, route_json
 from swapd.scheduler import QueueTimeout
 from tests.conftest import (
     FAKE_ENGINE,
@@ -41,11 +42,13 @@ from tests.conftest import (
     model,
     multipart,
     pid_alive,
+    raw_request,
     read_records,
     stream_lines,
     wait_until,
+    wait_until_async,
 )
-from tests.test_scheduler import fake, make, until  # noqa: F401  (make: the scheduler fixture)
+from tests.test_scheduler import fake, make  # noqa: F401  (make: the scheduler fixture)
 
 CHAT = "/v1/chat/completions"
 
@@ -59,19 +62,6 @@ def timed_post(daemon: Any, body: Any, path: str = CHAT) -> tuple[int, Any, floa
 def is_openai_error(doc: Any, code: str | None = None) -> bool:
     ok = isinstance(doc, dict) and set(doc.get("error") or {}) >= {"message", "type", "code"}
     return ok and (code is None or doc["error"]["code"] == code)
-
-
-def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send bytes, read until the server closes (or the timeout)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except TimeoutError:
-            out += b"<timeout>"
-    return out
 
 
 # -- load -------------------------------------------------------------------------------------
@@ -143,7 +133,7 @@ async def test_grant_in_the_tick_of_the_queue_timeout_is_not_leaked(make):  # no
     slot = sched._slots["a"]
     slot.draining = True  # an unload is under way: the next request queues
     task = asyncio.create_task(sched.acquire("a"))
-    await until(lambda: sched.queued("a") == 1)
+    await wait_until_async(lambda: sched.queued("a") == 1)
 
     def undrain() -> None:
         slot.draining = False
@@ -585,10 +575,10 @@ json_values = st.recursive(
 model_names = st.sampled_from(KNOWN) | st.text(max_size=12)
 
 
-def _route(body: bytes) -> tuple[str, Any] | BadRequest:
+def _route(body: bytes) -> tuple[str, Any] | ApiError:
     try:
         cfg, data, _ = route_json(FUZZ_CONFIG, body)
-    except BadRequest as exc:
+    except ApiError as exc:
         assert exc.status in (400, 404) and exc.message and exc.code, exc
         return exc
     return cfg.id, data
@@ -597,7 +587,7 @@ def _route(body: bytes) -> tuple[str, Any] | BadRequest:
 @FUZZ
 @given(st.binary(max_size=512))
 def test_fuzz_route_json_bytes(body):
-    _route(body)  # never anything but BadRequest
+    _route(body)  # never anything but ApiError
 
 
 @FUZZ
@@ -608,11 +598,11 @@ def test_fuzz_route_json_documents(doc, name):
     body = json.dumps(doc).encode()
     result = _route(body)
     if not isinstance(doc, dict):
-        assert isinstance(result, BadRequest) and result.code == "bad_json"
+        assert isinstance(result, ApiError) and result.code == "bad_json"
     elif not isinstance(doc.get("model"), str) or not doc["model"]:
-        assert isinstance(result, BadRequest) and result.code == "missing_model"
+        assert isinstance(result, ApiError) and result.code == "missing_model"
     elif FUZZ_CONFIG.resolve(doc["model"]) is None:
-        assert isinstance(result, BadRequest) and result.status == 404
+        assert isinstance(result, ApiError) and result.status == 404
     else:
         assert result == (FUZZ_CONFIG.resolve(doc["model"]).id, doc)  # type: ignore[union-attr]
 
