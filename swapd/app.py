@@ -21,7 +21,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from swapd import __version__, origins, redact, systemd
+from swapd import __version__, origins, procgroup, redact, systemd
 from swapd.admin import Admin
 from swapd.config import Config, ConfigError, LoadResult, load_config
 from swapd.engine import Engine
@@ -373,6 +373,12 @@ class Daemon:
         configure_logging(self.config.log_level, hub=self.hub)
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
+        # Orphans of an engine become our children, not init's: found by parenthood even
+        # when they cleared the environment marker; reaped by `owned.supervise()`.
+        subreaper = procgroup.set_subreaper()
+        cgroup = procgroup.enable_cgroups()
+        log.info("engine containment", subreaper=subreaper, cgroup=cgroup,
+                 marker=procgroup.MARKER_VAR)
         reaped = await reap_leftovers(self.state_dir)
         for entry in reaped:
             log.warning("reaped an engine left by an earlier swapd", **entry)
@@ -419,7 +425,7 @@ class Daemon:
         # full passes, which otherwise stall every request at that instant (p99 latency).
         gc.freeze()
         systemd.ready(f"listening on {host}:{port}; tenant: none")
-        background: list[asyncio.Task[None]] = []
+        background: list[asyncio.Task[None]] = [asyncio.create_task(self.owned.supervise())]
         interval = systemd.watchdog_interval()
         if interval:
             background.append(asyncio.create_task(systemd.watchdog_loop(interval)))

@@ -57,7 +57,7 @@ class LineSink(Protocol):
 
 
 class GroupRecord(Protocol):
-    def add(self, model: str, pid: int, pgid: int) -> None: ...
+    def add(self, model: str, tree: procgroup.Tree) -> None: ...
 
     def remove(self, pid: int) -> None: ...
 
@@ -131,6 +131,7 @@ class Engine:
         self.cfg = cfg
         self.state = EngineState.STOPPED
         self.pid: int | None = None
+        self.tree: procgroup.Tree | None = None
         self.started_at: float | None = None  # wall clock, for /status uptime
         self.ready_at: float | None = None
         self.last_exit: ExitInfo | None = None
@@ -223,23 +224,49 @@ class Engine:
         return elapsed
 
     async def _spawn(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self.cfg.cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=engine_environment(self.cfg),
-            start_new_session=True,
-            close_fds=True,
+        marker = procgroup.new_marker(self.id)
+        env = engine_environment(self.cfg)
+        # Every descendant inherits it, whatever group or session it moves to.
+        env[procgroup.MARKER_VAR] = marker
+        before = procgroup.ticks_now()
+        cgroup = procgroup.engine_cgroup(self.id, marker)
+        enter = procgroup.cgroup_entry(cgroup)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.cfg.cmd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=enter.join if enter is not None else None,
+            )
+        except BaseException:
+            if enter is not None:
+                enter.close()
+            procgroup.remove_cgroup(cgroup)
+            raise
+        if enter is not None:
+            enter.close()
+            if not procgroup.in_cgroup(proc.pid, cgroup or ""):
+                log.warning("engine did not enter its cgroup", model=self.id, cgroup=cgroup)
+                cgroup = None
+        start = procgroup.start_ticks(proc.pid)
+        self.tree = procgroup.Tree(
+            leader=proc.pid, start=before if start is None else start, marker=marker,
+            cgroup=cgroup,
         )
+        procgroup.track(self.tree)
         self._exited.clear()
         self._proc = proc
         self.pid = proc.pid
         self.started_at = time.time()
         self.ready_at = None
         if self._record is not None:
-            self._record.add(self.id, proc.pid, proc.pid)
-        log.info("engine spawned", model=self.id, pid=proc.pid, argv=redact_argv(self.cfg.cmd))
+            self._record.add(self.id, self.tree)
+        log.info("engine spawned", model=self.id, pid=proc.pid, argv=redact_argv(self.cfg.cmd),
+                 cgroup=cgroup)
         assert proc.stdout is not None and proc.stderr is not None
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout), name=f"pump-out-{self.id}"),
@@ -382,24 +409,28 @@ class Engine:
         return killed
 
     async def _stop_group(self, grace: float) -> bool:
-        assert self.pid is not None
-        pgid = self.pid
+        """Stop every process of the engine's tree (group, marker, adopted orphans, cgroup);
+        returns only once none is left."""
+        assert self.pid is not None and self.tree is not None
+        tree = self.tree
         # Only an engine that served can unload; grace 0 means "now" (kill_all).
         if (self.cfg.unload_request and grace > 0 and self.ready_at is not None
                 and not self._exited.is_set()):
             await self._send_unload_request(min(UNLOAD_REQUEST_TIMEOUT, grace))
         if self.cfg.cmd_stop and not self._exited.is_set():
             await self._run_cmd_stop(grace)
-            if not await procgroup.wait_group_gone(pgid, grace):
-                log.warning("cmdStop left processes, sending SIGKILL", model=self.id, pgid=pgid)
-                killed = await procgroup.kill_group(pgid)
+            if not await procgroup.wait_tree_gone(tree, grace):
+                log.warning("cmdStop left processes, sending SIGKILL", model=self.id,
+                            pids=await asyncio.to_thread(procgroup.engine_tree, tree))
+                killed = await procgroup.kill_tree(tree)
                 await self._reaped()
                 return killed
             await self._reaped()
             return False
-        killed = await procgroup.terminate_group(pgid, grace)
+        killed = await procgroup.terminate_tree(tree, grace)
         if killed:
-            log.warning("engine outlived its grace: SIGKILL", model=self.id, pgid=pgid, grace=grace)
+            log.warning("engine outlived its grace: SIGKILL", model=self.id, pgid=tree.pgid,
+                        grace=grace)
         await self._reaped()
         return killed
 
@@ -435,18 +466,28 @@ class Engine:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
-                env=engine_environment(self.cfg),
+                # What cmdStop leaves behind belongs to the engine's tree and dies with it.
+                env={**engine_environment(self.cfg), **self._marker_env()},
                 start_new_session=True,
             )
         except OSError as exc:
             log.warning("cmdStop failed to run, sending SIGTERM", model=self.id, error=str(exc))
-            procgroup.signal_group(self.pid, 15)
+            if self.tree is not None:
+                await asyncio.to_thread(procgroup.signal_tree, self.tree, 15)
             return
+        procgroup.note_child(proc.pid)
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
             await procgroup.kill_group(proc.pid)
             await proc.wait()
+        finally:
+            procgroup.forget_child(proc.pid)
+
+    def _marker_env(self) -> dict[str, str]:
+        if self.tree is None or self.tree.marker is None:
+            return {}
+        return {procgroup.MARKER_VAR: self.tree.marker}
 
     async def _reaped(self) -> None:
         # The leader's exit status is collected by asyncio's child watcher; wait for
@@ -458,6 +499,9 @@ class Engine:
                 task.cancel()
         if self._record is not None and self.pid is not None:
             self._record.remove(self.pid)
+        if self.tree is not None:
+            procgroup.untrack(self.tree)
+            procgroup.remove_cgroup(self.tree.cgroup)
         if self._session is not None:
             await self._session.close()
             self._session = None

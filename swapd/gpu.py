@@ -19,7 +19,6 @@ GPU comes back if NVML answers for it again.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +28,8 @@ from typing import Any, Final, Literal
 
 import psutil
 import structlog
+
+from swapd import procgroup
 
 log = structlog.get_logger("swapd.gpu")
 
@@ -95,27 +96,23 @@ def read_meminfo(path: str = PROC_MEMINFO) -> tuple[int, int]:
     return max(total - available, 0), total
 
 
-def group_rss(groups: Mapping[str, int]) -> tuple[dict[str, int], dict[int, str]]:
-    """Resident bytes of each model's process group, and pid -> model for every member.
+def group_rss(groups: Mapping[str, procgroup.Tree]) -> tuple[dict[str, int], dict[int, str]]:
+    """Resident bytes of each model's process tree, and pid -> model for every member.
 
-    Every model in `groups` gets an entry (0 when its group has no live member right now).
-    Uses `psutil.pids()` + `os.getpgid` rather than `psutil.process_iter`, whose process
-    cache is module-global and shared with the event loop's own scans.
+    Every model in `groups` gets an entry (0 when its tree has no live member right now).
+    The tree is `procgroup.engine_trees`': group, marker, adopted orphans and cgroup, so a
+    worker that moved to its own session still counts. Not `psutil.process_iter`: its
+    process cache is module-global and shared with the event loop's own scans.
     """
-    by_pgid = {pgid: model for model, pgid in groups.items()}
     rss = dict.fromkeys(groups, 0)
     members: dict[int, str] = {}
-    if not by_pgid:
-        return rss, members
-    for pid in psutil.pids():
-        try:
-            model = by_pgid.get(os.getpgid(pid))
-            if model is None:
-                continue
-            rss[model] += psutil.Process(pid).memory_info().rss
-        except (OSError, psutil.Error):
-            continue  # exited between the listing and the read, or a zombie
-        members[pid] = model
+    for model, pids in procgroup.engine_trees(groups).items():
+        for pid in pids:
+            try:
+                rss[model] += psutil.Process(pid).memory_info().rss
+            except (OSError, psutil.Error):
+                continue  # exited between the listing and the read, or a zombie
+            members[pid] = model
     return rss, members
 
 
@@ -128,15 +125,15 @@ def _text(value: object) -> str:
 class Sampler:
     """Samples NVML, /proc/meminfo and the engines' process groups every `interval` seconds.
 
-    `groups` returns model -> pgid of the engines that run now; it is called from the
-    sampler thread, so it must be cheap and must not need the event loop.
+    `groups` returns model -> process tree (`procgroup.Tree`) of the engines that run now;
+    it is called from the sampler thread, so it must be cheap and must not need the loop.
     `nvml` replaces `import pynvml` (tests pass a fake module); `meminfo_path` replaces
     /proc/meminfo.
     """
 
     def __init__(
         self,
-        groups: Callable[[], Mapping[str, int]],
+        groups: Callable[[], Mapping[str, procgroup.Tree]],
         interval: float = 1.0,
         nvml: ModuleType | None = None,
         *,
@@ -269,7 +266,7 @@ class Sampler:
         self._logged.add(key)
         log.warning(event, **kw)
 
-    def _read_groups(self) -> Mapping[str, int]:
+    def _read_groups(self) -> Mapping[str, procgroup.Tree]:
         # The scheduler's dict may change under us (it lives on the event loop): retry.
         for _ in range(3):
             try:

@@ -1,21 +1,18 @@
-"""The record of process groups swapd owns, and reaping what a killed swapd left.
+"""The record of engine trees swapd owns, and reaping what a killed swapd left.
 
-Every engine runs in its own process group. `OwnedGroups` keeps `{stateDir}/engines.json`
-up to date (pid, pgid, start time of the group leader) so that, if swapd itself is
-SIGKILLed or crashes outside systemd's cgroup cleanup, the next swapd can stop the
-engines it left behind (vLLM #55510: an orphaned EngineCore kept 104 GB) before it
-starts new ones.
+Every engine is a process tree (`procgroup.Tree`). `OwnedGroups` keeps `{stateDir}/engines.json`
+up to date (leader pid and start time, the SWAPD_ENGINE marker, the engine's cgroup, and the
+members seen so far with their start times) so that, if swapd itself is SIGKILLed or crashes
+outside systemd's cgroup cleanup, the next swapd can stop everything the engines left behind
+(vLLM #55510: an orphaned EngineCore kept 104 GB) before it starts new ones: a daemonised
+helper in a session of its own is found by its marker, by its cgroup, or by its recorded pid
+with the same start time.
 
-Identity is decided by pid *and* process start time, never by name: a pid can be reused,
-and "python" or "vllm" names nothing. Start times are compared relative to boot
-(create_time - boot_time), which a clock step (NTP after boot) does not move, and only
-within the same boot (boot_id).
-
-Kernel facts the matching relies on: a pid number stays reserved while any process still
-uses it as its process-group id, so (1) if the recorded leader pid now belongs to a
-process with another start time, our group has fully exited; (2) if the leader pid is
-free but the pgid has members, they are members of the group we created (all of them
-started after the leader did, since they joined its new session).
+Identity is decided by pid *and* process start time (clock ticks since boot, exact), never
+by name: a pid can be reused, and "python" or "vllm" names nothing. Only within the same
+boot (boot_id). A pid number stays reserved while any process uses it as its process-group
+id, so if the recorded leader pid now names a process with another start time, the group we
+created is empty (its other marks are still searched).
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from swapd.files import write_atomic
 log = structlog.get_logger("swapd.orphans")
 
 FILE_NAME = "engines.json"
-_VERSION = 1
+_VERSION = 2
 # create_time has clock-tick resolution (10 ms); two processes with the same pid cannot
 # start that close together (the pid space would have to wrap in between).
 _TOLERANCE = 0.02
@@ -71,11 +68,12 @@ def _write_atomic(path: Path, data: object) -> bool:
 
 
 class OwnedGroups:
-    """The process groups this swapd started and has not yet seen gone."""
+    """The engine trees this swapd started and has not yet seen gone."""
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / FILE_NAME
         self._records: dict[int, dict[str, Any]] = {}
+        self._trees: dict[int, procgroup.Tree] = {}
         self._boot_id = _boot_id()
         self._me = os.getpid()
         self._me_start = psutil.Process(self._me).create_time()
@@ -83,20 +81,26 @@ class OwnedGroups:
     def records(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._records.values()]
 
-    def add(self, model: str, pid: int, pgid: int) -> None:
+    def add(self, model: str, tree: procgroup.Tree) -> None:
+        pid = tree.leader
         try:
             start = psutil.Process(pid).create_time()
             boot = psutil.boot_time()
         except psutil.Error as exc:
-            # Exited before we could look at it: nothing is left to reap later.
+            # Exited before we could look at it: its marker still finds what it left.
             log.debug("engine gone before it was recorded", model=model, pid=pid, error=str(exc))
-            return
+            start, boot = psutil.boot_time() + tree.start / procgroup.CLOCK_TICKS, None
+        self._trees[pid] = tree
         self._records[pid] = {
             "model": model,
             "pid": pid,
-            "pgid": pgid,
+            "pgid": tree.pgid,
             "start_time": start,
             "boot_time": boot,
+            "start_ticks": tree.start,
+            "marker": tree.marker,
+            "cgroup": tree.cgroup,
+            "members": [],
             "boot_id": self._boot_id,
             "swapd_pid": self._me,
             "swapd_start_time": self._me_start,
@@ -104,8 +108,42 @@ class OwnedGroups:
         self._write()
 
     def remove(self, pid: int) -> None:
+        self._trees.pop(pid, None)
         if self._records.pop(pid, None) is not None:
             self._write()
+
+    def refresh(self) -> None:
+        """Note the members each tree has now (pid, start), written only when they change.
+
+        The marker and the cgroup find almost every leftover; this finds the rest: a
+        member that cleared its environment and was re-parented to this swapd, after this
+        swapd is SIGKILLed (its parent is then init, and nothing else points at it).
+        """
+        trees = dict(self._trees)
+        if not trees:
+            return
+        found = procgroup.engine_trees({str(pid): tree for pid, tree in trees.items()})
+        changed = False
+        for key, pids in found.items():
+            rec = self._records.get(int(key))
+            if rec is None:
+                continue
+            members = sorted(
+                [p, t] for p in pids if (t := procgroup.start_ticks(p)) is not None
+            )
+            if members != rec["members"]:
+                rec["members"] = members
+                changed = True
+        if changed:
+            self._write()
+
+    async def supervise(self, interval: float = 1.0) -> None:
+        """Until cancelled: collect adopted orphans that died (swapd is their subreaper)
+        and keep the members in the record current."""
+        while True:
+            await asyncio.sleep(interval)
+            procgroup.reap_adopted()
+            await asyncio.to_thread(self.refresh)
 
     def _write(self) -> None:
         _write_atomic(self.path, {"version": _VERSION, "groups": list(self._records.values())})
@@ -141,15 +179,43 @@ def _owner_alive(rec: dict[str, Any]) -> bool:
         return False
 
 
+def _tree(rec: dict[str, Any]) -> procgroup.Tree | None:
+    """The engine tree a record describes; None when the record is malformed."""
+    pid, start, ticks = rec.get("pid"), rec.get("start_time"), rec.get("start_ticks")
+    if not isinstance(pid, int) or pid <= 1:
+        return None
+    if not isinstance(ticks, int):
+        # Version 1: a psutil start time (wall clock at boot + offset).
+        boot = rec.get("boot_time")
+        if not isinstance(start, int | float):
+            return None
+        base = float(boot) if isinstance(boot, int | float) else psutil.boot_time()
+        ticks = round((float(start) - base) * procgroup.CLOCK_TICKS)
+    marker, cgroup = rec.get("marker"), rec.get("cgroup")
+    members = rec.get("members")
+    known = tuple(
+        (m[0], m[1]) for m in (members if isinstance(members, list) else [])
+        if isinstance(m, list) and len(m) == 2 and all(isinstance(x, int) for x in m) and m[0] > 1
+    )
+    return procgroup.Tree(
+        leader=pid, start=ticks,
+        marker=marker if isinstance(marker, str) and marker else None,
+        cgroup=cgroup if isinstance(cgroup, str) and _is_cgroup_dir(cgroup) else None,
+        known=known,
+    )
+
+
+def _is_cgroup_dir(path: str) -> bool:
+    # A record is data from disk: only a directory of a cgroup file system is written to.
+    return path.startswith("/sys/fs/cgroup/") and ".." not in path.split("/")
+
+
 def _classify(rec: dict[str, Any], boot_id: str | None) -> str:
-    """'ours' (reap the group), 'owned' (a live swapd owns it: keep), or 'gone'."""
-    model, pid, pgid = rec.get("model"), rec.get("pid"), rec.get("pgid")
-    start, boot = rec.get("start_time"), rec.get("boot_time")
-    if not (isinstance(pid, int) and isinstance(pgid, int) and isinstance(start, int | float)):
-        log.warning("malformed engine record", record=rec)
-        return "gone"
-    if pid <= 1 or pgid <= 1:
-        log.warning("refusing engine record for pid/pgid <= 1", record=rec)
+    """'ours' (reap the tree), 'owned' (a live swapd owns it: keep), or 'gone'."""
+    model = rec.get("model")
+    tree = _tree(rec)
+    if tree is None:
+        log.warning("malformed or unsafe engine record", record=rec)
         return "gone"
     recorded_boot_id = rec.get("boot_id")
     if recorded_boot_id and boot_id and recorded_boot_id != boot_id:
@@ -158,59 +224,38 @@ def _classify(rec: dict[str, Any], boot_id: str | None) -> str:
         log.warning(
             "engine record belongs to a running swapd, leaving it",
             model=model,
-            pid=pid,
+            pid=tree.leader,
             owner=rec.get("swapd_pid"),
         )
         return "owned"
-    since_boot = float(start) - (
-        float(boot) if isinstance(boot, int | float) else psutil.boot_time()
-    )
-    try:
-        if is_same_process(since_boot, _since_boot(pid)):
-            return "ours"  # the leader itself is still running
-        # The pid was reused, which the kernel allows only once our group is empty.
-        log.info("engine pid now belongs to another process, not touching it", model=model, pid=pid)
-        return "gone"
-    except psutil.Error:
-        pass
-    # Leader gone: are there grandchildren left in its group (EngineCore, MPI ranks)?
-    members = procgroup.group_members(pgid)
-    if not members:
-        return "gone"
-    for member in members:
-        try:
-            younger = _since_boot(member) >= since_boot - _TOLERANCE
-        except psutil.Error:
-            continue  # exited meanwhile
-        if not younger:
-            log.warning(
-                "process group has members older than its recorded leader, not ours",
-                model=model,
-                pgid=pgid,
-                member=member,
-            )
-            return "gone"
-    return "ours"
+    # Group members and marked processes younger than the leader, recorded members with
+    # their exact start time, the cgroup's members, and all their descendants.
+    return "ours" if procgroup.engine_tree(tree) else "gone"
 
 
 async def _reap(rec: dict[str, Any], grace: float) -> dict[str, Any]:
-    pgid: int = rec["pgid"]
+    tree = _tree(rec)
+    assert tree is not None
+    members = await asyncio.to_thread(procgroup.engine_tree, tree)
     log.warning(
         "stopping engine left by a previous swapd",
         model=rec.get("model"),
-        pid=rec["pid"],
-        pgid=pgid,
+        pid=tree.leader,
+        pgid=tree.pgid,
+        pids=members,
     )
-    killed = await procgroup.terminate_group(pgid, grace)
-    gone = not await asyncio.to_thread(procgroup.group_members, pgid)
+    killed = await procgroup.terminate_tree(tree, grace)
+    gone = not await asyncio.to_thread(procgroup.engine_tree, tree)
     if not gone:
         log.error(
-            "could not stop leftover engine (permissions?)", model=rec.get("model"), pgid=pgid
+            "could not stop leftover engine (permissions?)", model=rec.get("model"),
+            pgid=tree.pgid,
         )
+    procgroup.remove_cgroup(tree.cgroup)
     return {
         "model": rec.get("model"),
-        "pid": rec["pid"],
-        "pgid": pgid,
+        "pid": tree.leader,
+        "pgid": tree.pgid,
         "killed": killed,
         "gone": gone,
     }

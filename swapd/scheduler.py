@@ -24,7 +24,7 @@ from typing import Any
 
 import structlog
 
-from swapd import gpu, policy
+from swapd import gpu, policy, procgroup
 from swapd.config import Config, ModelConfig
 from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
 from swapd.errors import ApiError
@@ -163,11 +163,12 @@ class Scheduler:
         """The running GPU engines."""
         return [m for m, s in self._slots.items() if s.engine.running and s.engine.cfg.gpu]
 
-    def process_groups(self) -> dict[str, int]:
+    def process_groups(self) -> dict[str, procgroup.Tree]:
+        """The process tree of each running engine (`procgroup.engine_trees` lists it)."""
         return {
-            m: s.engine.pgid
+            m: s.engine.tree
             for m, s in self._slots.items()
-            if s.engine.running and s.engine.pgid is not None
+            if s.engine.running and s.engine.tree is not None
         }
 
     def is_ready(self, model: str) -> bool:

@@ -16,6 +16,10 @@ can play each of their awkward behaviours:
 --crash-mid-stream      during a streaming answer, after 2 chunks, os._exit(4)
 --ignore-sigterm        SIGTERM is ignored (prints "ignoring SIGTERM")
 --spawn-grandchild      spawn a `python -c` child that sleeps forever in the same process group
+--escape MODE           (repeatable) leave a sleeping descendant outside the process group:
+                        "setpgid" (a child in a process group of its own), "setsid" (double
+                        fork + setsid: a daemon, orphaned at once) or "setsid-noenv" (the same,
+                        exec'd with an empty environment); recorded as event "escapee"
                         (ignores SIGTERM too with --ignore-sigterm); prints "grandchild pid N"
 --stream-tokens N       token chunks in a streaming answer (default 5); chunk i says "tok{i} "
 --token-delay S         delay before each token chunk (default 0)
@@ -66,6 +70,38 @@ while time.monotonic() < deadline:
 """
 
 MID_STREAM_CHUNKS = 2
+ESCAPE_MODES = ("setpgid", "setsid", "setsid-noenv")
+
+
+def spawn_escapee(mode: str) -> int:
+    """A sleeping descendant that left the engine's process group (see --escape)."""
+    argv = [sys.executable, "-c", GRANDCHILD_CODE, "0"]
+    if mode == "setpgid":
+        return subprocess.Popen(argv, process_group=0, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
+    # The classic daemon: fork, setsid, fork again, the middle process exits at once, so
+    # the grandchild is orphaned (re-parented to the nearest subreaper, or init).
+    r, w = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(r)
+            os.setsid()
+            pid = os.fork()
+            if pid == 0:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                env = {} if mode == "setsid-noenv" else dict(os.environ)
+                os.execve(sys.executable, argv, env)
+            os.write(w, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        pid = int(f.read())
+    os.waitpid(middle, 0)
+    return pid
 
 
 def say(msg: str, *, err: bool = False) -> None:
@@ -645,6 +681,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crash-mid-stream", action="store_true")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--spawn-grandchild", action="store_true")
+    p.add_argument("--escape", action="append", default=[], choices=ESCAPE_MODES)
     p.add_argument("--stream-tokens", type=int, default=5)
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--record", default=None)
@@ -683,6 +720,11 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, eng.on_sigterm_sync)
         say(f"grandchild pid {child.pid}")
         eng.record("grandchild", child=child.pid)
+
+    for mode in opts.escape:
+        pid = spawn_escapee(mode)
+        say(f"escapee ({mode}) pid {pid}")
+        eng.record("escapee", child=pid, mode=mode)
 
     say(f"loading model {opts.model_name}...")
     if opts.crash_after == 0:

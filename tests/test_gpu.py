@@ -25,6 +25,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
+from swapd import procgroup
 from swapd.gpu import GpuSample, Sample, Sampler, group_rss, read_meminfo
 from swapd.metrics import Metrics
 from tests.conftest import wait_until
@@ -235,15 +236,20 @@ GiB = 1 << 30
 NOT_A_PID = 0x7FFFFFF0  # no such process: never a member of any group
 
 
-class Groups:
-    """The `groups` callable: model -> pgid, counting calls (one per sampling pass)."""
+def tree(pid: int) -> procgroup.Tree:
+    """The process tree led by `pid` (a group leader), as the scheduler hands it over."""
+    return procgroup.Tree(leader=pid, start=procgroup.start_ticks(pid) or 0)
 
-    def __init__(self, groups: dict[str, int] | None = None) -> None:
+
+class Groups:
+    """The `groups` callable: model -> tree, counting calls (one per sampling pass)."""
+
+    def __init__(self, groups: dict[str, procgroup.Tree] | None = None) -> None:
         self.groups = dict(groups or {})
         self.calls = 0
         self.error: Exception | None = None
 
-    def __call__(self) -> dict[str, int]:
+    def __call__(self) -> dict[str, procgroup.Tree]:
         self.calls += 1
         if self.error is not None:
             raise self.error
@@ -284,7 +290,7 @@ def test_discrete_gpu_reads_everything_from_nvml(monkeypatch: pytest.MonkeyPatch
     )
     # the lazy `import pynvml` finds the fake
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    sampler = Sampler(Groups({"m": os.getpgid(0)}))
+    sampler = Sampler(Groups({"m": tree(os.getpgid(0))}))
     before = time.time()
     sample = sampler.sample_once()
 
@@ -327,7 +333,7 @@ def test_latest_before_the_first_sample_is_empty() -> None:
 
 def test_gb10_memory_comes_from_meminfo(gb10_meminfo: str) -> None:
     nvml = make_nvml([gb10_device(processes=[FakeProcess(os.getpid(), 60 * GiB)])])
-    sampler = Sampler(Groups({"m": os.getpgid(0)}), nvml=nvml, meminfo_path=gb10_meminfo)
+    sampler = Sampler(Groups({"m": tree(os.getpgid(0))}), nvml=nvml, meminfo_path=gb10_meminfo)
     sample = sampler.sample_once()
 
     (gpu,) = sample.gpus
@@ -364,7 +370,8 @@ def test_read_meminfo(tmp_path: Path) -> None:
 def test_withheld_process_memory_is_unknown_not_zero(gb10_meminfo: str) -> None:
     nvml = make_nvml([gb10_device(processes=[FakeProcess(os.getpid(), None)])])
     sampler = Sampler(
-        Groups({"m": os.getpgid(0), "idle": NOT_A_PID}), nvml=nvml, meminfo_path=gb10_meminfo
+        Groups({"m": tree(os.getpgid(0)), "idle": tree(NOT_A_PID)}), nvml=nvml,
+        meminfo_path=gb10_meminfo,
     )
     sample = sampler.sample_once()
     # "idle" has no process on the GPU: 0; "m" has one whose usage NVML withholds: absent
@@ -389,7 +396,7 @@ def test_a_failing_call_clears_only_its_field() -> None:
         },
         processes=[FakeProcess(os.getpid(), GiB)],
     )
-    sampler = Sampler(Groups({"m": os.getpgid(0)}), nvml=make_nvml([device]))
+    sampler = Sampler(Groups({"m": tree(os.getpgid(0))}), nvml=make_nvml([device]))
     sample = sampler.sample_once()
     (gpu,) = sample.gpus
     assert gpu.power_watts is None
@@ -409,7 +416,7 @@ def test_no_pynvml_module_means_no_gpu_and_one_log_line(
     monkeypatch: pytest.MonkeyPatch, sampler_cleanup: list[Sampler]
 ) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
-    groups = Groups({"m": os.getpgid(0)})
+    groups = Groups({"m": tree(os.getpgid(0))})
     sampler = Sampler(groups, interval=0.005)
     sampler_cleanup.append(sampler)
     with capture_logs() as logs:
@@ -502,7 +509,7 @@ def test_a_lost_gpu_is_dropped_whichever_call_notices(call: str, code: int) -> N
 
 
 def test_the_thread_survives_a_failing_groups_callable(sampler_cleanup: list[Sampler]) -> None:
-    groups = Groups({"m": os.getpgid(0)})
+    groups = Groups({"m": tree(os.getpgid(0))})
     groups.error = ValueError("scheduler exploded")
     sampler = Sampler(groups, interval=0.005, nvml=make_nvml([FakeDevice()]))
     sampler_cleanup.append(sampler)
@@ -611,7 +618,7 @@ def test_group_rss_sums_the_whole_process_group(engine_group: Group) -> None:
     pgid = engine_group.pgid
     assert os.getpgid(engine_group.child_pid) == pgid != os.getpgid(0)
 
-    rss, members = group_rss({"engine": pgid, "gone": NOT_A_PID})
+    rss, members = group_rss({"engine": tree(pgid), "gone": tree(NOT_A_PID)})
     expected = sum(psutil.Process(p).memory_info().rss for p in (pgid, engine_group.child_pid))
 
     assert members == {pgid: "engine", engine_group.child_pid: "engine"}
@@ -628,7 +635,7 @@ def test_sampler_attributes_gpu_memory_to_the_group(engine_group: Group) -> None
             FakeProcess(os.getpid(), 7 * GiB),  # not in the engine's group
         ]
     )
-    sampler = Sampler(Groups({"engine": engine_group.pgid}), nvml=make_nvml([device]))
+    sampler = Sampler(Groups({"engine": tree(engine_group.pgid)}), nvml=make_nvml([device]))
     sample = sampler.sample_once()
     assert sample.group_gpu_bytes == {"engine": 41 * GiB}
     assert sample.group_rss_bytes["engine"] >= 64 << 20
@@ -638,6 +645,6 @@ def test_sampler_attributes_gpu_memory_to_the_group(engine_group: Group) -> None
 def test_group_rss_of_an_exited_group_is_zero() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
     proc.wait()
-    rss, members = group_rss({"m": proc.pid})
+    rss, members = group_rss({"m": procgroup.Tree(leader=proc.pid, start=0)})
     assert rss == {"m": 0}
     assert members == {}

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from swapd import orphans
+from swapd import orphans, procgroup
 from swapd.orphans import OwnedGroups, is_same_process, reap_leftovers
 from tests.conftest import wait_until
 
@@ -76,6 +76,10 @@ def gone(pid: int) -> bool:
         return True
 
 
+def tree(pid: int) -> procgroup.Tree:
+    return procgroup.Tree(leader=pid, start=procgroup.start_ticks(pid) or procgroup.ticks_now())
+
+
 def load(state: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((state / orphans.FILE_NAME).read_text())
     return data
@@ -86,6 +90,7 @@ def edit_records(state: Path, shift_start: float = 0.0, **values: Any) -> None:
     data = load(state)
     for rec in data["groups"]:
         rec["start_time"] += shift_start
+        rec["start_ticks"] += round(shift_start * procgroup.CLOCK_TICKS)
         rec.update(values)
     (state / orphans.FILE_NAME).write_text(json.dumps(data))
 
@@ -101,14 +106,14 @@ def test_records_are_written_atomically(tmp_path: Path, spawn: Spawner) -> None:
     state = tmp_path / "state"  # created on first write
     owned = OwnedGroups(state)
     a, b = spawn(SLEEPER), spawn(SLEEPER)
-    owned.add("alpha", a.pid, a.pid)
+    owned.add("alpha", tree(a.pid))
     data = load(state)
-    assert data["version"] == 1
+    assert data["version"] == 2
     [rec] = data["groups"]
     assert rec["model"] == "alpha" and rec["pid"] == a.pid and rec["pgid"] == a.pid
     assert rec["swapd_pid"] == os.getpid()
     assert is_same_process(rec["start_time"], psutil.Process(a.pid).create_time())
-    owned.add("beta", b.pid, b.pid)
+    owned.add("beta", tree(b.pid))
     assert [r["model"] for r in load(state)["groups"]] == ["alpha", "beta"]
     owned.remove(a.pid)
     assert [r["model"] for r in load(state)["groups"]] == ["beta"]
@@ -123,14 +128,14 @@ def test_failed_write_keeps_previous_record(
 ) -> None:
     owned = OwnedGroups(tmp_path)
     a, b = spawn(SLEEPER), spawn(SLEEPER)
-    owned.add("alpha", a.pid, a.pid)
+    owned.add("alpha", tree(a.pid))
 
     def full_disk(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full_disk)
     with capture_logs() as logs:
-        owned.add("beta", b.pid, b.pid)  # must not raise
+        owned.add("beta", tree(b.pid))  # must not raise
     assert any(e["event"] == "cannot write engine record" for e in logs)
     assert [r["model"] for r in load(tmp_path)["groups"]] == ["alpha"]
     assert [p.name for p in tmp_path.iterdir()] == [orphans.FILE_NAME]
@@ -142,7 +147,7 @@ def test_unwritable_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> 
     owned = OwnedGroups(blocker / "state")  # mkdir fails even for root
     proc = spawn(SLEEPER)
     with capture_logs() as logs:
-        owned.add("alpha", proc.pid, proc.pid)  # must not raise
+        owned.add("alpha", tree(proc.pid))  # must not raise
     # The failure is said once, and the group is still tracked in memory.
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "cannot write engine record"
@@ -162,7 +167,7 @@ def test_read_only_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> N
         owned = OwnedGroups(state)
         proc = spawn(SLEEPER)
         with capture_logs() as logs:
-            owned.add("alpha", proc.pid, proc.pid)  # must not raise
+            owned.add("alpha", tree(proc.pid))  # must not raise
         assert any(e["event"] == "cannot write engine record" for e in logs)
         assert [r["pid"] for r in owned.records()] == [proc.pid]
         assert list(state.iterdir()) == []
@@ -172,19 +177,21 @@ def test_read_only_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> N
         state.chmod(0o700)
 
 
-def test_add_of_a_process_already_gone_is_ignored(tmp_path: Path, spawn: Spawner) -> None:
+async def test_add_of_a_process_already_gone_reaps_nothing(tmp_path: Path, spawn: Spawner) -> None:
     proc = spawn("pass")
     proc.wait(timeout=10)
     owned = OwnedGroups(tmp_path)
-    owned.add("alpha", proc.pid, proc.pid)
-    assert owned.records() == []
+    owned.add("alpha", procgroup.Tree(proc.pid, procgroup.ticks_now(), marker="x:alpha:1"))
+    assert [r["model"] for r in owned.records()] == ["alpha"]  # its marker may find leftovers
+    assert await reap_leftovers(tmp_path, grace=0.2) == []
+    assert not (tmp_path / orphans.FILE_NAME).exists()
 
 
 async def test_reaps_left_over_groups(tmp_path: Path, spawn: Spawner) -> None:
     a, b = spawn(SLEEPER), spawn(SLEEPER)
     owned = OwnedGroups(tmp_path)
-    owned.add("alpha", a.pid, a.pid)
-    owned.add("beta", b.pid, b.pid)
+    owned.add("alpha", tree(a.pid))
+    owned.add("beta", tree(b.pid))
     del owned  # the swapd that wrote the record is gone; a fresh one reaps
 
     reaped = await reap_leftovers(tmp_path, grace=5.0)
@@ -203,7 +210,7 @@ async def test_reaps_grandchildren_after_the_leader_exited(tmp_path: Path, spawn
     leader = spawn(LEADER)
     assert leader.stdout is not None and leader.stdin is not None
     grandchild = int(leader.stdout.readline())
-    OwnedGroups(tmp_path).add("vllm", leader.pid, leader.pid)
+    OwnedGroups(tmp_path).add("vllm", tree(leader.pid))
     leader.stdin.close()
     assert leader.wait(timeout=10) == 0  # leader gone (and reaped): only the grandchild is left
     assert os.getpgid(grandchild) == leader.pid
@@ -218,7 +225,7 @@ async def test_sigkill_when_sigterm_is_ignored(tmp_path: Path, spawn: Spawner) -
     proc = spawn(STUBBORN)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
-    OwnedGroups(tmp_path).add("stubborn", proc.pid, proc.pid)
+    OwnedGroups(tmp_path).add("stubborn", tree(proc.pid))
 
     reaped = await reap_leftovers(tmp_path, grace=0.2)
 
@@ -229,7 +236,7 @@ async def test_sigkill_when_sigterm_is_ignored(tmp_path: Path, spawn: Spawner) -
 async def test_reused_pid_is_not_killed(tmp_path: Path, spawn: Spawner) -> None:
     # The pid is alive, but with another start time: a different process got the pid.
     proc = spawn(SLEEPER)
-    OwnedGroups(tmp_path).add("alpha", proc.pid, proc.pid)
+    OwnedGroups(tmp_path).add("alpha", tree(proc.pid))
     edit_records(tmp_path, shift_start=-1000.0)
 
     assert await reap_leftovers(tmp_path, grace=0.2) == []
@@ -243,7 +250,7 @@ async def test_group_older_than_its_record_is_not_killed(tmp_path: Path, spawn: 
     leader = spawn(LEADER)
     assert leader.stdout is not None and leader.stdin is not None
     grandchild = int(leader.stdout.readline())
-    OwnedGroups(tmp_path).add("alpha", leader.pid, leader.pid)
+    OwnedGroups(tmp_path).add("alpha", tree(leader.pid))
     edit_records(tmp_path, shift_start=1000.0)
     leader.stdin.close()
     leader.wait(timeout=10)
@@ -255,7 +262,7 @@ async def test_group_older_than_its_record_is_not_killed(tmp_path: Path, spawn: 
 
 async def test_record_from_another_boot_is_ignored(tmp_path: Path, spawn: Spawner) -> None:
     proc = spawn(SLEEPER)
-    OwnedGroups(tmp_path).add("alpha", proc.pid, proc.pid)
+    OwnedGroups(tmp_path).add("alpha", tree(proc.pid))
     edit_records(tmp_path, boot_id="00000000-0000-0000-0000-000000000000")
 
     assert await reap_leftovers(tmp_path, grace=0.2) == []
@@ -264,7 +271,7 @@ async def test_record_from_another_boot_is_ignored(tmp_path: Path, spawn: Spawne
 
 async def test_groups_of_a_running_swapd_are_left_alone(tmp_path: Path, spawn: Spawner) -> None:
     other_swapd, engine = spawn(SLEEPER), spawn(SLEEPER)
-    OwnedGroups(tmp_path).add("alpha", engine.pid, engine.pid)
+    OwnedGroups(tmp_path).add("alpha", tree(engine.pid))
     edit_records(
         tmp_path,
         swapd_pid=other_swapd.pid,
