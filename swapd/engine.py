@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+import psutil
 import structlog
 
 from swapd import procgroup
@@ -42,6 +44,9 @@ PROBE_TIMEOUT = 2.0
 TAIL_LINES = 20
 # The most a preset's unload request (Ollama's keep_alive: 0) may delay the SIGTERM.
 UNLOAD_REQUEST_TIMEOUT = 5.0
+# Container CLIs: the server listening on the port runs in the container runtime's tree,
+# not in ours, so only the port's being free before the start is checked for them.
+CONTAINER_CLIS = frozenset({"docker", "podman", "nerdctl"})
 
 
 class EngineState(StrEnum):
@@ -83,6 +88,26 @@ class ExitInfo:
     code: int | None
     at: float  # wall-clock time
     tail: tuple[str, ...]
+
+
+def local_port(proxy: str) -> int | None:
+    """The port of `proxy` when it is on this machine (where swapd can see who listens)."""
+    parts = urlsplit(proxy)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = parts.hostname or "127.0.0.1"
+    if host == "localhost":
+        return port
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a name: not resolved here, the start path does no DNS
+    if addr.is_loopback or addr.is_unspecified:
+        return port
+    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return port if str(addr) in own else None
 
 
 def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -146,6 +171,8 @@ class Engine:
         self._exited = asyncio.Event()
         self._exited.set()
         self._stopping = False
+        # Who answered on the engine's port when it was not the engine (for the error).
+        self._squatter: str | None = None
 
     # -- observers -------------------------------------------------------------------
 
@@ -200,7 +227,18 @@ class Engine:
         t0 = time.monotonic()
         self._tail.clear()
         self._stopping = False
+        self._squatter = None
         self._set_state(EngineState.STARTING)
+        port = local_port(self.cfg.proxy)
+        holder = None if port is None else await asyncio.to_thread(procgroup.port_holder, port)
+        if holder is not None:
+            # The engine could not bind it, and the holder would answer the readiness probe
+            # and be sent the users' prompts. ${PORT} is not renumbered: it is in cmd, env
+            # and proxy already, and the operator should know what squats it.
+            self._set_state(EngineState.STOPPED)
+            reason = f"port {port} is already in use by {holder}"
+            log.error("engine port taken", model=self.id, port=port, holder=holder)
+            raise StartError(self.id, reason, None, [])
         try:
             await self._spawn()
         except OSError as exc:
@@ -326,10 +364,11 @@ class Engine:
             while True:
                 if self._exited.is_set():
                     code = self.last_exit.code if self.last_exit else None
-                    raise StartError(self.id, f"exited with code {code}", code, self.tail())
+                    reason = f"exited with code {code}" + self._squatted()
+                    raise StartError(self.id, reason, code, self.tail())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    reason = f"not ready after {timeout:g}s (healthCheckTimeout)"
+                    reason = f"not ready after {timeout:g}s (healthCheckTimeout)" + self._squatted()
                     raise StartError(self.id, reason, None, self.tail())
                 # A probe hanging on a wedged (or squatted) port must not hide the
                 # engine's exit until the probe's own timeout: whichever comes first.
@@ -337,7 +376,7 @@ class Engine:
                 await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
                 if not probe.done():
                     continue  # it exited: the loop's top reports it, `finally` drops the probe
-                if probe.result():
+                if probe.result() and await asyncio.to_thread(self._owns_port):
                     return
                 # Sleep until the next probe, but wake at once if the engine dies.
                 await asyncio.wait({exited}, timeout=min(PROBE_INTERVAL, max(remaining, 0)))
@@ -345,6 +384,26 @@ class Engine:
             exited.cancel()
             if probe is not None:
                 probe.cancel()
+
+    def _owns_port(self) -> bool:
+        """Does the socket that answered belong to this engine's process tree?"""
+        port = local_port(self.cfg.proxy)
+        if port is None or self.tree is None:
+            return True
+        if os.path.basename(self.cfg.cmd[0]) in CONTAINER_CLIS:
+            return True
+        owned, holder = procgroup.port_owned_by(port, self.tree)
+        if not owned and holder != self._squatter:
+            self._squatter = holder
+            log.warning("readiness answer from a socket that is not the engine's: ignored",
+                        model=self.id, port=port, holder=holder)
+        return owned
+
+    def _squatted(self) -> str:
+        if self._squatter is None:
+            return ""
+        port = local_port(self.cfg.proxy)
+        return f"; port {port} is held by {self._squatter}, not by the engine"
 
     async def _probe(self, timeout: float) -> bool:
         if self.cfg.check_endpoint is None:

@@ -608,3 +608,98 @@ def ticks_now() -> int:
     """Now, on the clock of /proc/<pid>/stat start times (ticks since boot)."""
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLOCK_TICKS)
 
+
+# -- listening sockets: whose is a port? ----------------------------------------------------
+
+_TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class Listener:
+    inode: int
+    uid: int
+
+
+def listeners(port: int) -> list[Listener]:
+    """TCP sockets listening on `port` (any address, IPv4 or IPv6) in our network namespace."""
+    found: list[Listener] = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            try:
+                local, state, uid, inode = fields[1], fields[3], int(fields[7]), int(fields[9])
+                if state == _TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port and inode:
+                    found.append(Listener(inode, uid))
+            except (IndexError, ValueError):
+                continue
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def _owners(inodes: set[int], pids: Iterable[int]) -> dict[int, int]:
+    """inode -> a pid among `pids` holding it."""
+    found: dict[int, int] = {}
+    for pid in pids:
+        for inode in _socket_inodes(pid) & inodes:
+            found.setdefault(inode, pid)
+        if len(found) == len(inodes):
+            break
+    return found
+
+
+def _describe(pid: int) -> str:
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return f"pid {pid}"
+    return f"pid {pid} ({comm})"
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on `port`: "pid 1234 (python3)"; None when nobody does.
+
+    A socket of a process swapd may not inspect (another user's) is named by its uid.
+    """
+    found = listeners(port)
+    return _foreign({x.inode for x in found}, found) if found else None
+
+
+def port_owned_by(port: int, tree: Tree) -> tuple[bool, str | None]:
+    """(every socket listening on `port` belongs to `tree` and there is one, the foreign
+    holder if any). A readiness answer counts only when the first is True: otherwise a
+    process that squats the engine's port would be sent the users' prompts."""
+    found = listeners(port)
+    if not found:
+        return False, None
+    inodes = {x.inode for x in found}
+    ours = _owners(inodes, engine_tree(tree))
+    if len(ours) == len(inodes):
+        return True, None
+    return False, _foreign(inodes - set(ours), found)
+
+
+def _foreign(inodes: set[int], found: list[Listener]) -> str:
+    owners = _owners(inodes, sorted(_snapshot()))
+    if owners:
+        return _describe(min(owners.values()))
+    uid = next(x.uid for x in found if x.inode in inodes)
+    return f"a process of uid {uid} that swapd cannot inspect"

@@ -248,14 +248,15 @@ class Squatter:
     """Something else holding a port: a bare listener (never answers), or an HTTP server that
     answers every path with 200."""
 
-    def __init__(self, answers: bool) -> None:
-        self.port = free_port()
+    def __init__(self, answers: bool, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", self.port))
         self.sock.listen(64)
         self.conns: list[socket.socket] = []
         self.served = 0
+        self.probed = 0
         self._stop = False
         if answers:
             threading.Thread(target=self._serve, daemon=True).start()
@@ -275,6 +276,8 @@ class Squatter:
                     data = conn.recv(65536)
                     if not data.startswith(b"GET /health"):
                         self.served += 1
+                    else:
+                        self.probed += 1
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                  b"Content-Length: 17\r\nConnection: close\r\n\r\n"
                                  b'{"squatter":true}')
@@ -287,50 +290,71 @@ class Squatter:
 
 
 def test_port_already_taken(start_swapd, tmp_path):
-    """A bare squatter: the engine cannot bind and exits; the start fails with its exit code
-    at once (not after a probe's timeout). A squatter that answers /health: swapd takes it
-    for the engine until the engine's exit is seen; then crash backoff applies, the model is
-    answered 503 with Retry-After, and nothing hangs or blocks the other models."""
+    """Something already listens on a model's port: a bare listener, or one that answers every
+    path with 200. The start fails at once, before any engine is spawned, with an error naming
+    the pid that holds the port; the squatter never sees a request; other models are fine."""
     bare, answering = Squatter(answers=False), Squatter(answers=True)
+    rec = tmp_path / "rec.jsonl"
     try:
         def on(port: int, name: str) -> dict[str, Any]:
-            cmd = f"{PY} {FAKE_ENGINE} --port {port} --model-name {name}"
+            cmd = f"{PY} {FAKE_ENGINE} --port {port} --model-name {name} --record {rec}"
             return {"cmd": cmd, "proxy": f"http://127.0.0.1:{port}",
-                    # backoffMax well above the engine's life (a longer-lived engine's
-                    # crash counts as a fresh one, not as part of a loop).
                     "restart": {"maxRetries": 1, "backoffInitial": 0.2, "backoffMax": 3.0}}
 
         cfg = {"healthCheckTimeout": 10, "models": {
             "bare": on(bare.port, "bare"), "squat": on(answering.port, "squat"),
             "ok": model(fake_cmd(name="ok"))}}
         daemon = start_swapd(cfg)
-        code, doc, took = timed_post(daemon, {"model": "bare"})
-        assert code == 503 and "exited with code 1" in doc["error"]["message"], doc
-        # The engine's own words are for the operator: /status and /logs, not the client.
-        assert "address already in use" not in doc["error"]["message"]
-        assert any("address already in use" in line
-                   for line in daemon.status()["models"]["bare"]["last_exit"]["last_lines"])
-        print(f"start on a bare squatter's port failed after {took:.2f}s")
-        assert took < 1.8, f"exit noticed after {took:.2f}s: the hung probe hid it"
-
-        answers = []
-        for _ in range(8):
-            code, doc, _ = timed_post(daemon, {"model": "squat"})
-            answers.append((code, doc.get("error", {}).get("code") if code != 200 else doc))
-            if code == 503:
-                break
-            # Wait until swapd has seen the engine exit (it dies ~0.3 s after "ready").
-            wait_until(lambda: daemon.status()["models"]["squat"]["state"] != "ready",
-                       timeout=5, message="the engine's exit noticed")
-        assert answers[-1] == (503, "engine_start_failed"), answers
-        squat = daemon.status()["models"]["squat"]
-        assert squat["last_exit"]["code"] == 1
-        assert any("address already in use" in line for line in squat["last_exit"]["last_lines"])
-        print(f"squatter answered {answering.served} request(s) before the 503: {answers}")
+        for name, squatter in (("bare", bare), ("squat", answering)):
+            code, doc, took = timed_post(daemon, {"model": name, "messages": []})
+            assert code == 503, doc
+            message = doc["error"]["message"]
+            assert f"port {squatter.port} is already in use by pid {os.getpid()}" in message, doc
+            assert took < 1.8, f"refused after {took:.2f}s"
+        assert answering.served == 0  # no prompt reached the squatter
+        assert not [e for e in read_records(rec) if e["event"] == "start"]  # nothing spawned
         assert daemon.post(CHAT, {"model": "ok"})[0] == 200
+        assert "engine port taken" in daemon.log()
     finally:
         bare.close()
         answering.close()
+
+
+def test_squatter_that_binds_while_the_engine_loads_gets_no_prompt(start_swapd, tmp_path):
+    """The port was free when the engine was spawned, but a squatter binds it while the engine
+    loads (vLLM opens its port only after loading): the squatter answers the readiness probe,
+    yet that answer does not count (the listening socket is not in the engine's process tree).
+    The engine then cannot bind and exits; the error names the squatter's pid, and no user
+    request ever reaches it."""
+    port = free_port()
+    rec = tmp_path / "rec.jsonl"
+    cmd = f"{PY} {FAKE_ENGINE} --port {port} --model-name late --boot-delay 3 --record {rec}"
+    daemon = start_swapd({"healthCheckTimeout": 20, "models": {
+        "late": {"cmd": cmd, "proxy": f"http://127.0.0.1:{port}",
+                 "restart": {"maxRetries": 0}}}})
+    squatter: list[Squatter] = []
+
+    def squat() -> None:
+        wait_until(lambda: any(e["event"] == "start" for e in read_records(rec)), timeout=15,
+                   message="the engine spawned")
+        squatter.append(Squatter(answers=True, port=port))
+
+    thread = threading.Thread(target=squat)
+    thread.start()
+    try:
+        code, doc, _ = timed_post(daemon, {"model": "late", "messages": []})
+        thread.join()
+        assert code == 503, doc
+        message = doc["error"]["message"]
+        assert "exited with code 1" in message, doc
+        assert f"port {port} is held by pid {os.getpid()}" in message, doc
+        assert squatter[0].probed > 0  # it did answer the readiness probe
+        assert squatter[0].served == 0  # and never got a prompt
+        assert "readiness answer from a socket that is not the engine's" in daemon.log()
+    finally:
+        thread.join()
+        for s in squatter:
+            s.close()
 
 
 def test_flapping_readiness_endpoint(start_swapd, tmp_path):
