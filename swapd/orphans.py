@@ -112,27 +112,28 @@ class OwnedGroups:
         if self._records.pop(pid, None) is not None:
             self._write()
 
-    def refresh(self) -> None:
-        """Note the members each tree has now (pid, start), written only when they change.
+    @staticmethod
+    def members_now(trees: dict[int, procgroup.Tree]) -> dict[int, list[list[int]]]:
+        """leader pid -> [pid, start ticks] of each live member of its tree. Reads /proc
+        only (run in a worker thread); `note_members` applies the result."""
+        found = procgroup.engine_trees({str(pid): tree for pid, tree in trees.items()})
+        return {
+            int(key): sorted([p, t] for p in pids if (t := procgroup.start_ticks(p)) is not None)
+            for key, pids in found.items()
+        }
+
+    def note_members(self, members: dict[int, list[list[int]]]) -> None:
+        """Record the members each tree has now; written only when they changed.
 
         The marker and the cgroup find almost every leftover; this finds the rest: a
         member that cleared its environment and was re-parented to this swapd, after this
         swapd is SIGKILLed (its parent is then init, and nothing else points at it).
         """
-        trees = dict(self._trees)
-        if not trees:
-            return
-        found = procgroup.engine_trees({str(pid): tree for pid, tree in trees.items()})
         changed = False
-        for key, pids in found.items():
-            rec = self._records.get(int(key))
-            if rec is None:
-                continue
-            members = sorted(
-                [p, t] for p in pids if (t := procgroup.start_ticks(p)) is not None
-            )
-            if members != rec["members"]:
-                rec["members"] = members
+        for pid, now in members.items():
+            rec = self._records.get(pid)
+            if rec is not None and now != rec["members"]:
+                rec["members"] = now
                 changed = True
         if changed:
             self._write()
@@ -143,7 +144,9 @@ class OwnedGroups:
         while True:
             await asyncio.sleep(interval)
             procgroup.reap_adopted()
-            await asyncio.to_thread(self.refresh)
+            if self._trees:
+                trees = dict(self._trees)
+                self.note_members(await asyncio.to_thread(self.members_now, trees))
 
     def _write(self) -> None:
         _write_atomic(self.path, {"version": _VERSION, "groups": list(self._records.values())})

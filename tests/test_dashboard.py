@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swapd import procgroup
 from swapd.gpu import Sampler
 from swapd.metrics import ENGINE_STATES, START_RESULTS, STOP_REASONS, Metrics
-from tests.test_gpu import FakeProcess, gb10_device, make_nvml, meminfo_text
+from tests.test_gpu import FakeProcess, gb10_device, make_nvml, meminfo_text, tree
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json"
 
@@ -43,7 +42,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     meminfo = tmp_path_factory.mktemp("proc") / "meminfo"
     meminfo.write_text(meminfo_text(128 * 1024 * 1024, 100 * 1024 * 1024))
     nvml = make_nvml([gb10_device(processes=[FakeProcess(os.getpid(), 1 << 30)])])
-    sampler = Sampler(lambda: {"qwen": procgroup.Tree(os.getpgid(0), 0)}, nvml=nvml,
+    sampler = Sampler(lambda: {"qwen": tree(os.getpgid(0))}, nvml=nvml,
                       meminfo_path=str(meminfo))
     metrics = Metrics()
     metrics.register_models(["qwen"])

@@ -19,7 +19,7 @@ from swapd import __version__
 from swapd.gpu import GpuSample, Sample, Sampler
 from swapd.metrics import ENGINE_STATES, STOP_REASONS, Metrics
 from tests.conftest import wait_until
-from tests.test_gpu import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text
+from tests.test_gpu import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text, tree
 
 GiB = 1 << 30
 
@@ -326,7 +326,8 @@ def real_sampler(tmp_path: os.PathLike[str]) -> Iterator[tuple[Sampler, FakeDevi
     device = gb10_device(processes=[FakeProcess(os.getpid(), 2 * GiB)])
     nvml = make_nvml([device])
     sampler = Sampler(
-        lambda: {"qwen": os.getpgid(0)}, interval=0.005, nvml=nvml, meminfo_path=meminfo
+        lambda: {"qwen": tree(os.getpgid(0))}, interval=0.005, nvml=nvml,
+        meminfo_path=meminfo,
     )
     yield sampler, device, nvml
     sampler.stop()
