@@ -23,7 +23,14 @@ from aiohttp import web
 
 from swapd import __version__, origins, procgroup, redact, systemd
 from swapd.admin import Admin
-from swapd.config import Config, ConfigError, LoadResult, load_config
+from swapd.config import (
+    Config,
+    ConfigError,
+    LoadResult,
+    include_files,
+    load_config,
+    split_host_port,
+)
 from swapd.engine import Engine
 from swapd.errors import ApiError, answer
 from swapd.gpu import Sampler
@@ -45,18 +52,13 @@ WATCH_INTERVAL = 1.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def default_state_dir(listen: str) -> Path:
     """Under systemd, StateDirectory=; otherwise one folder per listen port, so two
     swapd instances on one box never reap each other's engines."""
     if os.environ.get("STATE_DIRECTORY"):
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
-    return base / "swapd" / str(split_listen(listen)[1])
+    return base / "swapd" / str(split_host_port(listen)[1])
 
 
 def _is_loopback(request: web.Request) -> bool:
@@ -329,13 +331,7 @@ class Daemon:
     def _config_files(self) -> list[Path]:
         files = [Path(self.config_path)]
         if self.config.include:
-            pattern = Path(self.config.include)
-            base = Path(self.config_path).parent
-            files += sorted(
-                base.glob(str(pattern))
-                if not pattern.is_absolute()
-                else Path("/").glob(str(pattern.relative_to("/")))
-            )
+            files += map(Path, include_files(self.config_path, self.config.include))
         return files
 
     def _snapshot(self) -> dict[Path, float]:
@@ -405,7 +401,7 @@ class Daemon:
             keepalive_timeout=75,
         )
         await runner.setup()
-        host, port = split_listen(self._listen)
+        host, port = split_host_port(self._listen)
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()

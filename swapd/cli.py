@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
 from swapd import __version__
-from swapd.config import ConfigError, LoadResult, format_check, load_config
-from swapd.redact import redact_text
+from swapd.config import ConfigError, LoadResult, load_config, spell, split_host_port
+from swapd.redact import redact_argv, redact_text
 
 EXIT_OK = 0
 EXIT_BAD_CONFIG = 2
@@ -113,10 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = _with_exec_warnings(loaded)  # logged at startup, with the other warnings
         if args.listen is not None:
             try:
-                _, _, port = args.listen.rpartition(":")
-                int(port)
-            except ValueError:
-                print(f"swapd: --listen: expected HOST:PORT, got {args.listen!r}", file=sys.stderr)
+                split_host_port(args.listen)
+            except ValueError as exc:
+                print(f"swapd: --listen: {exc}", file=sys.stderr)
                 return EXIT_BAD_CONFIG
         from swapd.app import serve
 
@@ -134,6 +134,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(litellm_config(loaded.config, args.url), end="")
         return EXIT_OK
     return EXIT_BAD_CONFIG
+
+
+def format_check(result: LoadResult) -> str:
+    """What `swapd check` prints: the resolved models, the groups, every warning."""
+    config = result.config
+    lines = [
+        f"config: {config.source}", f"listen: {config.listen}",
+        "allowedHosts: IP addresses, localhost, this machine's names"
+        + "".join(f", {h}" for h in config.allowed_hosts),
+        f"cors.allowOrigins: {', '.join(config.cors_allow_origins) or '- (none)'}",
+        f"bodyTimeout: {spell(config.body_timeout)}s",
+        f"models: {len(config.models)}",
+    ]
+    for m in config.models.values():
+        ready = f"GET {m.check_endpoint}" if m.check_endpoint else "port open"
+        lines += [
+            f"  {m.id}",
+            f"    aliases:  {', '.join(m.aliases) or '-'}",
+            f"    argv:     {shlex.join(redact_argv(m.cmd))}",
+            f"    upstream: {redact_text(m.proxy)} (ready: {ready})",
+            f"    ttl:      {spell(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
+            f"    engine:   {m.engine.value + ' (preset defaults)' if m.engine else '-'}",
+            f"    gpu:      {'yes' if m.gpu else 'no'}",
+            f"    start:    ready within {spell(m.health_check_timeout)}s (healthCheckTimeout)",
+        ]
+        stop = "cmdStop" if m.cmd_stop else "SIGTERM to the process group"
+        if m.unload_request:
+            stop = f"POST {m.unload_request[0]} (unload), then {stop}"
+        lines.append(f"    stop:     {stop}; SIGKILL after {spell(m.unload_timeout)}s "
+                     "(unloadTimeout)")
+        if m.cmd_stop:
+            lines.append(f"    cmdStop:  {shlex.join(redact_argv(m.cmd_stop))}")
+        if m.forward_client_auth:
+            lines.append("    auth:     the client's Authorization / x-api-key reach the engine "
+                         "(forwardClientAuth)")
+        if m.env or m.env_remove:  # names only: values may be secrets
+            names = [name for name, _ in m.env]
+            dropped = [name for name in m.env_remove if name not in names]
+            lines.append(f"    env:      {', '.join(names) or '-'}" + (
+                f" (not inherited: {', '.join(dropped)})" if dropped else ""))
+    lines.append(f"groups: {len(config.groups)}")
+    for g in config.groups:
+        lines.append(
+            f"  {g.name}: swap={spell(g.swap)} exclusive={spell(g.exclusive)} "
+            f"persistent={spell(g.persistent)} members={', '.join(g.members) or '-'}"
+        )
+    if config.preload:
+        lines.append(f"preload: {', '.join(config.preload)}")
+    lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)
 
 
 def _status(url: str, admin_key: str | None, raw: bool) -> int:

@@ -17,7 +17,6 @@ import shlex
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,13 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-
-class EngineKind(StrEnum):
-    VLLM = "vllm"
-    LLAMA_CPP = "llama.cpp"
-    SGLANG = "sglang"
-    TRTLLM = "trtllm"
-    OLLAMA = "ollama"
+# EngineKind and the precedence of recipe, preset and file live in swapd.presets.
+from swapd.presets import EngineKind, FileWide, Recipe, engine_kind, settle
 
 
 class ConfigError(Exception):
@@ -96,8 +90,6 @@ class ModelConfig:
 
     @property
     def port(self) -> int | None:
-        from urllib.parse import urlsplit
-
         return urlsplit(self.proxy).port
 
 
@@ -170,11 +162,6 @@ _MACRO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 _LOG_LEVELS = ("debug", "info", "warn", "error")
-_ENGINES = {kind.value: kind for kind in EngineKind} | {
-    "llamacpp": EngineKind.LLAMA_CPP, "llama-cpp": EngineKind.LLAMA_CPP,
-    "llama-server": EngineKind.LLAMA_CPP, "trt-llm": EngineKind.TRTLLM,
-    "tensorrt-llm": EngineKind.TRTLLM,
-}
 _TOP_KEYS = frozenset(
     "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
     "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
@@ -209,6 +196,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# `swapd check` (swapd.cli) spells values the same way.
+spell = _fmt
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys silently; llama-swap (yaml.v3) refuses them,
     and a model id written twice is almost always a copy-paste mistake."""
@@ -229,6 +220,27 @@ class _Loader(yaml.SafeLoader):
 
 
 DuplicateKeyLoader = _Loader
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:28080` for IPv6) as (host, port); an empty host is 127.0.0.1.
+    ValueError when it is not one."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:28080), got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def include_pattern(source: str | None, include: str) -> str:
+    """The absolute glob an `include` names: relative to the main config's folder."""
+    folder = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(include)))
+
+
+def include_files(source: str | None, include: str) -> list[str]:
+    """The files an `include` glob matches now, in the order they load (sorted; `**`
+    descends into folders)."""
+    return sorted(glob.glob(include_pattern(source, include), recursive=True))
 
 
 def valid_id(model_id: str) -> bool:
@@ -501,22 +513,28 @@ def _leftovers(ctx: _Ctx, path: str, value: Any, macros: Mapping[str, Any], pid_
             ctx.fail(path, f"unknown macro ${{{name}}}")
 
 
-def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
-           next_port: Callable[[], int]) -> ModelConfig:
-    node = _Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
-    too_long = f"expands to more than {MAX_EXPANDED // 1024} KiB (macros that repeat each other?)"
-    try:
-        macros = _resolve(model_id, dict(base.macros),
-                          _macro_defs(ctx, node.child("macros", None)))
-    except _TooLong:
-        ctx.fail(node.key("macros"), too_long)
+@dataclass
+class _Texts:
+    """A model's strings that take macros, keyed by their path below the model, and its
+    JSON trees (metadata, setParams): phase 1's output, substituted in place by phase 2."""
+
+    texts: dict[str, str]
+    trees: dict[str, Any]
+    env_keys: dict[str, str]  # env name -> its key in `texts`
+    strip_key: str  # where stripParams was written (llama-swap has two spellings)
+
+
+_TOO_LONG = f"expands to more than {MAX_EXPANDED // 1024} KiB (macros that repeat each other?)"
+
+
+def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
+    """Phase 1: every string and tree of a model entry, as written (`${env.X}` read)."""
 
     def command(key: str) -> str:
         # Comments go first, so that `# needs ${env.X}` in a `|` block needs nothing.
         raw = node.data.get(key)
         return ctx.text(_strip_comments(raw) if isinstance(raw, str) else raw, node.key(key)) or ""
 
-    # Every string that takes macros, keyed by its path below the model.
     texts: dict[str, str] = {"cmd": command("cmd")}
     if not texts["cmd"].strip():
         ctx.fail(node.key("cmd"), "required: the command that starts the engine")
@@ -547,29 +565,52 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     if filters and filters.data.get("setParams") is not None:
         where = filters.key("setParams")
         trees["filters.setParams"] = ctx.tree(ctx.mapping(filters.data["setParams"], where), where)
+    return _Texts(texts, trees, env_keys, strip_key)
+
+
+def _macros_and_port(ctx: _Ctx, node: _Node, model_id: str, base: Config, t: _Texts,
+                     next_port: Callable[[], int]) -> None:
+    """Phase 2: substitute the model's macros, then ${PORT} when cmd or proxy uses it;
+    anything left unresolved is an error naming its key."""
+    try:
+        macros = _resolve(model_id, dict(base.macros),
+                          _macro_defs(ctx, node.child("macros", None)))
+    except _TooLong:
+        ctx.fail(node.key("macros"), _TOO_LONG)
 
     def substitute(values: Mapping[str, Any]) -> None:
-        for key, text in texts.items():
+        for key, text in t.texts.items():
             try:
-                texts[key] = _expand(text, values, typed=False)
+                t.texts[key] = _expand(text, values, typed=False)
             except _TooLong:
-                ctx.fail(node.key(key), too_long)
-        for key, tree in trees.items():
+                ctx.fail(node.key(key), _TOO_LONG)
+        for key, tree in t.trees.items():
             try:
-                trees[key] = _expand(tree, values)
+                t.trees[key] = _expand(tree, values)
             except _TooLong:
-                ctx.fail(node.key(key), too_long)
+                ctx.fail(node.key(key), _TOO_LONG)
 
     substitute(macros)
+    texts = t.texts
     if "${PORT}" in texts["cmd"] or "${PORT}" in texts["proxy"]:
         port = next_port()
         # `ollama serve` takes its address from env OLLAMA_HOST=127.0.0.1:${PORT}.
-        if not any("${PORT}" in texts[k] for k in ("cmd", *env_keys.values())):
+        if not any("${PORT}" in texts[k] for k in ("cmd", *t.env_keys.values())):
             ctx.warn(node.key("proxy"), f"${{PORT}} is {port} here but neither cmd nor env "
                      f"uses ${{PORT}}: the engine must listen on {port} by itself")
         substitute({"PORT": port})
-    for key, value in [*texts.items(), *trees.items()]:
+    for key, value in [*texts.items(), *t.trees.items()]:
         _leftovers(ctx, node.key(key), value, macros, pid_ok=key == "cmdStop")
+
+
+def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
+           next_port: Callable[[], int]) -> ModelConfig:
+    """One model entry, in phases: its texts, then macros and ${PORT}, then its engine's
+    preset (swapd.presets.settle), then the frozen ModelConfig."""
+    node = _Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
+    t = _model_texts(ctx, node)
+    _macros_and_port(ctx, node, model_id, base, t, next_port)
+    texts, trees, env_keys, strip_key = t.texts, t.trees, t.env_keys, t.strip_key
 
     proxy = texts["proxy"]
     try:
@@ -580,21 +621,28 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     if not url_ok:
         ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {_show(proxy)}")
     engine_name = node.text("engine")
-    engine = _ENGINES.get(engine_name.strip().lower()) if engine_name else None
+    engine = engine_kind(engine_name) if engine_name else None
     if engine_name and engine is None:
         ctx.fail(node.key("engine"), "must be one of vllm, llama.cpp, sglang, trtllm, ollama, "
                  f"got {_show(engine_name)}")
-    # A preset fills in only what the recipe leaves out (docs/recipes.md: precedence).
-    from swapd.presets import preset_for
-
-    preset = preset_for(engine)
-    check: str | None = texts.get(
-        "checkEndpoint", preset.check_endpoint if preset else "/health"
-    )
-    if check is not None and check.strip().lower() == "none":
+    # -- preset: the recipe, then its engine's preset, then the file (swapd.presets.settle)
+    env = {name: texts[key] for name, key in env_keys.items()}
+    settled = settle(engine, Recipe(
+        check_endpoint=texts.get("checkEndpoint"),
+        health_check_timeout=None if node.get("healthCheckTimeout") is None
+        else float(node.number("healthCheckTimeout", 0, strict=True)),
+        unload_timeout=None if node.get("unloadTimeout") is None
+        else float(node.number("unloadTimeout", 0)),
+        env=env,
+        has_cmd_stop="cmdStop" in texts,
+        model_name=texts.get("useModelName") or model_id,
+    ), FileWide(base.health_check_timeout, base.unload_timeout))
+    # -- build
+    check: str | None = settled.check_endpoint
+    if settled.check_endpoint.strip().lower() == "none":
         check = None
-    elif check is not None and not check.startswith("/"):
-        check = "/" + check
+    elif not settled.check_endpoint.startswith("/"):
+        check = "/" + settled.check_endpoint
     ttl = base.global_ttl if node.get("ttl") == -1 else node.number("ttl", base.global_ttl)
     strip: list[str] = []
     for param in (p.strip() for p in texts.get(strip_key, "").split(",")):
@@ -619,19 +667,7 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     for key, alias in aliases.items():
         if not alias.strip():
             ctx.fail(node.key(key), "must be a non-empty string")
-    # unloadTimeout: a positive value is the recipe's; 0 means the global one (llama-swap's
-    # meaning); left out, the preset's grace if there is one, else the global one.
-    grace = node.number("unloadTimeout", -1)
-    if grace < 0 and preset is not None:
-        grace = preset.unload_timeout
-    elif grace <= 0:
-        grace = base.unload_timeout
-    env = {name: texts[key] for name, key in env_keys.items()}
     folder = os.path.dirname(base.source) if base.source else None
-    preset_env = [(k, v) for k, v in preset.env if k not in env] if preset else []
-    unload_request = None
-    if preset is not None and "cmdStop" not in texts:  # cmdStop: the recipe says how to stop
-        unload_request = preset.unload_request(texts.get("useModelName") or model_id)
     return ModelConfig(
         id=model_id,
         cmd=_anchor(_argv(ctx, node.key("cmd"), texts["cmd"]), folder),
@@ -640,8 +676,8 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         proxy=proxy,
         check_endpoint=check,
         ttl=float(ttl),
-        unload_timeout=float(grace),
-        env=(*preset_env, *env.items()),
+        unload_timeout=settled.unload_timeout,
+        env=settled.env,
         aliases=tuple(dict.fromkeys(aliases.values())),
         use_model_name=texts.get("useModelName"),
         unlisted=node.flag("unlisted", False),
@@ -654,15 +690,11 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         send_loading_state=node.flag("sendLoadingState", base.send_loading_state),
         engine=engine,
         gpu=node.flag("gpu", True),
-        health_check_timeout=float(node.number(
-            "healthCheckTimeout",
-            preset.health_check_timeout if preset else base.health_check_timeout,
-            strict=True,
-        )),
+        health_check_timeout=settled.health_check_timeout,
         restart=restart,
         memory_release_timeout=float(node.number("memoryReleaseTimeout", 30.0)),
-        env_remove=preset.env_remove if preset else (),
-        unload_request=unload_request,
+        env_remove=settled.env_remove,
+        unload_request=settled.unload_request,
         forward_client_auth=node.flag("forwardClientAuth", False),
     )
 
@@ -817,21 +849,42 @@ def load_config(
     a warning in the result. `keep_ports` (a reload: model id → the port it has now) keeps
     each model's ${PORT}, so that a model added or removed before it in file order does
     not renumber it and restart an engine whose recipe did not change.
+
+    In phases: the files' texts (the main file, then what its `include` names), the
+    top-level settings, then each model (macros and ports → preset → build, in `_model`),
+    then what refers to models (groups, preload).
     """
     environ = os.environ if environ is None else environ
     warnings: list[str] = []
     ctx = _Ctx(os.fspath(path), environ, warnings)
     top = _Node(ctx, _read(ctx, os.fspath(path)), "", _TOP_KEYS)
+    base = _settings(top, os.path.abspath(os.fspath(path)))
+    if top.data.get("models") is None and base.include is None:
+        ctx.fail("models", "required: a mapping of model ids to their settings")
+    files = [(ctx, top), *_included(ctx, base)]
+    models, ctx_of = _models(files, base, keep_ports or {})
+    _check_names(ctx_of, models)
+    return LoadResult(config=_with_models(top, base, models), warnings=tuple(warnings))
+
+
+def _settings(top: _Node, source: str) -> Config:
+    """The top-level keys: a Config without models. A new key is a name in _TOP_KEYS, a
+    field of Config and a line here (and one in `swapd check`'s output, swapd.cli)."""
+    ctx = top.ctx
     hct = float(top.number("healthCheckTimeout", 120.0, strict=True))
     level = (top.text("logLevel") or "info").strip().lower().replace("warning", "warn")
     if level not in _LOG_LEVELS:
         ctx.fail("logLevel", f"must be one of {', '.join(_LOG_LEVELS)}, got {_show(level)}")
     listen = top.text("listen") or "127.0.0.1:28080"
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        split_host_port(listen)
+        explicit_host = bool(listen.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        explicit_host = False
+    if not explicit_host:
         ctx.fail("listen", f"must be HOST:PORT (e.g. 127.0.0.1:28080), got {_show(listen)}")
     state_dir = top.text("stateDir")
-    base = Config(
+    return Config(
         models={},
         listen=listen,
         api_keys=_keys(top, "apiKeys"),
@@ -853,36 +906,41 @@ def load_config(
         allowed_hosts=_hosts(top),
         cors_allow_origins=_origins(top),
         body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
-        source=os.path.abspath(os.fspath(path)),
+        source=source,
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
     )
 
-    # (id, entry, file) in file order, the main file first: ${PORT} numbers follow it.
-    if top.data.get("models") is None and base.include is None:
-        ctx.fail("models", "required: a mapping of model ids to their settings")
-    files = [(ctx, top)]
-    if base.include:
-        pattern = os.path.join(os.path.dirname(base.source or "."), base.include)
-        seen: dict[str, str] = {os.path.realpath(base.source or "."): base.source or ""}
-        repeated: set[str] = set()
-        for file in sorted(glob.glob(pattern, recursive=True)):
-            if os.path.islink(file) and not os.path.exists(file):
-                ctx.warn("include", f"{file} is a broken or looping symlink, not loaded")
-                continue
-            if not os.path.isfile(file):
-                continue
-            real = os.path.realpath(file)
-            if real in seen:
-                # A symlinked folder that `**` walks into again, or a link to the main file.
-                if os.path.abspath(file) != base.source and real not in repeated:
-                    repeated.add(real)
-                    ctx.warn("include", f"{file} is {seen[real]} again (a symlink), "
-                             "loaded once")
-                continue
-            seen[real] = file
-            sub = _Ctx(file, environ, warnings, label=f"{file}: ")
-            files.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
-    kept = dict(keep_ports or {})
+
+def _included(ctx: _Ctx, base: Config) -> list[tuple[_Ctx, _Node]]:
+    """The files `include` names, read, in load order; each keeps its own error context."""
+    if not base.include:
+        return []
+    out = []
+    seen: dict[str, str] = {os.path.realpath(base.source or "."): base.source or ""}
+    repeated: set[str] = set()
+    for file in include_files(base.source, base.include):
+        if os.path.islink(file) and not os.path.exists(file):
+            ctx.warn("include", f"{file} is a broken or looping symlink, not loaded")
+            continue
+        if not os.path.isfile(file):
+            continue
+        real = os.path.realpath(file)
+        if real in seen:
+            # A symlinked folder that `**` walks into again, or a link to the main file.
+            if os.path.abspath(file) != base.source and real not in repeated:
+                repeated.add(real)
+                ctx.warn("include", f"{file} is {seen[real]} again (a symlink), loaded once")
+            continue
+        seen[real] = file
+        sub = _Ctx(file, ctx.environ, ctx.warnings, label=f"{file}: ")
+        out.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
+    return out
+
+
+def _models(files: list[tuple[_Ctx, _Node]], base: Config, kept: Mapping[str, int],
+            ) -> tuple[dict[str, ModelConfig], dict[str, _Ctx]]:
+    """Every model of every file, in file order (the main file first: ${PORT} numbers
+    follow it), with the file each came from."""
     taken: set[int] = set()
     fresh = iter(range(base.start_port, 1 << 30))
 
@@ -907,8 +965,13 @@ def load_config(
                            f"defined twice: in {ctx_of[model_id].file} and in {where.file}")
             models[model_id] = _model(where, model_id, raw, base, partial(port_for, model_id))
             ctx_of[model_id] = where
-    _check_names(ctx_of, models)
+    return models, ctx_of
 
+
+def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Config:
+    """The last phase: the settings that refer to models (groups, preload, the default
+    queueTimeout)."""
+    ctx = top.ctx
     preload: list[str] = []
     hooks = top.child("hooks", frozenset({"on_startup"}))
     startup = hooks.child("on_startup", frozenset({"preload"})) if hooks else None
@@ -923,10 +986,11 @@ def load_config(
     if top.data.get("queueTimeout") is None:
         # "healthCheckTimeout + 60" with the longest start any model may take (a preset's or
         # the recipe's own), or a request for a cold vLLM would give up while it loads.
-        queue_timeout = max([hct, *(m.health_check_timeout for m in models.values())]) + 60
-    config = replace(base, models=models, groups=_groups(ctx, top, models),
-                     preload=tuple(preload), queue_timeout=queue_timeout)
-    return LoadResult(config=config, warnings=tuple(warnings))
+        queue_timeout = max(
+            [base.health_check_timeout, *(m.health_check_timeout for m in models.values())]
+        ) + 60
+    return replace(base, models=models, groups=_groups(ctx, top, models),
+                   preload=tuple(preload), queue_timeout=queue_timeout)
 
 
 def load_model_entry(model_id: str, data: object, base: Config,
@@ -948,55 +1012,3 @@ def load_model_entry(model_id: str, data: object, base: Config,
         ctx.fail(f"models.{model_id}", f"{_show(model_id)} is already an alias of {owner}")
     _check_names({k: ctx for k in [*others, model_id]}, {**others, model_id: model})
     return model
-
-
-def format_check(result: LoadResult) -> str:
-    """What `swapd check` prints: the resolved models, the groups, every warning."""
-    config = result.config
-    from swapd.redact import redact_argv, redact_text
-
-    lines = [
-        f"config: {config.source}", f"listen: {config.listen}",
-        "allowedHosts: IP addresses, localhost, this machine's names"
-        + "".join(f", {h}" for h in config.allowed_hosts),
-        f"cors.allowOrigins: {', '.join(config.cors_allow_origins) or '- (none)'}",
-        f"bodyTimeout: {_fmt(config.body_timeout)}s",
-        f"models: {len(config.models)}",
-    ]
-    for m in config.models.values():
-        ready = f"GET {m.check_endpoint}" if m.check_endpoint else "port open"
-        lines += [
-            f"  {m.id}",
-            f"    aliases:  {', '.join(m.aliases) or '-'}",
-            f"    argv:     {shlex.join(redact_argv(m.cmd))}",
-            f"    upstream: {redact_text(m.proxy)} (ready: {ready})",
-            f"    ttl:      {_fmt(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
-            f"    engine:   {m.engine.value + ' (preset defaults)' if m.engine else '-'}",
-            f"    gpu:      {'yes' if m.gpu else 'no'}",
-            f"    start:    ready within {_fmt(m.health_check_timeout)}s (healthCheckTimeout)",
-        ]
-        stop = "cmdStop" if m.cmd_stop else "SIGTERM to the process group"
-        if m.unload_request:
-            stop = f"POST {m.unload_request[0]} (unload), then {stop}"
-        lines.append(f"    stop:     {stop}; SIGKILL after {_fmt(m.unload_timeout)}s "
-                     "(unloadTimeout)")
-        if m.cmd_stop:
-            lines.append(f"    cmdStop:  {shlex.join(redact_argv(m.cmd_stop))}")
-        if m.forward_client_auth:
-            lines.append("    auth:     the client's Authorization / x-api-key reach the engine "
-                         "(forwardClientAuth)")
-        if m.env or m.env_remove:  # names only: values may be secrets
-            names = [name for name, _ in m.env]
-            dropped = [name for name in m.env_remove if name not in names]
-            lines.append(f"    env:      {', '.join(names) or '-'}" + (
-                f" (not inherited: {', '.join(dropped)})" if dropped else ""))
-    lines.append(f"groups: {len(config.groups)}")
-    for g in config.groups:
-        lines.append(
-            f"  {g.name}: swap={_fmt(g.swap)} exclusive={_fmt(g.exclusive)} "
-            f"persistent={_fmt(g.persistent)} members={', '.join(g.members) or '-'}"
-        )
-    if config.preload:
-        lines.append(f"preload: {', '.join(config.preload)}")
-    lines += [f"warning: {w}" for w in result.warnings]
-    return "\n".join(lines)

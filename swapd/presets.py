@@ -14,9 +14,32 @@ engine that holds most of the machine's memory needs seconds to give it back cle
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
-from swapd.config import EngineKind
+
+class EngineKind(StrEnum):
+    VLLM = "vllm"
+    LLAMA_CPP = "llama.cpp"
+    SGLANG = "sglang"
+    TRTLLM = "trtllm"
+    OLLAMA = "ollama"
+
+
+# `engine:` as people write it: the canonical names and the usual spellings of each.
+ENGINE_NAMES: dict[str, EngineKind] = {kind.value: kind for kind in EngineKind} | {
+    "llamacpp": EngineKind.LLAMA_CPP,
+    "llama-cpp": EngineKind.LLAMA_CPP,
+    "llama-server": EngineKind.LLAMA_CPP,
+    "trt-llm": EngineKind.TRTLLM,
+    "tensorrt-llm": EngineKind.TRTLLM,
+}
+
+
+def engine_kind(name: str) -> EngineKind | None:
+    """The engine an `engine:` value names, None when it names none."""
+    return ENGINE_NAMES.get(name.strip().lower())
 
 # Python engines write their logs through stdout; piped, that is block-buffered, and lines
 # would reach `/logs/stream` in 8 KiB bursts (or never, if the engine is SIGKILLed).
@@ -108,3 +131,70 @@ PRESETS: dict[EngineKind, Preset] = {
 
 def preset_for(engine: EngineKind | None) -> Preset | None:
     return None if engine is None else PRESETS[engine]
+
+
+# -- precedence: the recipe, then the preset, then the file-wide value ----------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe itself says about the keys a preset has defaults for; None: left out."""
+
+    check_endpoint: str | None = None  # as written ("none" included)
+    health_check_timeout: float | None = None
+    # 0 means "the file-wide value" (llama-swap's meaning), as left out without a preset.
+    unload_timeout: float | None = None
+    env: Mapping[str, str] | None = None
+    has_cmd_stop: bool = False
+    model_name: str = ""  # the name the engine knows the model by (useModelName or the id)
+
+
+@dataclass(frozen=True)
+class FileWide:
+    """The file's top-level values a preset stands in for."""
+
+    health_check_timeout: float
+    unload_timeout: float
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A model's values once the recipe, its preset and the file have had their say."""
+
+    check_endpoint: str  # as written; the loader reads "none" and adds a leading '/'
+    health_check_timeout: float
+    unload_timeout: float
+    env: tuple[tuple[str, str], ...]
+    env_remove: tuple[str, ...]
+    unload_request: tuple[str, str] | None
+
+
+def settle(engine: EngineKind | None, recipe: Recipe, file: FileWide) -> Settled:
+    """The precedence rules (docs/recipes.md): a recipe's own value always wins; a preset
+    fills in what it leaves out; the file-wide value comes last, since a preset is written
+    on the model and so more specific."""
+    preset = preset_for(engine)
+    check = recipe.check_endpoint
+    if check is None:
+        check = (preset.check_endpoint or "none") if preset else "/health"
+    hct = recipe.health_check_timeout
+    if hct is None:
+        hct = preset.health_check_timeout if preset else file.health_check_timeout
+    grace = recipe.unload_timeout
+    if grace is None and preset is not None:
+        grace = preset.unload_timeout
+    elif grace is None or grace <= 0:
+        grace = file.unload_timeout
+    env = dict(recipe.env or {})
+    preset_env = tuple((k, v) for k, v in preset.env if k not in env) if preset else ()
+    unload = None
+    if preset is not None and not recipe.has_cmd_stop:  # cmdStop: the recipe says how to stop
+        unload = preset.unload_request(recipe.model_name)
+    return Settled(
+        check_endpoint=check,
+        health_check_timeout=hct,
+        unload_timeout=grace,
+        env=(*preset_env, *env.items()),
+        env_remove=preset.env_remove if preset else (),
+        unload_request=unload,
+    )

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from swapd.config import MAX_VALUES, Config, DuplicateKeyLoader, expanded_size
+from swapd.config import MAX_VALUES, Config, DuplicateKeyLoader, expanded_size, include_pattern
 from swapd.errors import ApiError
 
 MARKER = "# swapd recipe"
@@ -130,7 +130,7 @@ def recipe_folder(config: Config) -> tuple[Path, str]:
             "no_include",
         )
     main = Path(config.source or "config.yaml").absolute()
-    pattern = Path(os.path.normpath(main.parent / config.include))
+    pattern = Path(include_pattern(str(main), config.include))
     parts = pattern.parts
     first = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), None)
     if first is None:

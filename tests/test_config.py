@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from swapd.cli import format_check
 from swapd.config import (
     Config,
     ConfigError,
     EngineKind,
     LoadResult,
     RestartPolicy,
-    format_check,
+    include_files,
     load_config,
     load_model_entry,
+    split_host_port,
 )
 
 COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
@@ -684,3 +686,24 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
         """).config
     assert cfg.models["a"].ttl == 30 and cfg.models["a"].engine is EngineKind.VLLM
     assert cfg.models["b"].ttl == 5
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("0.0.0.0:28080") == ("0.0.0.0", 28080)
+    assert split_host_port("[::1]:8080") == ("::1", 8080)
+    assert split_host_port(":9000") == ("127.0.0.1", 9000)
+    for bad in ("28080", "host:", "host:0", "host:65536", "host:http"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            split_host_port(bad)
+
+
+def test_include_files_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "recipes" / "deep").mkdir(parents=True)
+    for name in ("b.yaml", "a.yaml", "deep/c.yaml", "x.txt"):
+        (tmp_path / "recipes" / name).write_text("models: {}\n")
+    main = str(tmp_path / "config.yaml")
+    assert include_files(main, "recipes/*.yaml") == [
+        str(tmp_path / "recipes" / n) for n in ("a.yaml", "b.yaml")]
+    assert include_files(main, "recipes/**/*.yaml")[-1] == str(tmp_path / "recipes/deep/c.yaml")
+    assert include_files(main, str(tmp_path / "recipes" / "a.yaml")) == [
+        str(tmp_path / "recipes" / "a.yaml")]

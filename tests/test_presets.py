@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from swapd import engine as engine_mod
-from swapd.config import EngineKind, ModelConfig, format_check, load_config, load_model_entry
+from swapd.cli import format_check
+from swapd.config import EngineKind, ModelConfig, load_config, load_model_entry
 from swapd.engine import engine_environment
-from swapd.presets import PRESETS, preset_for
+from swapd.presets import PRESETS, FileWide, Recipe, engine_kind, preset_for, settle
 from tests.conftest import (
     FAKE_ENGINE,
     fake_cmd,
@@ -337,3 +338,45 @@ async def test_unload_request_is_bounded_and_best_effort(tmp_path, monkeypatch):
     with pytest.raises(engine_mod.StartError):
         await engine.start()
     assert engine.ready_at is None
+
+
+# -- the precedence rules, as a pure function ------------------------------------------------
+
+
+FILE = FileWide(health_check_timeout=120.0, unload_timeout=10.0)
+
+
+def test_settle_the_recipe_wins_then_the_preset_then_the_file() -> None:
+    vllm = PRESETS[EngineKind.VLLM]
+    # Left out: the preset's.
+    s = settle(EngineKind.VLLM, Recipe(model_name="m"), FILE)
+    assert (s.check_endpoint, s.health_check_timeout, s.unload_timeout) == (
+        vllm.check_endpoint, vllm.health_check_timeout, vllm.unload_timeout)
+    assert s.env == vllm.env and s.env_remove == vllm.env_remove
+    # Written on the recipe: the recipe's, also an env variable the preset sets.
+    s = settle(EngineKind.VLLM, Recipe(
+        check_endpoint="/v1/models", health_check_timeout=5, unload_timeout=3,
+        env={"PYTHONUNBUFFERED": "0", "X": "1"}), FILE)
+    assert (s.check_endpoint, s.health_check_timeout, s.unload_timeout) == ("/v1/models", 5, 3)
+    assert dict(s.env) == {"PYTHONUNBUFFERED": "0", "X": "1"}
+    # No engine: the file's, and llama-swap's /health.
+    s = settle(None, Recipe(), FILE)
+    assert (s.check_endpoint, s.health_check_timeout, s.unload_timeout) == ("/health", 120, 10)
+    assert s.env == () and s.env_remove == () and s.unload_request is None
+
+
+def test_settle_unload_timeout_zero_means_the_files_and_cmd_stop_skips_the_unload_request(
+) -> None:
+    s = settle(EngineKind.OLLAMA, Recipe(unload_timeout=0, model_name="qwen"), FILE)
+    assert s.unload_timeout == FILE.unload_timeout
+    assert s.unload_request == PRESETS[EngineKind.OLLAMA].unload_request("qwen")
+    s = settle(EngineKind.OLLAMA, Recipe(has_cmd_stop=True, model_name="qwen"), FILE)
+    assert s.unload_request is None
+    # An engine whose readiness is the open port: "none", read by the loader.
+    assert settle(EngineKind.OLLAMA, Recipe(), FILE).check_endpoint == "/"
+
+
+@pytest.mark.parametrize("name", ["vllm", " VLLM ", "llama-server", "llamacpp", "tensorrt-llm"])
+def test_engine_names_people_write(name: str) -> None:
+    assert engine_kind(name) is not None
+    assert engine_kind("tgi") is None
