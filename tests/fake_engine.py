@@ -19,7 +19,8 @@ can play each of their awkward behaviours:
 --escape MODE           (repeatable) leave a sleeping descendant outside the process group:
                         "setpgid" (a child in a process group of its own), "setsid" (double
                         fork + setsid: a daemon, orphaned at once) or "setsid-noenv" (the same,
-                        exec'd with an empty environment); recorded as event "escapee"
+                        exec'd with an empty environment); recorded as event "escapee";
+                        with --ignore-sigterm they ignore SIGTERM too
                         (ignores SIGTERM too with --ignore-sigterm); prints "grandchild pid N"
 --stream-tokens N       token chunks in a streaming answer (default 5); chunk i says "tok{i} "
 --token-delay S         delay before each token chunk (default 0)
@@ -73,9 +74,9 @@ MID_STREAM_CHUNKS = 2
 ESCAPE_MODES = ("setpgid", "setsid", "setsid-noenv")
 
 
-def spawn_escapee(mode: str) -> int:
+def spawn_escapee(mode: str, ignore_sigterm: bool = False) -> int:
     """A sleeping descendant that left the engine's process group (see --escape)."""
-    argv = [sys.executable, "-c", GRANDCHILD_CODE, "0"]
+    argv = [sys.executable, "-c", GRANDCHILD_CODE, "1" if ignore_sigterm else "0"]
     if mode == "setpgid":
         return subprocess.Popen(argv, process_group=0, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         eng.record("grandchild", child=child.pid)
 
     for mode in opts.escape:
-        pid = spawn_escapee(mode)
+        pid = spawn_escapee(mode, opts.ignore_sigterm)
         say(f"escapee ({mode}) pid {pid}")
         eng.record("escapee", child=pid, mode=mode)
 

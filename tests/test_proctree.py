@@ -110,6 +110,17 @@ def test_descendants_die_on_unload_and_swap(start_swapd: Any, tmp_path: Path) ->
                timeout=10, message="swapd reaped its adopted orphans")
 
 
+def test_descendants_that_ignore_sigterm_get_sigkill(start_swapd: Any, tmp_path: Path) -> None:
+    rec = tmp_path / "rec.jsonl"
+    entry = tree_model(rec, "s", "--ignore-sigterm")
+    daemon = start_swapd({"models": {"s": {**entry, "unloadTimeout": 0.3}}})
+    chat(daemon, "s")
+    procs = engine_procs(rec, "s")
+    assert daemon.get("/unload")[0] == 200
+    assert procs.alive() == []
+    assert "engine outlived its grace: SIGKILL" in daemon.log()
+
+
 def test_descendants_die_when_the_leader_crashes(start_swapd: Any, tmp_path: Path) -> None:
     rec = tmp_path / "rec.jsonl"
     daemon = start_swapd({"models": {"c": tree_model(rec, "c", "--crash-after", "1")}})
