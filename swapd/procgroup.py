@@ -237,7 +237,8 @@ def _assign(procs: Mapping[int, _Proc], trees: Mapping[str, Tree]) -> dict[str, 
     with _lock:
         live = dict(_live)
     for pid in _adopted(procs):
-        if any(pid in members for members in roots.values()):
+        # One with a marker is found by it (for its own engine, maybe not asked about here).
+        if any(pid in members for members in roots.values()) or read_marker(pid) is not None:
             continue
         start = procs[pid].start
         owners = sorted((t.start, t.leader) for t in live.values() if t.start <= start)

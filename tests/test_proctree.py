@@ -257,3 +257,33 @@ def test_engine_cgroup_is_killed_and_removed(tmp_path: Path, delegated_cgroup: s
     finally:
         for daemon in daemons:
             daemon.stop()
+
+
+def test_adopted_orphans_go_to_the_engine_that_marked_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As subreaper, swapd adopts the orphans of every engine. One that kept its marker
+    belongs to that engine only; one without (it cleared its environment) to the newest
+    engine that started before it."""
+    monkeypatch.setattr(procgroup, "_subreaper", True)  # our children count as adopted
+    now = procgroup.ticks_now()
+    older = procgroup.Tree(leader=0x7FFFFFF0, start=now - 20, marker="t:older:1")
+    newer = procgroup.Tree(leader=0x7FFFFFF1, start=now - 10, marker="t:newer:2")
+    sleeper = [PY, "-c", "import time; time.sleep(60)"]
+    env = {k: v for k, v in os.environ.items() if k != procgroup.MARKER_VAR}
+    procgroup.track(older)
+    procgroup.track(newer)
+    marked = subprocess.Popen(sleeper, env={**env, procgroup.MARKER_VAR: older.marker or ""})
+    unmarked = subprocess.Popen(sleeper, env=env)
+    try:
+        wait_until(lambda: procgroup.read_marker(marked.pid) == older.marker, timeout=5,
+                   message="the child exec'd")
+        trees = procgroup.engine_trees({"older": older, "newer": newer})
+        assert marked.pid in trees["older"] and marked.pid not in trees["newer"]
+        assert unmarked.pid in trees["newer"] and unmarked.pid not in trees["older"]
+        # Asked about alone, the newer engine still does not take the older one's orphan.
+        assert marked.pid not in procgroup.engine_tree(newer)
+    finally:
+        procgroup.untrack(older)
+        procgroup.untrack(newer)
+        for proc in (marked, unmarked):
+            proc.kill()
+            proc.wait()
