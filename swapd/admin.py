@@ -17,6 +17,7 @@ import yaml
 from aiohttp import web
 
 from swapd import __version__
+from swapd.appstate import config_of
 from swapd.config import Config, ConfigError, load_model_entry
 from swapd.errors import ApiError
 from swapd.files import write_atomic
@@ -73,9 +74,10 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
 
 
 class Admin:
-    def __init__(self, scheduler: Scheduler, config: Callable[[], Config], reload: Reload) -> None:
+    """The config comes from the app (swapd.appstate); `reload` is the daemon's."""
+
+    def __init__(self, scheduler: Scheduler, reload: Reload) -> None:
         self._scheduler = scheduler
-        self._config = config
         self._reload = reload
         # One recipe write at a time: check, write and reload must not interleave.
         self._recipe_lock = asyncio.Lock()
@@ -117,7 +119,7 @@ class Admin:
         return web.json_response({"running": out})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(status_document(self._scheduler, self._config()))
+        return web.json_response(status_document(self._scheduler, config_of(request)))
 
     async def unload_all(self, request: web.Request) -> web.Response:
         stopped = await self._scheduler.unload(None)
@@ -143,7 +145,7 @@ class Admin:
 
     def _model(self, request: web.Request) -> str:
         name = request.match_info["id"]
-        model = self._config().resolve(name)
+        model = config_of(request).resolve(name)
         if model is None:
             raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
         return model.id
@@ -152,7 +154,7 @@ class Admin:
 
     def _recipe(self, request: web.Request) -> tuple[str, Path]:
         recipe_id = request.match_info["id"]
-        return recipe_id, recipe_path(self._config(), recipe_id)
+        return recipe_id, recipe_path(config_of(request), recipe_id)
 
     async def get_recipe(self, request: web.Request) -> web.Response:
         recipe_id, path = self._recipe(request)
@@ -181,7 +183,7 @@ class Admin:
         )
 
     async def put_recipe(self, request: web.Request) -> web.StreamResponse:
-        config = self._config()
+        config = config_of(request)
         recipe_id, path = self._recipe(request)
         kind = body_kind(request.headers.get("Content-Type", ""))
         raw = await read_body(request, MAX_RECIPE_BYTES, config.body_timeout)
@@ -212,7 +214,7 @@ class Admin:
             except ConfigError as exc:
                 self._restore(path, previous)
                 raise _invalid(exc) from None
-            if recipe_id not in self._config().models:
+            if recipe_id not in config_of(request).models:
                 # The glob did not load it after all: take the file back rather than leave
                 # a recipe that looks written and never runs.
                 self._restore(path, previous)

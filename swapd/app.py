@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from swapd import __version__, origins, procgroup, redact, systemd
 from swapd.admin import Admin
+from swapd.appstate import CONFIG, UPSTREAM, LiveConfig
 from swapd.config import (
     Config,
     ConfigError,
@@ -122,7 +123,8 @@ class Daemon:
         self.config_path = config_path
         # --listen wins over the file, also across reloads (the socket is bound once).
         self._listen_override = listen
-        self.config: Config = self._effective(loaded.config)
+        # The config in force: what handlers read (app[CONFIG]); a reload swaps it.
+        self.live = LiveConfig(self._effective(loaded.config))
         self._warnings = loaded.warnings
         redact.remember(config_secrets(self.config))
         # This machine's names: a Host naming them is no rebinding (origins.py).
@@ -152,7 +154,14 @@ class Daemon:
             on_inflight=lambda m, n: self.metrics.series(m).inflight.set(n),
         )
         self.sampler = Sampler(self.scheduler.process_groups)
-        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.live.config = config
 
     def _effective(self, config: Config) -> Config:
         if self._listen_override:
@@ -178,24 +187,23 @@ class Daemon:
 
     # -- the web app -----------------------------------------------------------------
 
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None
-        return self._session
-
     def build_app(self) -> web.Application:
         # The body limit is enforced by the proxy itself, with an OpenAI-shaped 413.
         app = web.Application(
             client_max_size=self.config.max_body_bytes + 1024 * 1024,
             middlewares=[self._middleware],
         )
+        app[CONFIG] = self.live
+        app.cleanup_ctx.append(_upstream_session)
         app.on_response_prepare.append(self._cors_headers)
-        proxy = Proxy(self.scheduler, lambda: self.config, self.metrics, self.session)
-        admin = Admin(self.scheduler, lambda: self.config, self.reload)
-        app.add_routes(admin.routes())
-        app.add_routes(proxy.routes())
-        app.add_routes(log_routes(self.hub, lambda: self.config.models.keys()))
+        app.add_routes(Admin(self.scheduler, self.reload).routes())
+        app.add_routes(Proxy(self.scheduler, self.metrics).routes())
+        app.add_routes(log_routes(self.hub, self._model_ids))
         app.router.add_get("/metrics", self.metrics.handle)
         return app
+
+    def _model_ids(self) -> Iterable[str]:
+        return self.config.models.keys()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -366,6 +374,22 @@ class Daemon:
         self.stop_event.set()
 
     async def run(self) -> int:
+        """startup → serve → shutdown, as uvicorn's server.py. What startup acquires is
+        released by the exit stack in reverse order, whatever happens after it."""
+        async with contextlib.AsyncExitStack() as resources:
+            site = await self.startup(resources)
+            if site is None:
+                return 1
+            await self.serve()
+            await self.shutdown(site)
+        log.info("swapd stopped")
+        return 0
+
+    async def startup(self, resources: contextlib.AsyncExitStack) -> web.TCPSite | None:
+        """Everything before the first request; None when the socket cannot be bound."""
+        loop = asyncio.get_running_loop()
+        # Threads (the GPU sampler, engine pumps' fallbacks) hand lines to this loop.
+        self.hub.bind(loop)
         configure_logging(self.config.log_level, hub=self.hub)
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
@@ -379,19 +403,18 @@ class Daemon:
         for entry in reaped:
             log.warning("reaped an engine left by an earlier swapd", **entry)
         self._force_event = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
+            resources.callback(loop.remove_signal_handler, sig)
+        # The last resort, first registered so it runs last: whatever ended the daemon, no
+        # engine outlives it (after a graceful shutdown there is none left to kill).
+        resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
         for model in self.config.models:
             self.metrics.set_engine_state(model, "stopped")
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30),
-            auto_decompress=False,
-        )
         self.metrics.attach_sampler(self.sampler)
         self.sampler.start()
+        resources.callback(self.sampler.stop)
         runner = web.AppRunner(
             self.build_app(),
             handler_cancellation=True,
@@ -400,15 +423,18 @@ class Daemon:
             # aiohttp's default (3630 s) lets a slowloris client hold a socket an hour.
             keepalive_timeout=75,
         )
-        await runner.setup()
+        await runner.setup()  # the app's cleanup context opens the upstream session
+        resources.push_async_callback(runner.cleanup)
+        # Before the runner's cleanup (LIFO): open /logs/stream responses end, or the
+        # cleanup would wait for them.
+        resources.callback(self.hub.close)
         host, port = split_host_port(self._listen)
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
             log.error("cannot listen", listen=self._listen, error=str(exc))
-            await self._cleanup(runner)
-            return 1
+            return None
         log.info(
             "swapd listening",
             listen=f"{host}:{port}",
@@ -421,16 +447,24 @@ class Daemon:
         # full passes, which otherwise stall every request at that instant (p99 latency).
         gc.freeze()
         systemd.ready(f"listening on {host}:{port}; tenant: none")
-        background: list[asyncio.Task[None]] = [asyncio.create_task(self.owned.supervise())]
+        background = [self.owned.supervise()]
         interval = systemd.watchdog_interval()
         if interval:
-            background.append(asyncio.create_task(systemd.watchdog_loop(interval)))
+            background.append(systemd.watchdog_loop(interval))
         if self._watch:
-            background.append(asyncio.create_task(self._watch_config()))
+            background.append(self._watch_config())
+        for coro in background:
+            resources.push_async_callback(_cancelled, asyncio.create_task(coro))
         self.scheduler.preload(self.config.preload)
+        return site
 
+    async def serve(self) -> None:
+        """Requests are served by the site until a stop signal (SIGHUP reloads meanwhile)."""
         await self.stop_event.wait()
 
+    async def shutdown(self, site: web.TCPSite) -> None:
+        """Stop accepting, let requests in flight finish (shutdownTimeout), stop every engine;
+        a second stop signal kills them at once."""
         systemd.stopping()
         log.info("shutting down", drain=self.config.shutdown_timeout)
         await site.stop()  # stop accepting; requests in flight go on
@@ -443,18 +477,23 @@ class Daemon:
         else:
             force.cancel()
             await close
-        for task in background:
-            task.cancel()
-        await self._cleanup(runner)
-        log.info("swapd stopped")
-        return 0
 
-    async def _cleanup(self, runner: web.AppRunner) -> None:
-        self.sampler.stop()
-        self.hub.close()  # open /logs/stream responses end now
-        await runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The app's cleanup context: one client session for every relay, closed with the app."""
+    app[UPSTREAM] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30),
+        auto_decompress=False,
+    )
+    yield
+    await app[UPSTREAM].close()
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

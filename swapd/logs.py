@@ -251,18 +251,19 @@ class LogHub:
         """Sources that have a buffer."""
         return list(self._buffers)
 
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve subscribers on `loop`, which runs on the calling thread: lines appended from
+        other threads (`append_threadsafe`) hop onto it. The daemon binds its hub at startup,
+        before any line or reader exists."""
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+
     def subscribe(self, source: str | None = None, queue_size: int = 1000) -> Subscription:
         """Live lines from now on (take `recent` in the same loop iteration for no gap).
 
-        Must be called on the event loop (the subscription wakes its reader there).
+        Must be called on the event loop the hub is bound to (the subscription wakes its
+        reader there).
         """
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            self._loop = loop
-            self._loop_thread = threading.get_ident()
         sub = Subscription(self, self._key(source), queue_size)
         self._subs.setdefault(sub._key, set()).add(sub)
         return sub

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from swapd.appstate import UPSTREAM, config_of
 from swapd.config import Config, ModelConfig
 from swapd.engine import Engine
 from swapd.errors import ApiError, anthropic_error_body, error_body
@@ -237,17 +237,11 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 class Proxy:
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        config: Callable[[], Config],
-        metrics: Metrics,
-        session: Callable[[], aiohttp.ClientSession],
-    ) -> None:
+    """The config and the upstream session come from the app (swapd.appstate)."""
+
+    def __init__(self, scheduler: Scheduler, metrics: Metrics) -> None:
         self._scheduler = scheduler
-        self._config = config
         self._metrics = metrics
-        self._session = session
 
     def routes(self) -> list[web.RouteDef]:
         routes = [web.post(path, self.handle_inference) for path in INFERENCE_POST_PATHS]
@@ -260,7 +254,7 @@ class Proxy:
     # -- routing ---------------------------------------------------------------------
 
     async def _route(self, request: web.Request) -> Routed:
-        config = self._config()
+        config = config_of(request)
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
         ctype = request.headers.get("Content-Type", "")
         if ctype.lower().startswith("multipart/form-data"):
@@ -285,7 +279,7 @@ class Proxy:
     async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/{model}/{path}`: raw passthrough; the model id may contain '/'."""
         t0 = time.monotonic()
-        config = self._config()
+        config = config_of(request)
         tail = request.match_info["tail"]
         parts = tail.split("/")
         model = None
@@ -305,7 +299,7 @@ class Proxy:
         return await self._serve(request, Routed(model, body, False), path, t0)
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        config = self._config()
+        config = config_of(request)
         data = []
         for model in config.models.values():
             if model.unlisted:
@@ -399,13 +393,13 @@ class Proxy:
         outcome: list[int],
     ) -> tuple[web.StreamResponse, int]:
         model = routed.model.id
-        headers = forward_headers(request.headers, self._strip_auth(routed.model))
+        headers = forward_headers(request.headers, _strip_auth(config_of(request), routed.model))
         if "@" in url and URL(url).user is not None:
             # The proxy URL carries the engine's own credentials: they are what the engine
             # reads, and a client's Authorization cannot go along with them.
             headers.popall("Authorization", None)
         try:
-            upstream = await self._session().request(
+            upstream = await request.app[UPSTREAM].request(
                 request.method,
                 url,
                 headers=headers,
@@ -481,12 +475,12 @@ class Proxy:
                 # engine sees the disconnect and stops generating.
                 upstream.close()
 
-    def _strip_auth(self, model: ModelConfig) -> bool:
-        config = self._config()
-        return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
-
     def _count(self, model: str, code: int, t0: float) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
+
+
+def _strip_auth(config: Config, model: ModelConfig) -> bool:
+    return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
 
 
 def _describe(exc: BaseException) -> str:

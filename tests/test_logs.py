@@ -135,6 +135,7 @@ async def test_hub_close_ends_iteration() -> None:
 
 async def test_append_threadsafe_from_a_worker_thread() -> None:
     hub = LogHub()
+    hub.bind(asyncio.get_running_loop())
     async with hub.subscribe("swapd") as sub:
         worker = threading.Thread(target=hub.append_threadsafe, args=("swapd", "from thread"))
         worker.start()
@@ -377,3 +378,15 @@ async def test_log_from_a_worker_thread_reaches_a_live_subscriber() -> None:
         line = await asyncio.wait_for(anext(sub), 5)
         worker.join()
     assert "no NVML, no GPU metrics" in line
+
+
+async def test_a_bound_hub_takes_other_threads_lines_on_its_loop() -> None:
+    """Bound at startup, before any reader: a line from a worker thread is appended by the
+    loop (the buffers are the loop's alone), not by the thread that wrote it."""
+    hub = LogHub()
+    hub.bind(asyncio.get_running_loop())
+    worker = threading.Thread(target=hub.append_threadsafe, args=("swapd", "from thread"))
+    worker.start()
+    worker.join()
+    assert hub.recent("swapd") == []  # handed to the loop, not written by the worker
+    await wait_until_async(lambda: hub.recent("swapd") == ["from thread"])
