@@ -242,9 +242,34 @@ class Daemon:
                 )
         if request.method == "OPTIONS":
             return self._preflight(request)
-        if request.path.startswith(ADMIN_PREFIXES):
+        path = request.path
+        if path.startswith(ADMIN_PREFIXES):
             why = origins.foreign_origin(request.headers, host)
             if why is not None:
+                raise ApiError(why, status=403, code="cross_origin_forbidden")
+        elif path in CORS_PATHS:
+            # A page outside cors.allowOrigins cannot read the answer, but its request would
+            # still start (swap in) a model: refuse it outright.
+            origin = request.headers.get("Origin")
+            if (
+                origin is not None
+                and origins.cors_allow(origin, config.cors_allow_origins) is None
+                and not origins.same_origin(origin, host)
+            ):
+                raise ApiError(
+                    f"origin {origin[:200]!r} is not in cors.allowOrigins",
+                    status=403,
+                    code="cors_forbidden",
+                )
+        elif path.startswith("/upstream/"):
+            # Raw passthrough (an engine's own routes and UI): same origin, or an origin
+            # listed by name in cors.allowOrigins ("*" does not open it).
+            why = origins.foreign_origin(request.headers, host)
+            origin = request.headers.get("Origin")
+            if why is not None and not (
+                origin is not None
+                and origins.cors_allow(origin, [o for o in config.cors_allow_origins if o != "*"])
+            ):
                 raise ApiError(why, status=403, code="cross_origin_forbidden")
         return None
 

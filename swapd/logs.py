@@ -432,16 +432,16 @@ def configure_logging(
         timestamper,
     ]
     final: list[structlog.typing.Processor] = [
-        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-        _redact_event,
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta
     ]
+    if json_output:
+        # The traceback as text before masking: an exception's message may quote a secret.
+        final.append(structlog.processors.format_exc_info)
+    final.append(_redact_event)
     if hub is not None:
         final.append(_HubTee(hub))
     if json_output:
-        final += [
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(default=str),
-        ]
+        final.append(structlog.processors.JSONRenderer(default=str))
     else:
         final.append(structlog.dev.ConsoleRenderer(colors=tty))
 

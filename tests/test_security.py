@@ -212,6 +212,11 @@ def test_cors_default_lets_browser_chat_clients_in_but_not_on_admin_routes(start
         assert code == 403, path
         assert not any(h.startswith("access-control-") for h in headers), (path, headers)
     assert running(daemon) == ["base"]  # the /upstream preflight started nothing new
+    # With the default "*", a page may use the inference API, not the raw passthrough.
+    code, headers, body = post_with_headers(daemon, "/upstream/base/echo", {},
+                                            {"Origin": "https://chat.example",
+                                             "Authorization": "Bearer k-123456"})
+    assert code == 403 and body["error"]["code"] == "cross_origin_forbidden"
 
 
 def test_cors_allow_origins_list(start, tmp_path):
@@ -221,10 +226,19 @@ def test_cors_allow_origins_list(start, tmp_path):
     assert "origin" in headers["vary"].lower()
     code, headers = preflight(daemon, "/v1/chat/completions", "https://other.example")
     assert code == 403 and "access-control-allow-origin" not in headers
-    code, headers, _ = post_with_headers(daemon, "/v1/chat/completions",
-                                         {"model": "base", "messages": []},
-                                         {"Origin": "https://other.example"})
-    assert code == 200 and "access-control-allow-origin" not in headers
+    # Its request is refused, not only its reading of the answer: it would start a model.
+    code, headers, body = post_with_headers(daemon, "/v1/chat/completions",
+                                            {"model": "base", "messages": []},
+                                            {"Origin": "https://other.example"})
+    assert code == 403 and body["error"]["code"] == "cors_forbidden"
+    assert "access-control-allow-origin" not in headers
+    assert not running(daemon)
+    code, headers, body = post_with_headers(daemon, "/upstream/base/echo", {},
+                                            {"Origin": "https://other.example"})
+    assert code == 403 and not running(daemon)
+    code, headers, body = post_with_headers(daemon, "/upstream/base/echo", {},
+                                            {"Origin": "https://chat.example"})
+    assert code == 200 and body["x_served_by"] == "base"
 
 
 # -- 3. recipes in a folder of their own --------------------------------------------------------
