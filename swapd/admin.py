@@ -32,30 +32,43 @@ from swapd.recipes import (
     render,
 )
 from swapd.redact import clean_line, redact_argv, redact_text
-from swapd.scheduler import Scheduler
+from swapd.scheduler import EngineView, Scheduler
 
 log = structlog.get_logger("swapd.admin")
 
 Reload = Callable[[str], Awaitable[dict[str, list[str]]]]
 
 
+def failure_document(view: EngineView, now: float) -> dict[str, Any] | None:
+    """Why a model is in backoff or failed, how often, and when it is tried again."""
+    if not view.failures:
+        return None
+    return {
+        "reason": None if view.last_error is None else clean_line(view.last_error),
+        "count": view.failures,
+        "retry_at": view.next_retry_at,
+        "retry_in": None
+        if view.next_retry_at is None
+        else round(max(0.0, view.next_retry_at - now), 3),
+    }
+
+
 def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
     """What `GET /status` answers: enough to see what swapd is doing right now."""
     now = time.time()
     models: dict[str, Any] = {}
-    for engine in scheduler.engines():
-        exit_info = engine.last_exit
-        models[engine.id] = {
-            "state": str(engine.state),
-            "pid": engine.pid if engine.running else None,
-            "uptime": round(now - engine.started_at, 3)
-            if engine.running and engine.started_at
-            else None,
-            "inflight": scheduler.inflight(engine.id),
-            "queued": scheduler.queued(engine.id),
-            "upstream": redact_text(engine.upstream),
-            "gpu": engine.cfg.gpu,
-            "ttl": engine.cfg.ttl,
+    for view in scheduler.views():
+        exit_info = view.last_exit
+        models[view.id] = {
+            "state": view.state,
+            "phase": str(view.phase),
+            "pid": view.pid,
+            "uptime": round(now - view.started_at, 3) if view.started_at else None,
+            "inflight": view.inflight,
+            "queued": view.queued,
+            "upstream": redact_text(view.upstream),
+            "gpu": view.cfg.gpu,
+            "ttl": view.cfg.ttl,
             "last_exit": None
             if exit_info is None
             else {
@@ -63,6 +76,7 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
                 "at": exit_info.at,
                 "last_lines": [clean_line(line) for line in exit_info.tail[-5:]],
             },
+            "failure": failure_document(view, now),
         }
     return {
         "version": __version__,
@@ -101,19 +115,19 @@ class Admin:
 
     async def running(self, request: web.Request) -> web.Response:
         out = []
-        for engine in self._scheduler.engines():
-            if not engine.running:
+        for view in self._scheduler.views():
+            if not view.running:
                 continue
             out.append(
                 {
-                    "model": engine.id,
-                    "state": str(engine.state),
-                    "cmd": " ".join(redact_argv(engine.cfg.cmd)),
-                    "proxy": redact_text(engine.upstream),
-                    "ttl": engine.cfg.ttl,
-                    "name": engine.cfg.name or "",
-                    "description": engine.cfg.description or "",
-                    "pid": engine.pid,
+                    "model": view.id,
+                    "state": view.state,
+                    "cmd": " ".join(redact_argv(view.cfg.cmd)),
+                    "proxy": redact_text(view.upstream),
+                    "ttl": view.cfg.ttl,
+                    "name": view.cfg.name or "",
+                    "description": view.cfg.description or "",
+                    "pid": view.pid,
                 }
             )
         return web.json_response({"running": out})
@@ -133,12 +147,13 @@ class Admin:
     async def load(self, request: web.Request) -> web.Response:
         model = self._model(request)
         t0 = time.monotonic()
-        engine = await self._scheduler.load(model)
+        # An operator's explicit load also clears a failed model's backoff.
+        view = await self._scheduler.load(model, clear_failure=True)
         return web.json_response(
             {
                 "model": model,
-                "state": str(engine.state),
-                "upstream": engine.upstream,
+                "state": view.state,
+                "upstream": view.upstream,
                 "seconds": round(time.monotonic() - t0, 3),
             }
         )

@@ -32,7 +32,6 @@ from swapd.config import (
     load_config,
     split_host_port,
 )
-from swapd.engine import Engine
 from swapd.errors import ApiError, answer
 from swapd.gpu import Sampler
 from swapd.logs import LogHub, configure_logging, log_routes
@@ -109,6 +108,35 @@ def _key_in(key: str | None, keys: tuple[str, ...]) -> bool:
     return found
 
 
+class _Observer:
+    """What the scheduler reports: metrics and systemd's status line."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def engine_state(self, model: str, state: str) -> None:
+        self._daemon.metrics.set_engine_state(model, state)
+        tenant = ", ".join(self._daemon.scheduler.tenant()) or "none"
+        systemd.status(f"tenant: {tenant}")
+
+    def engine_started(self, model: str, ok: bool, seconds: float) -> None:
+        metrics = self._daemon.metrics
+        metrics.engine_starts.labels(model, "success" if ok else "failure").inc()
+        if ok:
+            metrics.engine_start_seconds.labels(model).observe(seconds)
+
+    def engine_stopped(self, model: str, reason: str, killed: bool) -> None:
+        metrics = self._daemon.metrics
+        metrics.engine_stops.labels(model, reason).inc()
+        if killed:
+            metrics.engine_kills.labels(model).inc()
+
+    def counts(self, model: str, inflight: int, queued: int) -> None:
+        series = self._daemon.metrics.series(model)
+        series.inflight.set(inflight)
+        series.queued.set(queued)
+
+
 class Daemon:
     """One running swapd: owns the config reference, the scheduler and the server."""
 
@@ -144,14 +172,7 @@ class Daemon:
         )
         self.owned = OwnedGroups(self.state_dir)
         self.scheduler = Scheduler(
-            self.config,
-            sink=self.hub,
-            record=self.owned,
-            on_engine_state=self._engine_state,
-            on_engine_start=self._engine_started,
-            on_engine_stop=self._engine_stopped,
-            on_queue=lambda m, n: self.metrics.series(m).queued.set(n),
-            on_inflight=lambda m, n: self.metrics.series(m).inflight.set(n),
+            self.config, observer=_Observer(self), sink=self.hub, record=self.owned
         )
         self.sampler = Sampler(self.scheduler.process_groups)
 
@@ -167,23 +188,6 @@ class Daemon:
         if self._listen_override:
             return dataclasses.replace(config, listen=self._listen_override)
         return config
-
-    # -- hooks from the scheduler -----------------------------------------------------
-
-    def _engine_state(self, engine: Engine) -> None:
-        self.metrics.set_engine_state(engine.id, str(engine.state))
-        tenant = ", ".join(self.scheduler.tenant()) or "none"
-        systemd.status(f"tenant: {tenant}")
-
-    def _engine_started(self, model: str, result: str, seconds: float) -> None:
-        self.metrics.engine_starts.labels(model, result).inc()
-        if result == "success":
-            self.metrics.engine_start_seconds.labels(model).observe(seconds)
-
-    def _engine_stopped(self, model: str, reason: str, killed: bool) -> None:
-        self.metrics.engine_stops.labels(model, reason).inc()
-        if killed:
-            self.metrics.engine_kills.labels(model).inc()
 
     # -- the web app -----------------------------------------------------------------
 

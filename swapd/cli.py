@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import urllib.error
@@ -234,4 +235,12 @@ def format_status(doc: dict[str, object]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    failures = [(m, i["failure"]) for m, i in models.items() if isinstance(i.get("failure"), dict)]
+    for model, failure in failures:
+        count = failure.get("count")
+        retry_in = failure.get("retry_in")
+        when = (f"next try in {math.ceil(retry_in)}s" if isinstance(retry_in, (int, float))
+                else "next request tries again")
+        lines.append(f"{model}: failed {count} time{'s' if count != 1 else ''}, {when}: "
+                     f"{failure.get('reason')}")
     return "\n".join(lines)

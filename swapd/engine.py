@@ -54,7 +54,6 @@ class EngineState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
-    FAILED = "failed"
 
 
 class LineSink(Protocol):
@@ -167,7 +166,6 @@ class Engine:
         self._proc: asyncio.subprocess.Process | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._pumps: list[asyncio.Task[None]] = []
-        self._watcher: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._exited.set()
         self._stopping = False
@@ -204,15 +202,6 @@ class Engine:
         log.debug("engine state", model=self.id, state=str(state))
         if self._on_state is not None:
             self._on_state(self)
-
-    def mark_failed(self) -> None:
-        """The scheduler gave up restarting this engine for now (crash backoff)."""
-        if self.state == EngineState.STOPPED:
-            self._set_state(EngineState.FAILED)
-
-    def clear_failed(self) -> None:
-        if self.state == EngineState.FAILED:
-            self._set_state(EngineState.STOPPED)
 
     # -- start -----------------------------------------------------------------------
 
@@ -306,11 +295,13 @@ class Engine:
         log.info("engine spawned", model=self.id, pid=proc.pid, argv=redact_argv(self.cfg.cmd),
                  cgroup=cgroup)
         assert proc.stdout is not None and proc.stderr is not None
-        self._pumps = [
+        pumps = [
             asyncio.create_task(self._pump(proc.stdout), name=f"pump-out-{self.id}"),
             asyncio.create_task(self._pump(proc.stderr), name=f"pump-err-{self.id}"),
         ]
-        self._watcher = asyncio.create_task(self._watch(proc), name=f"watch-{self.id}")
+        # The watcher (it sets _exited) is held here too: the loop keeps tasks only weakly.
+        watch = asyncio.create_task(self._watch(proc, pumps), name=f"watch-{self.id}")
+        self._pumps = [*pumps, watch]
 
     async def _pump(self, stream: asyncio.StreamReader) -> None:
         # read() rather than readline(): a line longer than the reader's limit
@@ -340,11 +331,13 @@ class Engine:
             self._sink.append(self.id, line)
         output_log.info("engine output", model=self.id, line=line, _hub=False)
 
-    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+    async def _watch(
+        self, proc: asyncio.subprocess.Process, pumps: list[asyncio.Task[None]]
+    ) -> None:
         code = await proc.wait()
         # Output written just before exit should be in the tail we report.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._pumps), 0.5)
+            await asyncio.wait_for(asyncio.gather(*pumps), 0.5)
         self.last_exit = ExitInfo(code=code, at=time.time(), tail=tuple(self._tail))
         if not self._stopping:
             log.warning(
@@ -443,17 +436,13 @@ class Engine:
         await self._exited.wait()
         return self.last_exit
 
-    @property
-    def exited(self) -> bool:
-        return self._exited.is_set()
-
     async def stop(self, grace: float | None = None) -> bool:
         """Stop the engine and every process of its group. True if SIGKILL was needed.
 
         Safe to call in any state, also after a crash (it then collects whatever
         the dead leader left behind, e.g. vLLM's EngineCore).
         """
-        if self.pid is None or self.state in (EngineState.STOPPED, EngineState.FAILED):
+        if self.pid is None or self.state == EngineState.STOPPED:
             return False
         grace = self.cfg.unload_timeout if grace is None else grace
         self._stopping = True

@@ -125,8 +125,9 @@ def _text(value: object) -> str:
 class Sampler:
     """Samples NVML, /proc/meminfo and the engines' process groups every `interval` seconds.
 
-    `groups` returns model -> process tree (`procgroup.Tree`) of the engines that run now;
-    it is called from the sampler thread, so it must be cheap and must not need the loop.
+    `groups` returns an immutable model -> process tree (`procgroup.Tree`) snapshot of the
+    engines that run now (the scheduler replaces it, never mutates it); it is called from
+    the sampler thread, so it must be cheap and must not need the loop.
     `nvml` replaces `import pynvml` (tests pass a fake module); `meminfo_path` replaces
     /proc/meminfo.
     """
@@ -267,16 +268,12 @@ class Sampler:
         log.warning(event, **kw)
 
     def _read_groups(self) -> Mapping[str, procgroup.Tree]:
-        # The scheduler's dict may change under us (it lives on the event loop): retry.
-        for _ in range(3):
-            try:
-                return dict(self._groups())
-            except RuntimeError:
-                continue
-            except Exception as exc:
-                self._log_once("groups", "cannot read engine process groups", error=repr(exc))
-                return {}
-        return {}
+        # An immutable snapshot (the scheduler replaces it, never mutates it).
+        try:
+            return self._groups()
+        except Exception as exc:
+            self._log_once("groups", "cannot read engine process groups", error=repr(exc))
+            return {}
 
     def _code(self, name: str, default: int) -> int:
         value = getattr(self._nvml, name, default)

@@ -9,6 +9,7 @@ only parsed to find `model`; it is re-serialised only when a filter changes it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from yarl import URL
 
 from swapd.appstate import UPSTREAM, config_of
 from swapd.config import Config, ModelConfig
-from swapd.engine import Engine
 from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.metrics import Metrics
+from swapd.redact import clean_line
 from swapd.scheduler import Scheduler
 
 log = structlog.get_logger("swapd.proxy")
@@ -304,14 +305,20 @@ class Proxy:
         for model in config.models.values():
             if model.unlisted:
                 continue
-            engine = self._scheduler.engine(model.id)
+            view = self._scheduler.view(model.id)
             entry: dict[str, Any] = {
                 "id": model.id,
                 "object": "model",
                 "created": 0,
                 "owned_by": "swapd",
-                "state": str(engine.state) if engine else "stopped",
+                "state": view.state if view else "stopped",
             }
+            if view is not None and view.failures:
+                entry["failure"] = {
+                    "reason": None if view.last_error is None else clean_line(view.last_error),
+                    "count": view.failures,
+                    "retry_at": view.next_retry_at,
+                }
             if model.name:
                 entry["name"] = model.name
             if model.description:
@@ -330,58 +337,37 @@ class Proxy:
     ) -> web.StreamResponse:
         model = routed.model.id
         loading: web.StreamResponse | None = None
+        progress = None
+        if (
+            routed.stream
+            and routed.model.send_loading_state
+            and request.path == "/v1/chat/completions"
+            and not self._scheduler.is_ready(model)
+        ):
+            # A cold model: tell a chat UI that it is loading while it waits (#366).
+            loading = web.StreamResponse(headers=_sse_headers())
+            await loading.prepare(request)
+            progress = functools.partial(_loading_progress, loading, model)
+        # The status the client was sent, kept even if it goes away mid-body.
+        outcome = [0]
+        held = False
         try:
-            if (
-                routed.stream
-                and routed.model.send_loading_state
-                and request.path == "/v1/chat/completions"
-                and not self._scheduler.is_ready(model)
-            ):
-                loading = web.StreamResponse(headers=_sse_headers())
-                await loading.prepare(request)
-                engine = await self._acquire_with_progress(loading, model)
-            else:
-                engine = await self._scheduler.acquire(model)
+            async with self._scheduler.lease(model, progress) as lease:
+                held = True
+                if loading is not None:
+                    await loading.write(_loading_chunk(model, f"{model} is ready\n"))
+                resp, outcome[0] = await self._relay(
+                    request, routed, lease.upstream + path, t0, loading, outcome
+                )
+                return resp
         except ApiError as exc:
-            self._count(model, exc.status, t0)
-            if loading is not None:
+            outcome[0] = exc.status
+            if loading is not None and not held:  # the lease was refused
                 await _sse_error(loading, exc.message, exc.code)
                 return loading
             raise
-        # The status the client was sent, kept even if it goes away mid-body.
-        outcome = [0]
-        try:
-            resp, outcome[0] = await self._relay(
-                request, routed, engine.upstream + path, t0, loading, outcome
-            )
-            return resp
-        except ApiError as exc:
-            outcome[0] = exc.status
-            raise
         finally:
-            self._scheduler.release(model)
             self._count(model, outcome[0] or 499, t0)
-
-    async def _acquire_with_progress(self, resp: web.StreamResponse, model: str) -> Engine:
-        """Wait for a cold model while telling a chat UI that it is loading (#366)."""
-        task = asyncio.create_task(self._scheduler.acquire(model))
-        started = time.monotonic()
-        try:
-            while not (await asyncio.wait({task}, timeout=1.0))[0]:
-                waited = time.monotonic() - started
-                await resp.write(_loading_chunk(model, f"loading {model}… {waited:.0f}s\n"))
-        except BaseException:
-            task.cancel()
-            if task.done() and not task.cancelled() and task.exception() is None:
-                self._scheduler.release(model)
-            raise
-        engine = task.result()
-        try:
-            await resp.write(_loading_chunk(model, f"{model} is ready\n"))
-        except BaseException:
-            self._scheduler.release(model)
-            raise
-        return engine
 
     async def _relay(
         self,
@@ -498,6 +484,10 @@ def _sse_headers() -> dict[str, str]:
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     }
+
+
+async def _loading_progress(resp: web.StreamResponse, model: str, waited: float) -> None:
+    await resp.write(_loading_chunk(model, f"loading {model}… {waited:.0f}s\n"))
 
 
 def _loading_chunk(model: str, text: str) -> bytes:

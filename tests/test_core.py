@@ -181,6 +181,10 @@ def test_crash_mid_request_gives_502_and_next_request_restarts(start_swapd, tmp_
     wait_until(lambda: daemon.status()["models"]["alpha"]["state"] != "ready", timeout=10,
                message="crash noticed")
     assert "engine crashed" in daemon.log()
+    # A new request is answered 503 while the crash's backoff (0.05 s) runs: wait it out.
+    wait_until(lambda: (m := daemon.status()["models"]["alpha"])["state"] == "stopped"
+               and m["failure"]["count"] == 1 and m["failure"]["retry_at"] is None,
+               timeout=10, message="backoff over")
     code, body = daemon.post("/v1/chat/completions", {"model": "alpha", "messages": []})
     assert code == 200, body
     _, metrics = daemon.get("/metrics")

@@ -658,6 +658,12 @@ def test_status_and_cli_table_after_a_crash_with_work_in_flight(start_swapd) -> 
         timeout=10,
         message="alpha's crash in /status",
     )
+    # A new request in the crash's backoff would get 503 at once: wait it out.
+    wait_until(
+        lambda: (f := daemon.status()["models"]["alpha"]["failure"]) and f["retry_at"] is None,
+        timeout=10,
+        message="alpha's backoff over",
+    )
 
     # beta busy with a long request (until this client hangs up); alpha's waits behind it
     results: dict[str, int] = {}

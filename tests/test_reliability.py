@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import dataclasses
 import json
 import os
 import socket
@@ -31,7 +30,6 @@ from bench import soak
 from swapd.config import Config, ModelConfig
 from swapd.errors import ApiError
 from swapd.proxy import multipart_field, rewrite, route_json
-from swapd.scheduler import QueueTimeout
 from tests.conftest import (
     FAKE_ENGINE,
     PY,
@@ -46,9 +44,7 @@ from tests.conftest import (
     read_records,
     stream_lines,
     wait_until,
-    wait_until_async,
 )
-from tests.test_scheduler import fake, make  # noqa: F401  (make: the scheduler fixture)
 
 CHAT = "/v1/chat/completions"
 
@@ -123,32 +119,7 @@ def test_queue_timeout_is_504_on_time_and_the_start_goes_on(start_swapd, tmp_pat
     assert daemon.status()["models"]["slow"]["inflight"] == 0
 
 
-async def test_grant_in_the_tick_of_the_queue_timeout_is_not_leaked(make):  # noqa: F811
-    """The queue timeout and the grant fire in one pass of a busy loop (timeout first): the
-    request must be served (or refused) without leaking its lease — a leaked lease keeps
-    in-flight at 1 for ever, and the model can then never be swapped out."""
-    sched = make(fake("a"))
-    await sched.load("a")
-    sched.config = dataclasses.replace(sched.config, queue_timeout=0.2)
-    slot = sched._slots["a"]
-    slot.draining = True  # an unload is under way: the next request queues
-    task = asyncio.create_task(sched.acquire("a"))
-    await wait_until_async(lambda: sched.queued("a") == 1)
-
-    def undrain() -> None:
-        slot.draining = False
-        sched._dispatch()  # grants the queued request
-
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.25, undrain)  # due after the 0.2 s timeout...
-    loop.call_soon(time.sleep, 0.4)  # ...and both run in one pass after this stall
-    try:
-        await task
-    except QueueTimeout:
-        pass
-    else:
-        sched.release("a")
-    assert sched.inflight("a") == 0
+# (A grant in the tick of the queue timeout: tests/test_decisions.py, as events.)
 
 
 # -- engine faults ----------------------------------------------------------------------------
@@ -215,6 +186,9 @@ def test_engine_dying_mid_response_ends_the_response_with_an_error(start_swapd, 
     }}
     daemon = start_swapd(cfg)
     for _ in range(2):  # the crash, then the restart and the same again
+        # A model in crash backoff is answered 503 at once: start after it.
+        wait_until(lambda: (daemon.status()["models"]["mid"]["failure"] or {}).get("retry_at")
+                   is None, timeout=5, message="no backoff")
         t0 = time.monotonic()
         lines = [line for line, _ in stream_lines(daemon.url + CHAT,
                                                   {"model": "mid", "stream": True}, timeout=10)
@@ -385,22 +359,23 @@ os.execv(sys.executable, [sys.executable, fake, *args, *extra])
 
 
 def test_crash_loop_backs_off_then_503_then_recovers(start_swapd, tmp_path):
-    """An engine that dies at its first two starts: two failures (the second after the
-    backoff), then 503 with Retry-After while marked failed, then a start that works."""
+    """An engine that dies at its first two starts, maxRetries 1: failed after the first
+    failure, then 503 with Retry-After and no start until the cool-down (backoffMax) ends;
+    the retry fails once more, the next one works."""
     wrapper, counter = tmp_path / "crash_twice.py", tmp_path / "starts"
     wrapper.write_text(CRASH_TWICE)
     cmd = f"{PY} {wrapper} {counter} {FAKE_ENGINE} --port ${{PORT}} --model-name loop"
     cfg = {"models": {"loop": model(cmd, restart={
         "maxRetries": 1, "backoffInitial": 0.2, "backoffMax": 0.5})}}
     daemon = start_swapd(cfg)
-    for _ in range(2):
-        code, doc = daemon.post(CHAT, {"model": "loop"})
-        assert code == 503 and "exited with code 3" in doc["error"]["message"], doc
+    code, doc = daemon.post(CHAT, {"model": "loop"})
+    assert code == 503 and "exited with code 3" in doc["error"]["message"], doc
     assert daemon.status()["models"]["loop"]["state"] == "failed"
     code, headers, doc = _post_with_headers(daemon.url + CHAT, {"model": "loop"})
     assert code == 503 and is_openai_error(doc, "engine_start_failed"), doc
-    assert "failed 2 times" in doc["error"]["message"] and int(headers["retry-after"]) >= 1
-    assert counter.read_text() == "2"  # refused without another start
+    assert "is failed after 1 failure" in doc["error"]["message"]
+    assert int(headers["retry-after"]) == 1  # 0.5 s left at most, rounded up
+    assert counter.read_text() == "1"  # refused without another start
 
     results: list[int] = []
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from swapd.config import Config, GroupConfig, ModelConfig, RestartPolicy
-from swapd.engine import EngineState
 from swapd.scheduler import QueueTimeout, Scheduler, StartFailed
 from tests.conftest import FAKE_ENGINE, free_port, pid_alive, read_records
 from tests.conftest import wait_until_async as until
@@ -94,8 +93,8 @@ async def test_waiting_model_is_not_starved_by_steady_tenant_traffic(make):
     hammers = [asyncio.create_task(hammer()) for _ in range(4)]
     await until(lambda: events.count("a") >= 8, message="steady traffic to a")
     events.append("b asked")
-    async with sched.lease("b") as lease:
-        assert lease.engine.state == EngineState.READY
+    async with sched.lease("b"):
+        assert sched.view("b").state == "ready"  # type: ignore[union-attr]
         events.append("b served")
     await until(lambda: events[-1] == "a", message="a served again after b")
     stop.set()
@@ -109,44 +108,56 @@ async def test_waiting_model_is_not_starved_by_steady_tenant_traffic(make):
 async def test_request_during_idle_stop_restarts_the_engine(make):
     """llama-swap #946: a request arriving while a TTL unload runs must not hang."""
     sched = make(fake("a", "--exit-on-sigterm-delay", "0.3", ttl=0.2))
-    engine = await sched.load("a")
-    first_pid = engine.pid
-    await until(lambda: engine.state == EngineState.STOPPING)
-    async with sched.lease("a") as lease:
-        assert lease.engine.state == EngineState.READY
-        assert lease.engine.pid != first_pid
+    first_pid = (await sched.load("a")).pid
+    await until(lambda: sched.view("a").state == "stopping")  # type: ignore[union-attr]
+    async with sched.lease("a"):
+        view = sched.view("a")
+        assert view is not None and view.state == "ready"
+        assert view.pid != first_pid
     assert not pid_alive(first_pid)  # type: ignore[arg-type]
 
 
 async def test_ttl_counts_from_end_of_last_request(make):
     sched = make(fake("a", ttl=0.3))
-    async with sched.lease("a") as lease:
+    async with sched.lease("a"):
         await asyncio.sleep(0.6)  # a long request: longer than the ttl
-        assert lease.engine.state == EngineState.READY
+        assert sched.view("a").state == "ready"  # type: ignore[union-attr]
     t_end = time.monotonic()
-    await until(lambda: lease.engine.state == EngineState.STOPPED)
+    await until(lambda: sched.view("a").state == "stopped")  # type: ignore[union-attr]
     assert time.monotonic() - t_end >= 0.3
 
 
-async def test_crash_loop_backs_off_then_fails_then_recovers(make):
-    restart = RestartPolicy(max_retries=1, backoff_initial=0.2, backoff_max=0.4)
-    sched = make(fake("a", "--crash-after", "0", restart=restart), fake("b"))
+async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):
+    rec = tmp_path / "rec.jsonl"
+    restart = RestartPolicy(max_retries=2, backoff_initial=0.3, backoff_max=0.6)
+    sched = make(fake("a", "--crash-after", "0", record=rec, restart=restart), fake("b"))
+
+    def starts() -> int:
+        return sum(1 for r in read_records(rec) if r["event"] == "start")
+
     with pytest.raises(StartFailed, match="exited with code 3"):
         await sched.load("a")
-    with pytest.raises(StartFailed):  # second failure: marked failed
+    # In backoff: refused at once, with the time left, and no engine started.
+    with pytest.raises(StartFailed, match="in backoff after 1 failure") as err:
         await sched.load("a")
-    with pytest.raises(StartFailed) as err:
-        await sched.acquire("a")
-    assert err.value.retry_after is not None
-    assert sched.engine("a").state == EngineState.FAILED  # type: ignore[union-attr]
+    assert err.value.retry_after is not None and 0 < err.value.retry_after <= 0.3
+    assert starts() == 1
+    await asyncio.sleep(err.value.retry_after)
+    with pytest.raises(StartFailed, match="exited with code 3"):  # second failure: failed
+        await sched.load("a")
+    view = sched.view("a")
+    assert view is not None and view.state == "failed" and view.failures == 2
+    assert view.next_retry_at is not None and "exited with code 3" in (view.last_error or "")
+    with pytest.raises(StartFailed, match="is failed after 2") as err:
+        await sched.load("a")
+    assert err.value.retry_after is not None and 0.3 < err.value.retry_after <= 0.6
+    assert starts() == 2
     # The failed model never blocks another.
-    assert (await sched.load("b")).state == EngineState.READY
-    # After the backoff a good recipe serves again.
-    # A fixed recipe is a new engine: it starts at once, without waiting out the backoff.
+    assert (await sched.load("b")).state == "ready"
+    # A changed recipe starts with a clean slate.
     good = dataclasses.replace(fake("a"), restart=restart)
     sched.apply_config(Config(models={"a": good, "b": sched.config.models["b"]}))
-    assert sched.engine("a").state == EngineState.STOPPED  # type: ignore[union-attr]
-    assert (await sched.load("a")).state == EngineState.READY
+    assert (await sched.load("a")).state == "ready"
 
 
 async def test_queue_timeout(make):
@@ -166,20 +177,20 @@ async def test_reload_keeps_unchanged_engine_and_replaces_changed_one(make):
     changes = sched.apply_config(Config(models={"a": a, "b": b2}, groups=groups))
     assert changes["changed"] == ["b"] and not changes["added"]
     await until(lambda: not pid_alive(pid_b))  # type: ignore[arg-type]
-    assert sched.engine("a").pid == pid_a and pid_alive(pid_a)  # type: ignore[union-attr,arg-type]
+    assert sched.view("a").pid == pid_a and pid_alive(pid_a)  # type: ignore[union-attr,arg-type]
     eb2 = await sched.load("b")
     assert eb2.cfg.ttl == 60 and eb2.pid != pid_b
     changes = sched.apply_config(Config(models={"a": a}, groups=groups))
     assert changes["removed"] == ["b"]
-    await until(lambda: sched.engine("b") is None)
+    await until(lambda: sched.view("b") is None)
     assert not pid_alive(eb2.pid)  # type: ignore[arg-type]
 
 
 async def test_shutdown_stops_a_starting_engine(make):
     sched = make(fake("a", "--boot-delay", "5", "--spawn-grandchild"))
     task = asyncio.create_task(sched.load("a"))
-    await until(lambda: sched.engine("a").pid is not None)  # type: ignore[union-attr]
-    pid = sched.engine("a").pid  # type: ignore[union-attr]
+    await until(lambda: sched.view("a").pid is not None)  # type: ignore[union-attr]
+    pid = sched.view("a").pid  # type: ignore[union-attr]
     await sched.close(drain=0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

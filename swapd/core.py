@@ -1,0 +1,792 @@
+"""The scheduler's decisions: a synchronous, pure state machine.
+
+`Core` owns the request queue and each model's `Phase`. It never awaits, never reads a
+clock, never touches a process: each event method takes `now` (monotonic seconds) and
+returns the effects the runner (`swapd.scheduler`) must carry out. Because nothing can
+happen between two decisions, no request can slip through a state read (llama-swap #946:
+a request that arrived during a TTL unload hung), and every rule is tested as a plain
+sequence of events (tests/test_decisions.py).
+
+Rules kept from the first scheduler:
+- Requests wait in one queue, ordered by `queue_key` (FIFO today). The first request
+  that cannot be served picks the next swap; from then on the engines that swap evicts
+  take no new requests (steady traffic to the tenant must not starve a waiting model,
+  llama-swap #612), and once the new engine is ready every request queued for it is
+  served together before the next swap (no thrash, llama-swap #19/#588).
+- One GPU swap at a time; models with `gpu: false` neither evict nor get evicted.
+- An engine with a request in flight is never stopped for idleness (LocalAI #5221).
+
+Failure rules (issue 12):
+- A model in backoff (its last start failed or it crashed, and its retry time has not
+  come) answers a new request at once with 503 and `Retry-After` = the time left.
+  Requests already queued when it crashed wait for the retry.
+- After its backoff, a model whose last start failed may evict a tenant only if that
+  tenant has no request in flight and none queued; otherwise its requests get 503 and the
+  tenant keeps serving. (A model that started and later crashed queues like any other.)
+- After `restart.maxRetries` consecutive failures the model is `FAILED`: 503 until
+  `restart.backoffMax` has passed, or until an admin load (`clear_failure`).
+
+Which running models a start evicts is the `Router`'s decision (see `Placement`), and
+the queue order is `QueueKey`'s: both are pure functions chosen from the config by
+`swapd.placement`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from swapd import policy
+from swapd.config import Config, GroupConfig, ModelConfig
+
+
+class Phase(StrEnum):
+    STOPPED = "stopped"  # no engine (maybe in backoff: see retry_at)
+    STARTING = "starting"  # a start was decided; counts as running from that instant
+    READY = "ready"  # serving
+    DRAINING = "draining"  # a stop was decided: finishes what it holds, takes nothing new
+    STOPPING = "stopping"  # the stop effect was issued
+    FAILED = "failed"  # gave up after restart.maxRetries failures, until the cool-down ends
+
+
+RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING, Phase.STOPPING})
+
+
+class StopReason(StrEnum):
+    IDLE = "idle"
+    SWAP = "swap"
+    UNLOAD = "unload"
+    RELOAD = "reload"
+    CRASH = "crash"
+    SHUTDOWN = "shutdown"
+
+
+class Refusal(StrEnum):
+    """Why a request is answered without an engine; the runner maps each to an HTTP error."""
+
+    UNKNOWN_MODEL = "model_not_found"  # 404
+    CONCURRENCY = "concurrency_limit"  # 429
+    QUEUE_FULL = "queue_full"  # 503
+    QUEUE_TIMEOUT = "queue_timeout"  # 504
+    START_FAILED = "engine_start_failed"  # 503
+    SHUTTING_DOWN = "shutting_down"  # 503
+
+
+# -- effects ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Spawn `cfg` and wait for readiness; report `start_finished`. `after`: models just
+    stopped for this start, whose memory must come back first."""
+
+    model: str
+    cfg: ModelConfig
+    after: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop the model's engine (cancelling a start under way); report `stop_finished`."""
+
+    model: str
+    reason: StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    ticket: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    ticket: int
+    model: str
+    refusal: Refusal
+    message: str
+    retry_after: float | None = None  # seconds; the runner rounds up
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    """Call `tick` at monotonic time `at` (replaces the previous timer); None: no timer."""
+
+    at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """The model left the config and its engine is gone: drop it."""
+
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """In-flight or queued count of a model changed (for gauges)."""
+
+    model: str
+    inflight: int
+    queued: int
+
+
+Effect = Start | Stop | Grant | Fail | ArmTimer | Forget | Counts
+
+
+# -- what pluggable policies see ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """A frozen view of one model, for routers and read-only callers."""
+
+    id: str
+    phase: Phase
+    gpu: bool
+    inflight: int
+    queued: int
+    last_used: float  # monotonic; end of the last request (or ready time)
+    group: str  # the group's name; policy.DEFAULT_GROUP's for models in none
+    failures: int  # consecutive failed starts / crashes
+    start_failed: bool  # the last failure was a start that never became ready
+    retry_at: float  # monotonic; not started again before this
+    last_error: str | None
+    stop_reason: StopReason | None  # while a stop is decided or under way
+
+    @property
+    def running(self) -> bool:
+        return self.phase in RUNNING
+
+    @property
+    def idle(self) -> bool:
+        """Evictable without cutting anyone off: ready, nothing in flight, nothing queued."""
+        return self.phase == Phase.READY and self.inflight == 0 and self.queued == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The input of a `Router`: start `target`; what must stop first?"""
+
+    target: str
+    models: Mapping[str, ModelView]  # every configured model
+    groups: tuple[GroupConfig, ...]
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A router's answer: the target cannot be placed now; its requests keep waiting
+    (backpressure, up to queueTimeout) and placement is asked again on the next event (a
+    release, a stop, a start's end), or at `until` (monotonic) if given: a condition with
+    no event of its own, such as MemAvailable growing."""
+
+    reason: str
+    until: float | None = None
+
+
+Decision = tuple[str, ...] | Wait
+# Pure: (Placement) -> the running models to evict (maybe none), or Wait.
+Router = Callable[[Placement], Decision]
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A queued request, as the queue order sees it."""
+
+    seq: int  # arrival order, unique
+    model: str
+    since: float
+    priority: int = 0
+
+
+# Pure: (Queued) -> sort key; the queue is kept sorted by it, smallest served first.
+QueueKey = Callable[[Queued], tuple[float, ...]]
+
+
+def fifo_key(w: Queued) -> tuple[float, ...]:
+    return (w.seq,)
+
+
+def groups_router(p: Placement) -> Decision:
+    """llama-swap's group rules (policy.evictions): the default router."""
+    running = [m for m, v in p.models.items() if v.running]
+    gpu = {m: v.gpu for m, v in p.models.items()}
+    return tuple(policy.evictions(p.target, running, p.groups, gpu))
+
+
+# -- the core ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Model:
+    cfg: ModelConfig
+    phase: Phase = Phase.STOPPED
+    inflight: int = 0
+    queued: int = 0
+    last_used: float = 0.0
+    ready_since: float = 0.0
+    failures: int = 0
+    start_failed: bool = False
+    retry_at: float = 0.0
+    last_error: str | None = None
+    # Set while a stop is decided (also on a STARTING model: stop once it is ready).
+    stop_reason: StopReason | None = None
+    drain_deadline: float | None = None  # unload/shutdown: stop even if busy after this
+    # Reload: when this engine stops, the model becomes `successor` (None: removed).
+    successor: ModelConfig | None = None
+    removed: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Waiter:
+    queued: Queued
+    ticket: int
+    deadline: float
+
+    @property
+    def model(self) -> str:
+        return self.queued.model
+
+
+@dataclass(slots=True)
+class _Swap:
+    target: str
+    victims: frozenset[str]
+
+
+@dataclass
+class Core:
+    config: Config
+    router: Router = groups_router
+    queue_key: QueueKey = fifo_key
+    _models: dict[str, _Model] = field(default_factory=dict)
+    _queue: list[_Waiter] = field(default_factory=list)
+    _keys: list[tuple[float, ...]] = field(default_factory=list)
+    _swap: _Swap | None = None
+    _seq: int = 0
+    _timer: float | None = None
+    _closing: bool = False
+    _ask_again: float | None = None  # a router's Wait(until=…)
+    _group_names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for cfg in self.config.models.values():
+            self._models[cfg.id] = _Model(cfg)
+        self._index_groups()
+
+    # -- read-only views ---------------------------------------------------------------
+
+    def view(self, model: str) -> ModelView | None:
+        m = self._models.get(model)
+        return None if m is None else self._view(model, m)
+
+    def views(self) -> dict[str, ModelView]:
+        return {k: self._view(k, m) for k, m in self._models.items()}
+
+    def phase(self, model: str) -> Phase | None:
+        m = self._models.get(model)
+        return None if m is None else m.phase
+
+    def cfg(self, model: str) -> ModelConfig | None:
+        m = self._models.get(model)
+        return None if m is None else m.cfg
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def tenant(self) -> list[str]:
+        """The running GPU models."""
+        return [k for k, m in self._models.items() if m.phase in RUNNING and m.cfg.gpu]
+
+    def is_ready(self, model: str) -> bool:
+        m = self._models.get(model)
+        return m is not None and m.phase == Phase.READY and not self._victim(model)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # -- events ------------------------------------------------------------------------
+
+    def request(self, model: str, now: float, priority: int = 0) -> tuple[int, list[Effect]]:
+        """A request arrived. Returns its ticket and the effects (its Grant or Fail among
+        them, or neither: it waits)."""
+        self._seq += 1
+        ticket = self._seq
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        refused = self._refusal(model, m, now)
+        if refused is not None:
+            refusal, message, retry = refused
+            return ticket, [Fail(ticket, model, refusal, message, retry)]
+        assert m is not None
+        # Fast path: the ready tenant, nobody queued ahead who could be overtaken.
+        if not self._queue and m.phase == Phase.READY and not self._victim(model):
+            m.inflight += 1
+            return ticket, [Grant(ticket, model), Counts(model, m.inflight, m.queued)]
+        if len(self._queue) >= self.config.max_queue:
+            return ticket, [
+                Fail(ticket, model, Refusal.QUEUE_FULL,
+                     f"{len(self._queue)} requests are already waiting (maxQueue)", 5.0)
+            ]
+        waiter = _Waiter(Queued(ticket, model, now, priority), ticket,
+                         now + self.config.queue_timeout)
+        key = self.queue_key(waiter.queued)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self._queue.insert(i, waiter)
+        m.queued += 1
+        fx.append(Counts(model, m.inflight, m.queued))
+        self._dispatch(now, fx)
+        return ticket, self._finish(now, fx)
+
+    def release(self, model: str, now: float) -> list[Effect]:
+        """A granted request ended (whatever happened to it)."""
+        m = self._models.get(model)
+        if m is None:
+            return []
+        m.inflight -= 1
+        m.last_used = now
+        fx: list[Effect] = [Counts(model, m.inflight, m.queued)]
+        if m.inflight == 0:
+            self._dispatch(now, fx)
+            return self._finish(now, fx)
+        return fx
+
+    def leave(self, ticket: int, now: float) -> list[Effect]:
+        """A queued client went away (or the runner gave up on it)."""
+        fx: list[Effect] = []
+        if self._unqueue(ticket, fx) is not None:
+            self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def start_finished(
+        self, model: str, now: float, *, ok: bool, error: str | None = None
+    ) -> list[Effect]:
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None or m.phase != Phase.STARTING:
+            return fx  # a stop overtook the start (shutdown, unload): stop_finished follows
+        if ok:
+            m.last_used = m.ready_since = now
+            if m.stop_reason is not None:
+                m.phase = Phase.DRAINING
+            else:
+                m.phase = Phase.READY
+        else:
+            m.phase = Phase.STOPPED
+            m.stop_reason = None
+            self._record_failure(m, now, error or "failed to start")
+            m.start_failed = True
+            retry = m.retry_at - now
+            self._fail_waiters(model, fx, Refusal.START_FAILED, m.last_error or "", retry)
+            if m.successor is not None or m.removed:
+                self._replace(model, m, fx)
+        self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def engine_exited(self, model: str, now: float, error: str) -> list[Effect]:
+        """The engine exited on its own while serving (a crash)."""
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None or m.phase not in (Phase.READY, Phase.DRAINING):
+            return fx  # an exit we caused, or one the start reports itself
+        m.phase = Phase.STOPPING
+        m.stop_reason = StopReason.CRASH
+        m.last_error = error
+        # Collect what the dead leader left in its group (vLLM's EngineCore).
+        fx.append(Stop(model, StopReason.CRASH))
+        return self._finish(now, fx)
+
+    def stop_finished(self, model: str, now: float) -> list[Effect]:
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None or m.phase == Phase.STOPPED or m.phase == Phase.FAILED:
+            return fx
+        reason = m.stop_reason
+        m.phase = Phase.STOPPED
+        m.stop_reason = None
+        m.drain_deadline = None
+        if reason == StopReason.CRASH:
+            if now - m.ready_since > m.cfg.restart.backoff_max:
+                m.failures = 0  # it ran fine for a long while: a fresh crash, not a loop
+            self._record_failure(m, now, m.last_error or "crashed")
+            m.start_failed = False
+            if m.phase == Phase.FAILED:
+                retry = m.retry_at - now
+                self._fail_waiters(model, fx, Refusal.START_FAILED, self._failed_message(
+                    model, m), retry)
+        elif reason in (StopReason.IDLE, StopReason.SWAP, StopReason.UNLOAD):
+            m.failures, m.start_failed = 0, False
+        if m.successor is not None or m.removed:
+            self._replace(model, m, fx)
+        self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def tick(self, now: float) -> list[Effect]:
+        """The timer fired: queue timeouts, idle engines, drain deadlines, retries."""
+        self._timer = None
+        fx: list[Effect] = []
+        for w in [w for w in self._queue if w.deadline <= now]:
+            self._unqueue(w.ticket, fx)
+            fx.append(Fail(
+                w.ticket, w.model, Refusal.QUEUE_TIMEOUT,
+                f"model {w.model!r} was not ready within "
+                f"{self.config.queue_timeout:g}s (queueTimeout)", 5.0))
+        idle = [
+            policy.IdleInput(k, m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
+            for k, m in self._models.items()
+        ]
+        for model in policy.idle(idle, now):
+            m = self._models[model]
+            if self._victim(model) or self._closing:
+                continue  # the swap stops it already
+            # Decided now, synchronously: a request arriving from here on waits for the
+            # stop to finish and then starts the engine again (llama-swap #946).
+            m.stop_reason = StopReason.IDLE
+            m.phase = Phase.STOPPING
+            fx.append(Stop(model, StopReason.IDLE))
+        self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def apply_config(self, config: Config, now: float) -> tuple[dict[str, list[str]], list[Effect]]:
+        """Adopt a reloaded config. Engines whose recipe is unchanged keep running; a changed
+        or removed one stops once it is idle (reason "reload")."""
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+        fx: list[Effect] = []
+        old = self.config
+        self.config = config
+        self._index_groups()
+        for model, cfg in config.models.items():
+            m = self._models.get(model)
+            if m is None:
+                self._models[model] = _Model(cfg)
+                changes["added"].append(model)
+            elif m.cfg != cfg:
+                changes["changed"].append(model)
+                self._retire(model, m, cfg, fx)
+            elif m.removed or m.successor is not None:
+                m.removed, m.successor = False, None  # back as it was: keep it
+        for model in old.models:
+            m = self._models.get(model)
+            if model not in config.models and m is not None:
+                changes["removed"].append(model)
+                self._retire(model, m, None, fx)
+        self._dispatch(now, fx)
+        return changes, self._finish(now, fx)
+
+    def unload(
+        self, model: str | None, now: float, reason: StopReason = StopReason.UNLOAD,
+        drain: float | None = None,
+    ) -> tuple[list[str], list[Effect]]:
+        """Stop one running engine or all, after their requests in flight finish (at most
+        `drain` seconds, default shutdownTimeout). Returns the models that will stop."""
+        drain = self.config.shutdown_timeout if drain is None else drain
+        fx: list[Effect] = []
+        targets = [
+            k for k, m in self._models.items()
+            if (model is None or k == model) and m.phase in RUNNING
+        ]
+        for k in targets:
+            self._drain(k, self._models[k], reason, now + drain)
+        self._dispatch(now, fx)
+        return targets, self._finish(now, fx)
+
+    def shutdown(self, now: float, drain: float) -> list[Effect]:
+        """Refuse new requests, fail queued ones, stop every engine once its requests in
+        flight finished (at most `drain` seconds)."""
+        self._closing = True
+        fx: list[Effect] = []
+        for w in list(self._queue):
+            self._unqueue(w.ticket, fx)
+            fx.append(Fail(w.ticket, w.model, Refusal.SHUTTING_DOWN,
+                           "swapd is shutting down", 5.0))
+        self._swap = None
+        for k, m in self._models.items():
+            if m.phase == Phase.STARTING:
+                m.phase = Phase.STOPPING  # a start under way is cancelled, not awaited
+                m.stop_reason = StopReason.SHUTDOWN
+                fx.append(Stop(k, StopReason.SHUTDOWN))
+            elif m.phase in RUNNING:
+                self._drain(k, m, StopReason.SHUTDOWN, now + drain)
+        self._advance(now, fx)
+        return self._finish(now, fx)
+
+    def clear_failure(self, model: str) -> None:
+        """An admin load: forget the failures, the next request starts the model."""
+        m = self._models.get(model)
+        if m is None:
+            return
+        m.failures, m.start_failed = 0, False
+        m.retry_at = 0.0
+        if m.phase == Phase.FAILED:
+            m.phase = Phase.STOPPED
+
+    # -- decisions ---------------------------------------------------------------------
+
+    def _refusal(
+        self, model: str, m: _Model | None, now: float
+    ) -> tuple[Refusal, str, float | None] | None:
+        if self._closing:
+            return Refusal.SHUTTING_DOWN, "swapd is shutting down", 5.0
+        if m is None or m.removed:
+            return Refusal.UNKNOWN_MODEL, f"model {model!r} is not configured", None
+        limit = m.cfg.concurrency_limit
+        if limit and m.inflight >= limit:
+            return (
+                Refusal.CONCURRENCY,
+                f"model {model!r} has {m.inflight} requests in flight (concurrencyLimit {limit})",
+                1.0,
+            )
+        if m.phase in (Phase.STOPPED, Phase.FAILED) and m.retry_at > now:
+            # In backoff: answered at once, no engine touched.
+            return Refusal.START_FAILED, self._failed_message(model, m), m.retry_at - now
+        return None
+
+    def _failed_message(self, model: str, m: _Model) -> str:
+        what = "failed" if m.phase == Phase.FAILED else "in backoff"
+        message = f"model {model!r} is {what} after {m.failures} failure(s)"
+        if m.last_error:
+            message += f" ({m.last_error})"
+        return message
+
+    def _dispatch(self, now: float, fx: list[Effect]) -> None:
+        """Serve what can be served now; start the next swap if one is due.
+
+        Two passes: first every queued request whose engine is serving gets it (so all
+        requests queued for a model are served together), then the first request left
+        (in queue order) decides the next start or swap.
+        """
+        if self._closing:
+            self._advance(now, fx)
+            return
+        self._ask_again = None
+        if self._queue:
+            keep: list[_Waiter] = []
+            keys: list[tuple[float, ...]] = []
+            for w, key in zip(self._queue, self._keys, strict=True):
+                m = self._models[w.model]
+                if self._grantable(w, m):
+                    m.inflight += 1
+                    m.queued -= 1
+                    fx.append(Grant(w.ticket, w.model))
+                    fx.append(Counts(w.model, m.inflight, m.queued))
+                else:
+                    keep.append(w)
+                    keys.append(key)
+            self._queue, self._keys = keep, keys
+        self._advance(now, fx)
+        for w in list(self._queue):
+            if w in self._queue:  # an earlier decision may have failed it
+                self._decide(w, now, fx)
+        self._advance(now, fx)
+
+    def _grantable(self, w: _Waiter, m: _Model) -> bool:
+        limit = m.cfg.concurrency_limit
+        if limit and m.inflight >= limit:
+            return False
+        if m.phase == Phase.READY:
+            return not self._victim(w.model) or self._queued_before_ready(w, m)
+        # A swap's victim still serves the requests that queued while it was loading:
+        # they were there before the swap was decided.
+        return (
+            m.phase == Phase.DRAINING
+            and m.stop_reason == StopReason.SWAP
+            and self._queued_before_ready(w, m)
+        )
+
+    @staticmethod
+    def _queued_before_ready(w: _Waiter, m: _Model) -> bool:
+        return w.queued.since < m.ready_since
+
+    def _victim(self, model: str) -> bool:
+        return self._swap is not None and model in self._swap.victims
+
+    def _decide(self, w: _Waiter, now: float, fx: list[Effect]) -> None:
+        """Start or swap for a request whose engine is not serving."""
+        model = w.model
+        m = self._models[model]
+        if m.phase == Phase.FAILED:
+            if m.retry_at > now:
+                self._fail_waiters(model, fx, Refusal.START_FAILED,
+                                   self._failed_message(model, m), m.retry_at - now)
+                return
+        elif m.phase != Phase.STOPPED:
+            return  # starting, serving its own batch, or stopping: wait for it
+        if m.retry_at > now:
+            return  # queued before a crash: the retry timer brings it back
+        if m.cfg.gpu and self._swap is not None:
+            return  # one swap at a time; this request's turn comes next
+        views = self.views()
+        decision = self.router(Placement(model, views, self.config.groups, now))
+        if isinstance(decision, Wait):
+            # Cannot be placed now: backpressure, asked again on the next event.
+            if decision.until is not None:
+                self._ask_again = min(self._ask_again or decision.until, decision.until)
+            return
+        victims = tuple(v for v in decision if v != model and v in self._models)
+        if m.start_failed:
+            busy = [v for v in victims if views[v].inflight > 0 or views[v].queued > 0]
+            if busy:
+                # A model that keeps failing must not cost a healthy, busy tenant its engine.
+                retry = policy.backoff(
+                    m.failures, m.cfg.restart.backoff_initial, m.cfg.restart.backoff_max)
+                self._fail_waiters(
+                    model, fx, Refusal.START_FAILED,
+                    f"{self._failed_message(model, m)}; not stopping busy "
+                    f"{', '.join(sorted(busy))} to retry it", retry)
+                return
+        m.phase = Phase.STARTING
+        m.stop_reason = None
+        if not victims:
+            fx.append(Start(model, m.cfg))
+            return
+        self._swap = _Swap(model, frozenset(victims))
+        for v in victims:
+            vm = self._models[v]
+            if vm.phase == Phase.READY:
+                vm.phase = Phase.DRAINING
+                vm.stop_reason = StopReason.SWAP
+            elif vm.phase == Phase.STARTING and vm.stop_reason is None:
+                vm.stop_reason = StopReason.SWAP
+
+    def _advance(self, now: float, fx: list[Effect]) -> None:
+        """Issue the stops whose drains are done, and the swap's start once its victims
+        are gone."""
+        for k, m in self._models.items():
+            if m.phase != Phase.DRAINING or m.stop_reason is None:
+                continue
+            waiting_own = m.stop_reason == StopReason.SWAP and any(
+                w.model == k and self._queued_before_ready(w, m) for w in self._queue)
+            overdue = m.drain_deadline is not None and now >= m.drain_deadline
+            if (m.inflight == 0 and not waiting_own) or overdue:
+                m.phase = Phase.STOPPING
+                fx.append(Stop(k, m.stop_reason))
+        swap = self._swap
+        if swap is None:
+            return
+        if all(self._models[v].phase in (Phase.STOPPED, Phase.FAILED)
+               for v in swap.victims if v in self._models):
+            self._swap = None
+            target = self._models.get(swap.target)
+            if target is not None and target.phase == Phase.STARTING:
+                fx.append(Start(swap.target, target.cfg, tuple(sorted(swap.victims))))
+
+    def _drain(self, model: str, m: _Model, reason: StopReason, deadline: float) -> None:
+        if m.phase in (Phase.READY, Phase.DRAINING):
+            m.phase = Phase.DRAINING
+            if m.stop_reason != StopReason.SWAP or reason == StopReason.SHUTDOWN:
+                m.stop_reason = reason
+            m.drain_deadline = deadline if m.drain_deadline is None else min(
+                deadline, m.drain_deadline)
+        elif m.phase == Phase.STARTING and m.stop_reason is None:
+            m.stop_reason = reason
+            m.drain_deadline = deadline
+
+    def _retire(self, model: str, m: _Model, cfg: ModelConfig | None, fx: list[Effect]) -> None:
+        m.successor = cfg
+        m.removed = cfg is None
+        if m.phase in (Phase.STOPPED, Phase.FAILED):
+            self._replace(model, m, fx)
+        elif m.phase in (Phase.READY, Phase.STARTING) and m.stop_reason is None:
+            if m.phase == Phase.READY:
+                m.phase = Phase.DRAINING
+            m.stop_reason = StopReason.RELOAD
+
+    def _replace(self, model: str, m: _Model, fx: list[Effect]) -> None:
+        if m.removed or m.successor is None:
+            del self._models[model]
+            self._fail_waiters(model, fx, Refusal.UNKNOWN_MODEL,
+                               f"model {model!r} is no longer configured", None)
+            fx.append(Forget(model))
+            return
+        # A new recipe starts with a clean slate (no failures carried over).
+        self._models[model] = _Model(m.successor, inflight=m.inflight, queued=m.queued)
+
+    def _record_failure(self, m: _Model, now: float, error: str) -> None:
+        restart = m.cfg.restart
+        m.failures += 1
+        m.last_error = error
+        if m.failures >= max(1, restart.max_retries):
+            m.phase = Phase.FAILED
+            m.retry_at = now + restart.backoff_max
+        else:
+            m.retry_at = now + policy.backoff(
+                m.failures, restart.backoff_initial, restart.backoff_max)
+
+    def _fail_waiters(
+        self, model: str, fx: list[Effect], refusal: Refusal, message: str,
+        retry_after: float | None,
+    ) -> None:
+        for w in [w for w in self._queue if w.model == model]:
+            self._unqueue(w.ticket, fx)
+            fx.append(Fail(w.ticket, model, refusal, message, retry_after))
+
+    def _unqueue(self, ticket: int, fx: list[Effect]) -> _Waiter | None:
+        for i, w in enumerate(self._queue):
+            if w.ticket == ticket:
+                del self._queue[i]
+                del self._keys[i]
+                m = self._models.get(w.model)
+                if m is not None:
+                    m.queued -= 1
+                    fx.append(Counts(w.model, m.inflight, m.queued))
+                return w
+        return None
+
+    def _finish(self, now: float, fx: list[Effect]) -> list[Effect]:
+        """Append the timer for the next thing due, if it changed."""
+        at = self._next_due(now)
+        if at != self._timer:
+            self._timer = at
+            fx.append(ArmTimer(at))
+        return fx
+
+    def _next_due(self, now: float) -> float | None:
+        due: list[float] = [w.deadline for w in self._queue]
+        if self._ask_again is not None:
+            due.append(max(now, self._ask_again))
+        for m in self._models.values():
+            if m.phase == Phase.READY and m.cfg.ttl > 0 and m.inflight == 0 and not self._closing:
+                due.append(m.last_used + m.cfg.ttl)
+            if m.phase == Phase.DRAINING and m.drain_deadline is not None:
+                due.append(m.drain_deadline)
+            if m.phase == Phase.STOPPED and m.retry_at > now and m.queued:
+                due.append(m.retry_at)
+        return min(due) if due else None
+
+    def _view(self, model: str, m: _Model) -> ModelView:
+        return ModelView(
+            id=model,
+            phase=m.phase,
+            gpu=m.cfg.gpu,
+            inflight=m.inflight,
+            queued=m.queued,
+            last_used=m.last_used,
+            group=self._group_names.get(model, policy.DEFAULT_GROUP.name),
+            failures=m.failures,
+            start_failed=m.start_failed,
+            retry_at=m.retry_at,
+            last_error=m.last_error,
+            stop_reason=m.stop_reason,
+        )
+
+    def _index_groups(self) -> None:
+        self._group_names = {
+            member: g.name for g in self.config.groups for member in g.members
+        }
+
+
+def retry_after(seconds: float | None) -> int | None:
+    """A Retry-After header value: the real time left, rounded up, at least 1 s."""
+    if seconds is None:
+        return None
+    return max(1, math.ceil(seconds))
+
+
+def models_of(views: Iterable[ModelView]) -> dict[str, ModelView]:
+    return {v.id: v for v in views}

@@ -1,0 +1,33 @@
+"""Which placement policy and queue order a config asks for.
+
+The scheduler's core (`swapd.core`) asks two pure functions for its placement choices:
+
+- a `Router`, `(Placement) -> tuple[str, ...] | Wait`: given the target model and a frozen
+  `ModelView` of every model (phase, gpu, inflight, queued, last_used, group, failures,
+  retry_at), the running models to stop before the target starts, or `Wait(reason)` when it
+  cannot be placed now (its requests keep waiting; placement is asked again on the next
+  event: a release, a stop, a timer).
+- a `QueueKey`, `(Queued) -> tuple`: the queue is kept sorted by it; the smallest key is
+  served first. `Queued` carries `seq` (arrival order), `model`, `since`, `priority`.
+
+A new policy is a function here (or in a module of its own) plus a line in `router_for` /
+`queue_key_for` that picks it from the config. Both are called by the scheduler when it
+is built and on every reload.
+"""
+
+from __future__ import annotations
+
+from swapd.config import Config
+from swapd.core import QueueKey, Router, fifo_key, groups_router
+
+ROUTERS: dict[str, Router] = {"groups": groups_router}
+
+
+def router_for(config: Config) -> Router:
+    """The eviction policy the config selects: llama-swap's groups (the default)."""
+    return ROUTERS["groups"]
+
+
+def queue_key_for(config: Config) -> QueueKey:
+    """The queue order the config selects: FIFO (the default)."""
+    return fifo_key
