@@ -440,12 +440,14 @@ def _anchor(argv: tuple[str, ...], folder: str | None) -> tuple[str, ...]:
 def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
     """Substitute macros in strings, recursively. A string that is exactly one macro
     takes the macro's value with its type (`port: ${PORT}` stays a number).
-    Raises _TooLong past MAX_EXPANDED characters, before building the long string."""
+    Raises _TooLong when substitution grows a string past MAX_EXPANDED characters (a long
+    value as written may stay long), before building the long string."""
     if isinstance(value, str):
         whole = _REF.fullmatch(value)
         if typed and whole and whole[1] in macros:
             return macros[whole[1]]
         size = len(value)
+        limit = max(MAX_EXPANDED, size)
 
         def one(m: re.Match[str]) -> str:
             nonlocal size
@@ -453,7 +455,7 @@ def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
                 return m[0]
             text = _fmt(macros[m[1]])
             size += len(text) - len(m[0])
-            if size > MAX_EXPANDED:
+            if size > limit:
                 raise _TooLong
             return text
 
