@@ -16,16 +16,28 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import yaml
 
 # EngineKind and the precedence of recipe, preset and file live in swapd.presets.
 from swapd.presets import EngineKind, FileWide, Recipe, engine_kind, settle
+
+if TYPE_CHECKING:
+    from swapd.config_routing import (
+        Capabilities,
+        LogToStdout,
+        PeerConfig,
+        ProfileConfig,
+        Router,
+        SelectorConfig,
+        Timeouts,
+    )
+    from swapd.matrix import Program
 
 
 class ConfigError(Exception):
@@ -87,6 +99,12 @@ class ModelConfig:
     # Forward the client's Authorization / x-api-key to the engine although swapd has keys
     # of its own (they are meant for swapd and removed otherwise): `forwardClientAuth`.
     forward_client_auth: bool = False
+    # llama-swap's per-model client `timeouts`; None: swapd's shared client.
+    timeouts: Timeouts | None = None
+    capabilities: Capabilities | None = None
+    # requested id → params set after setParams (filters.setParamsByID); its keys other
+    # than the model id are aliases too.
+    set_params_by_id: Any = None
 
     @property
     def port(self) -> int | None:
@@ -135,6 +153,19 @@ class Config:
     # Global macros in file order, ${env.*} already substituted, other references not yet:
     # each model resolves them again with its own MODEL_ID, PORT and overrides.
     macros: tuple[tuple[str, Any], ...] = ()
+    # llama-swap's routing keys (swapd/config_routing.py loads them).
+    router: Router | str = "group"
+    matrix: Program | None = None
+    priority: Mapping[str, int] = field(default_factory=dict)  # model id → fifo priority
+    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    # request name → (peer id, the peer's model id): "<peer>/<model>", and the bare
+    # model when exactly one peer has it and no local id or alias is so named.
+    peer_routes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    ignore_paths: tuple[re.Pattern[str], ...] = ()  # upstream.ignorePaths
+    log_to_stdout: LogToStdout | str = "both"
+    gpu_sampling: bool = True  # performance.disabled: false
 
     def resolve(self, name: str) -> ModelConfig | None:
         """The model a request's `model` names: an id first, then an alias."""
@@ -166,12 +197,16 @@ _TOP_KEYS = frozenset(
     "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
     "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
     "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include allowedHosts cors "
-    "bodyTimeout".split()
+    "bodyTimeout "
+    # llama-swap's, loaded by swapd/config_routing.py
+    "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
+    "performance logRequests store".split()
 )
 _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
-    "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth".split()
+    "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth timeouts capabilities "
+    "compat".split()
 )
 
 
@@ -555,7 +590,8 @@ def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
     if raw_aliases is not None and not isinstance(raw_aliases, list):
         texts["aliases[0]"] = node.texts("aliases")[0]
     env_keys = _env(ctx, node, texts)
-    filters = node.child("filters", frozenset({"stripParams", "strip_params", "setParams"}))
+    filters = node.child("filters", frozenset(
+        {"stripParams", "strip_params", "setParams", "setParamsByID"}))
     strip_key = "filters.strip_params"  # llama-swap's older spelling
     if filters and "strip_params" not in filters.data:
         strip_key = "filters.stripParams"
@@ -567,6 +603,12 @@ def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
     if filters and filters.data.get("setParams") is not None:
         where = filters.key("setParams")
         trees["filters.setParams"] = ctx.tree(ctx.mapping(filters.data["setParams"], where), where)
+    if filters and filters.data.get("setParamsByID") is not None:
+        where = filters.key("setParamsByID")
+        # Pairs, not a mapping: the ids take macros too ("${MODEL_ID}:high").
+        trees["filters.setParamsByID"] = [
+            [str(k), v] for k, v in ctx.tree(ctx.mapping(filters.data["setParamsByID"], where),
+                                             where).items()]
     return _Texts(texts, trees, env_keys, strip_key)
 
 
@@ -669,6 +711,18 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     for key, alias in aliases.items():
         if not alias.strip():
             ctx.fail(node.key(key), "must be a non-empty string")
+    # Imported here: config_routing builds on this module's _Node and _Ctx.
+    from swapd import config_routing
+
+    by_id = None
+    if "filters.setParamsByID" in trees:
+        by_id = config_routing.set_params_by_id(
+            ctx, node.key("filters.setParamsByID"),
+            {_fmt(k): v for k, v in trees["filters.setParamsByID"]}) or None
+        for i, requested in enumerate(by_id or ()):
+            if requested != model_id:  # each other id is an alias of this model (llama-swap)
+                aliases[f"filters.setParamsByID[{i}]"] = requested
+    config_routing.compat(node)
     folder = os.path.dirname(base.source) if base.source else None
     return ModelConfig(
         id=model_id,
@@ -698,6 +752,9 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         env_remove=settled.env_remove,
         unload_request=settled.unload_request,
         forward_client_auth=node.flag("forwardClientAuth", False),
+        timeouts=config_routing.model_timeouts(node),
+        capabilities=config_routing.capabilities(node),
+        set_params_by_id=by_id,
     )
 
 
@@ -792,15 +849,16 @@ def _origins(top: _Node) -> tuple[str, ...]:
 
 def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[GroupConfig, ...]:
     sources = [top.child("groups", None)]
-    routing = top.child("routing", frozenset({"router"}))
+    routing = top.child("routing", frozenset({"router", "scheduler"}))
     if router := routing.child("router", frozenset({"use", "settings"})) if routing else None:
         use = (router.text("use") or "group").strip().lower()
-        if use == "matrix":
-            ctx.warn(router.key("use"), "matrix routing is not supported by swapd; using groups")
-        elif use != "group":
+        if use not in ("group", "matrix"):
             ctx.fail(router.key("use"), f"must be group or matrix, got {_show(use)}")
-        if settings := router.child("settings", frozenset({"groups"})):
-            sources.append(settings.child("groups", None))
+        if settings := router.child("settings", frozenset({"groups", "matrix"})):
+            if use == "matrix" and settings.data.get("groups") is not None:
+                ctx.warn(settings.key("groups"), "not used: routing.router.use is matrix")
+            else:
+                sources.append(settings.child("groups", None))
     out: list[GroupConfig] = []
     member_of: dict[str, str] = {}
     for source in filter(None, sources):
@@ -972,7 +1030,7 @@ def _models(files: list[tuple[_Ctx, _Node]], base: Config, kept: Mapping[str, in
 
 def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Config:
     """The last phase: the settings that refer to models (groups, preload, the default
-    queueTimeout)."""
+    queueTimeout; llama-swap's routing keys: swapd.config_routing)."""
     ctx = top.ctx
     preload: list[str] = []
     hooks = top.child("hooks", frozenset({"on_startup"}))
@@ -991,8 +1049,14 @@ def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Co
         queue_timeout = max(
             [base.health_check_timeout, *(m.health_check_timeout for m in models.values())]
         ) + 60
-    return replace(base, models=models, groups=_groups(ctx, top, models),
-                   preload=tuple(preload), queue_timeout=queue_timeout)
+    from swapd import config_routing
+
+    groups = _groups(ctx, top, models)
+    routing = config_routing.load(ctx, top, models, groups)
+    config_routing.no_effect(top)
+    return replace(base, models=models, groups=groups, preload=tuple(preload),
+                   queue_timeout=queue_timeout,
+                   **{f.name: getattr(routing, f.name) for f in fields(routing)})
 
 
 def load_model_entry(model_id: str, data: object, base: Config,

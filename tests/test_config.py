@@ -64,7 +64,8 @@ def test_compat_example_loads_with_warnings() -> None:
     assert gpt.check_endpoint == "/custom-endpoint"
     assert gpt.ttl == 60 and gpt.unload_timeout == 10
     assert gpt.env == (("CUDA_VISIBLE_DEVICES", "0,1,2"),)
-    assert gpt.aliases == ("gpt-4o-mini",)
+    # setParamsByID ids other than the model id become aliases (llama-swap)
+    assert gpt.aliases == ("gpt-4o-mini", "gpt-oss-120b:high", "gpt-oss-120b:low")
     assert gpt.use_model_name == "openai/gpt-oss-120B"
     assert gpt.name == "gpt-oss 120B" and gpt.description == "A thinking model from OpenAI"
     assert gpt.strip_params == ("temperature", "top_p", "top_k")
@@ -91,17 +92,56 @@ def test_compat_example_loads_with_warnings() -> None:
     assert groups["forever"].persistent and groups["group1"].swap
     assert cfg.preload == ()
 
-    for key in ["logTimeFormat", "logToStdout", "metricsMaxInMemory", "captureBuffer", "ui",
-                "performance", "upstream", "profiles", "selectors", "peers",
-                "routing.scheduler", "routing.router.settings.matrix",
-                "models.gpt-oss-120b.timeouts", "models.gpt-oss-120b.compat",
-                "models.gpt-oss-120b.capabilities", "models.gpt-oss-120b.filters.setParamsByID"]:
-        hits = [w for w in result.warnings if w.startswith(f"{key}: ")]
-        assert hits == [f"{key}: not supported by swapd, ignored"], key
+    # llama-swap's routing keys are loaded, never "not supported"
+    for key in ["logTimeFormat", "logToStdout", "metricsMaxInMemory", "performance", "upstream",
+                "profiles", "selectors", "peers", "routing", "models.gpt-oss-120b.timeouts",
+                "models.gpt-oss-120b.compat", "models.gpt-oss-120b.capabilities",
+                "models.gpt-oss-120b.filters.setParamsByID"]:
+        assert not [w for w in result.warnings
+                    if w.startswith(key) and "not supported" in w], key
+    assert gpt.set_params_by_id == {
+        "gpt-oss-120b": {"chat_template_kwargs": {"reasoning_effort": "medium"}},
+        "gpt-oss-120b:high": {"chat_template_kwargs": {"reasoning_effort": "high"}},
+        "gpt-oss-120b:low": {"chat_template_kwargs": {"reasoning_effort": "low"}},
+    }
+    assert gpt.timeouts is not None and gpt.timeouts.keepalive == 0
+    assert gpt.timeouts.response_header == 60 and gpt.timeouts.idle_conn == 90
+    assert gpt.capabilities is not None and gpt.capabilities.tools
+    assert gpt.capabilities.inputs == ("text", "audio", "image")
+    assert gpt.capabilities.context == 32000
+    assert str(cfg.router) == "group" and cfg.matrix is None
+    assert "routing.router.settings.matrix: not used: routing.router.use is group (set it to " \
+        "matrix)" in result.warnings
+    assert cfg.priority == {}  # A, B, C, D are not defined models
+    assert [w for w in result.warnings if w.startswith("routing.scheduler.settings.fifo")] == [
+        f'routing.scheduler.settings.fifo.priority.{k}: "{k}" is not a defined model, ignored'
+        for k in "ABCD"]
+    assert set(cfg.selectors) == {"coding-model", "llm-plan", "llama"}
+    assert cfg.selectors["coding-model"].targets == ("gpt-oss-120b",)
+    assert cfg.selectors["coding-model"].name == "Coding Model"
+    assert cfg.selectors["llm-plan"].targets == ("gpt-oss-120b", "z-ai/glm-4.7")
+    assert cfg.selectors["llama"].targets == ("docker-llama",)
+    assert cfg.selectors["llama"].spillover == 4
+    coding = cfg.profiles["coding"]
+    assert coding.pins == (("llm-code", "gpt-oss-120b"), ("image-gen", None))
+    assert set(cfg.peers) == {"llama-swap-peer", "openrouter"}
+    assert cfg.peers["openrouter"].api_key is None
+    assert cfg.peers["openrouter"].api_key_unset == "OPENROUTER_API_KEY"
+    assert cfg.peers["openrouter"].set_params == {
+        "provider": {"data_collection": "deny", "zdr": True}}
+    assert cfg.peers["openrouter"].strip_params == ("temperature", "top_p")
+    assert cfg.peer_routes["z-ai/glm-4.7"] == ("openrouter", "z-ai/glm-4.7")
+    assert cfg.peer_routes["llama-swap-peer/embeddings/model_c"] == (
+        "llama-swap-peer", "embeddings/model_c")
+    assert [p.pattern for p in cfg.ignore_paths] == [
+        r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$", r"^\/ws$|^\/api\/jobs$"]
+    assert str(cfg.log_to_stdout) == "proxy" and cfg.gpu_sampling
     assert any("modelA" in w and "not a defined model" in w for w in result.warnings)
     assert any(w.startswith("hooks.on_startup.preload[0]:") for w in result.warnings)
-    # nothing under an ignored section is looked at: OPENROUTER_API_KEY is unset
+    # an unset variable in a peer's apiKey is a warning: the rest of the config is usable
     assert "OPENROUTER_API_KEY" not in ENV
+    assert any(w.startswith("peers.openrouter.apiKey: environment variable OPENROUTER_API_KEY "
+                            "is not set") for w in result.warnings)
 
 
 @needs_compat
@@ -123,15 +163,17 @@ def test_compat_aider_and_docker_load() -> None:
     assert qwen.cmd[0] == "/path/to/llama-server" and qwen.cmd[-1] == "q8_0"
     qwq = aider.config.models["QwQ"]
     assert "top_k;top_p;min_p;temperature;dry;typ_p;xtc" in qwq.cmd  # quotes removed
-    assert aider.warnings == ("profiles: not supported by swapd, ignored",)
+    assert len(aider.warnings) == 1
+    assert aider.warnings[0].startswith("profiles.aider: a list is llama-swap's old profile form")
     assert aider.config.resolve("coder") is qwen
 
     docker = load_config(COMPAT / "llama-swap.docker.config.example.yaml", environ={})
     assert set(docker.config.models) == {"qwen2.5", "smollm2", "z-image"}
     assert docker.config.models["z-image"].check_endpoint == "/"
     assert len(docker.config.models["z-image"].aliases) == 5
-    assert "logRequests: not supported by swapd, ignored" in docker.warnings
-    assert "metricsMaxInMemory: not supported by swapd, ignored" in docker.warnings
+    assert [w.split(":")[0] for w in docker.warnings if "PORT" not in w] == [
+        "logRequests", "metricsMaxInMemory"]
+    assert not any("not supported" in w for w in docker.warnings)
 
 
 # -- defaults and swapd's keys ---------------------------------------------------------
@@ -217,19 +259,6 @@ def test_old_style_groups_and_preload_by_alias(tmp_path: Path) -> None:
     assert cfg.groups[0].name == "pair" and cfg.groups[0].members == ("a", "b")
     assert cfg.groups[0].exclusive and not cfg.groups[0].swap
     assert cfg.preload == ("a", "b")
-
-
-def test_matrix_routing_falls_back_to_groups(tmp_path: Path) -> None:
-    result = load(tmp_path, """
-        models: {a: {cmd: a}}
-        routing:
-          router:
-            use: matrix
-            settings:
-              matrix: {sets: {x: a}}
-        """)
-    assert any(w.startswith("routing.router.use: matrix") for w in result.warnings)
-    assert "routing.router.settings.matrix: not supported by swapd, ignored" in result.warnings
 
 
 # -- macros ---------------------------------------------------------------------------
@@ -332,7 +361,7 @@ def test_env_macros(tmp_path: Path) -> None:
             cmd: srv --model ${dir}/m.gguf --port ${PORT}
             env: ["TOKEN=${env.TOKEN}"]
         peers:
-          p: {apiKey: "${env.NOT_SET_AND_IGNORED}"}
+          p: {proxy: "http://10.0.0.2:8080", models: [x], apiKey: "${env.NOT_SET}"}
         """
     env = {"FIRST_PORT": "6000", "MODELS": "/models", "TOKEN": "t0k"}
     cfg = load(tmp_path, text, env).config
@@ -632,7 +661,7 @@ def test_format_check(tmp_path: Path) -> None:
             ttl: 0
         groups:
           pair: {swap: false, members: [qwen, helper]}
-        peers: {}
+        performance: {every: 10s}
         """)
     text = format_check(result)
     assert "qwen" in text and "aliases:  q, coder" in text
@@ -641,7 +670,8 @@ def test_format_check(tmp_path: Path) -> None:
     assert "engine:   vllm" in text and "gpu:      no" in text
     assert "ttl:      0 (never unloaded)" in text
     assert "pair: swap=false exclusive=true persistent=false members=qwen, helper" in text
-    assert text.splitlines()[-1] == "warning: peers: not supported by swapd, ignored"
+    assert text.splitlines()[-1] == ("warning: performance.every: swapd samples the GPU every "
+                                     "second for /metrics; this interval is not used")
 
 
 def test_load_config_uses_process_environment_by_default(tmp_path: Path,
