@@ -21,7 +21,8 @@ from swapd.appstate import config_of
 from swapd.config import Config, ConfigError, load_model_entry
 from swapd.errors import ApiError
 from swapd.files import write_atomic
-from swapd.proxy import read_body
+from swapd.naming import Profiles
+from swapd.proxy import parse_json, read_body
 from swapd.recipes import (
     MAX_RECIPE_BYTES,
     body_kind,
@@ -53,7 +54,8 @@ def failure_document(view: EngineView, now: float) -> dict[str, Any] | None:
     }
 
 
-def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
+def status_document(scheduler: Scheduler, config: Config,
+                    profiles: Profiles | None = None) -> dict[str, Any]:
     """What `GET /status` answers: enough to see what swapd is doing right now."""
     now = time.time()
     models: dict[str, Any] = {}
@@ -84,17 +86,25 @@ def status_document(scheduler: Scheduler, config: Config) -> dict[str, Any]:
         "tenant": scheduler.tenant(),
         "queue": scheduler.queued(),
         "models": models,
+        # llama-swap's profiles: the active one (null: none) and those defined.
+        "profile": {
+            "active": profiles.active if profiles else None,
+            "available": list(config.profiles),
+        },
     }
 
 
 class Admin:
-    """The config comes from the app (swapd.appstate); `reload` is the daemon's."""
+    """The config comes from the app (swapd.appstate); `reload` and `profiles` (the
+    active one) are the daemon's."""
 
-    def __init__(self, scheduler: Scheduler, reload: Reload) -> None:
+    def __init__(self, scheduler: Scheduler, reload: Reload,
+                 profiles: Profiles | None = None) -> None:
         self._scheduler = scheduler
         self._reload = reload
         # One recipe write at a time: check, write and reload must not interleave.
         self._recipe_lock = asyncio.Lock()
+        self._profiles = profiles or Profiles()
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -108,6 +118,10 @@ class Admin:
             web.get("/admin/recipes/{id}", self.get_recipe),
             web.put("/admin/recipes/{id}", self.put_recipe),
             web.delete("/admin/recipes/{id}", self.delete_recipe),
+            # llama-swap's profile API (its UI and scripts use these paths)
+            web.get("/api/profiles", self.get_profiles),
+            web.put("/api/profiles/active", self.put_active_profile),
+            web.post("/api/profiles/active", self.put_active_profile),
         ]
 
     async def health(self, request: web.Request) -> web.Response:
@@ -133,7 +147,40 @@ class Admin:
         return web.json_response({"running": out})
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(status_document(self._scheduler, config_of(request)))
+        return web.json_response(
+            status_document(self._scheduler, config_of(request), self._profiles))
+
+    # -- profiles --------------------------------------------------------------------
+
+    async def get_profiles(self, request: web.Request) -> web.Response:
+        config = config_of(request)
+        return web.json_response({
+            "active": self._profiles.active,
+            "profiles": [
+                {"id": p.id, "description": p.description or "",
+                 "pins": {pin: target or "" for pin, target in p.pins}}
+                for p in config.profiles.values()
+            ],
+        })
+
+    async def put_active_profile(self, request: web.Request) -> web.StreamResponse:
+        """`{"name": "coding"}` selects a profile, `{"name": null}` (or "") none."""
+        raw = await read_body(request, 64 * 1024, config_of(request).body_timeout)
+        body = parse_json(raw, "request body") if raw else None
+        if not isinstance(body, dict) or "name" not in body:
+            raise ApiError('expected a JSON object {"name": profile or null}', status=400,
+                           code="bad_request")
+        name = body["name"]
+        if name is not None and not isinstance(name, str):
+            raise ApiError("profile name must be a string or null", status=400,
+                           code="bad_request")
+        try:
+            self._profiles.select(config_of(request), name or None)
+        except KeyError:
+            raise ApiError(f"profile {name!r} is not defined", status=404,
+                           code="profile_not_found") from None
+        log.info("active profile changed", profile=self._profiles.active)
+        return web.json_response({"active": self._profiles.active})
 
     async def unload_all(self, request: web.Request) -> web.Response:
         stopped = await self._scheduler.unload(None)

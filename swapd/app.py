@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import hmac
 import ipaddress
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -36,6 +37,7 @@ from swapd.errors import ApiError, answer
 from swapd.gpu import Sampler
 from swapd.logs import LogHub, configure_logging, log_routes
 from swapd.metrics import Metrics
+from swapd.naming import Profiles
 from swapd.orphans import OwnedGroups, reap_leftovers
 from swapd.proxy import INFERENCE_POST_PATHS, Proxy
 from swapd.scheduler import Scheduler
@@ -43,7 +45,9 @@ from swapd.scheduler import Scheduler
 log = structlog.get_logger("swapd")
 
 OPEN_PATHS = ("/health", "/metrics")
-ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/")
+ADMIN_PREFIXES = (
+    "/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/profiles",
+)
 # Where browsers of other origins are served (CORS): the inference API, nothing else.
 CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
 # How often --watch-config looks at the config files' mtimes.
@@ -175,6 +179,8 @@ class Daemon:
             self.config, observer=_Observer(self), sink=self.hub, record=self.owned
         )
         self.sampler = Sampler(self.scheduler.process_groups)
+        # llama-swap's profiles: none active at startup, none after a reload.
+        self.profiles = Profiles()
 
     @property
     def config(self) -> Config:
@@ -200,8 +206,10 @@ class Daemon:
         app[CONFIG] = self.live
         app.cleanup_ctx.append(_upstream_session)
         app.on_response_prepare.append(self._cors_headers)
-        app.add_routes(Admin(self.scheduler, self.reload).routes())
-        app.add_routes(Proxy(self.scheduler, self.metrics).routes())
+        proxy = Proxy(self.scheduler, self.metrics, self.profiles)
+        app.on_cleanup.append(lambda _: proxy.close())  # sessions made for `timeouts`
+        app.add_routes(Admin(self.scheduler, self.reload, self.profiles).routes())
+        app.add_routes(proxy.routes())
         app.add_routes(log_routes(self.hub, self._model_ids))
         app.router.add_get("/metrics", self.metrics.handle)
         return app
@@ -350,6 +358,8 @@ class Daemon:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
             self._host_ok.clear()
+            self.profiles.active = None
+            self._apply_log_to_stdout()
             if self.config.listen != self._listen:
                 log.warning("listen changed; it takes effect on restart", listen=self._listen)
             changes = self.scheduler.apply_config(self.config)
@@ -402,6 +412,13 @@ class Daemon:
         log.info("stop signal", signal=sig.name)
         self.stop_event.set()
 
+    def _apply_log_to_stdout(self) -> None:
+        """llama-swap's `logToStdout`: `proxy` and `none` keep engine output off stdout
+        (it stays in /logs); swapd's own log always goes there (see config_routing)."""
+        quiet = str(self.config.log_to_stdout) in ("proxy", "none")
+        logging.getLogger("swapd.engine.output").setLevel(
+            logging.CRITICAL + 1 if quiet else logging.NOTSET)
+
     async def run(self) -> int:
         """startup → serve → shutdown, as uvicorn's server.py. What startup acquires is
         released by the exit stack in reverse order, whatever happens after it."""
@@ -420,6 +437,7 @@ class Daemon:
         # Threads (the GPU sampler, engine pumps' fallbacks) hand lines to this loop.
         self.hub.bind(loop)
         configure_logging(self.config.log_level, hub=self.hub)
+        self._apply_log_to_stdout()
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
         # Orphans of an engine become our children, not init's: found by parenthood even
@@ -442,8 +460,11 @@ class Daemon:
         for model in self.config.models:
             self.metrics.set_engine_state(model, "stopped")
         self.metrics.attach_sampler(self.sampler)
-        self.sampler.start()
-        resources.callback(self.sampler.stop)
+        if self.config.gpu_sampling:  # performance.disabled: true turns it off
+            self.sampler.start()
+            resources.callback(self.sampler.stop)
+        else:
+            log.info("GPU sampling off (performance.disabled)")
         runner = web.AppRunner(
             self.build_app(),
             handler_cancellation=True,

@@ -344,6 +344,19 @@ class Core:
         self._dispatch(now, fx)
         return ticket, self._finish(now, fx)
 
+    def request_ready(self, model: str, now: float) -> tuple[int, list[Effect]]:
+        """A request only an engine serving right now may take (llama-swap's
+        upstream.ignorePaths): granted at once like the fast path, or no effects at all
+        (refused); never queued, never a start or a swap."""
+        self._seq += 1
+        m = self._models.get(model)
+        if m is None or self._closing or not self.is_ready(model):
+            return self._seq, []
+        if m.cfg.concurrency_limit and m.inflight >= m.cfg.concurrency_limit:
+            return self._seq, []
+        m.inflight += 1
+        return self._seq, [Grant(self._seq, model), Counts(model, m.inflight, m.queued)]
+
     def release(self, model: str, now: float) -> list[Effect]:
         """A granted request ended (whatever happened to it)."""
         m = self._models.get(model)

@@ -21,10 +21,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from swapd import naming
 from swapd.appstate import UPSTREAM, config_of
+from swapd.clients import Clients
 from swapd.config import Config, ModelConfig
+from swapd.config_routing import Capabilities, PeerConfig, Timeouts
 from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.metrics import Metrics
+from swapd.naming import Chosen, Local, Profiles, Remote, Spillover, Unroutable
 from swapd.redact import clean_line
 from swapd.scheduler import Scheduler
 
@@ -86,6 +90,17 @@ class Routed:
     model: ModelConfig
     body: bytes
     stream: bool
+    chosen: Chosen | None = None  # the selector pick that led here, if one did
+
+
+@dataclass(frozen=True)
+class PeerRouted:
+    """A request for a peer's model: never a local engine."""
+
+    remote: Remote
+    body: bytes
+    stream: bool
+    chosen: Chosen | None = None
 
 
 async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
@@ -161,6 +176,12 @@ def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
 
 def route_json(config: Config, body: bytes) -> tuple[ModelConfig, Any, str]:
     """Parse a JSON request body; return the model it names, the object and that name."""
+    data, name = json_model(body)
+    return find_model(config, name), data, name
+
+
+def json_model(body: bytes) -> tuple[dict[str, Any], str]:
+    """A JSON request body and the `model` it names."""
     if not body:
         raise ApiError(
             "request body is empty; expected a JSON object with 'model'",
@@ -175,7 +196,7 @@ def route_json(config: Config, body: bytes) -> tuple[ModelConfig, Any, str]:
         raise ApiError(
             "'model' is missing or not a non-empty string", status=400, code="missing_model"
         )
-    return find_model(config, name), data, name
+    return data, name
 
 
 def parse_json(body: bytes, what: str) -> Any:
@@ -198,19 +219,39 @@ def find_model(config: Config, name: str) -> ModelConfig:
     return model
 
 
-def rewrite(model: ModelConfig, data: dict[str, Any], requested: str) -> bool:
-    """Apply aliases, useModelName and filters in place; True if anything changed."""
+def rewrite(model: ModelConfig, data: dict[str, Any], requested: str,
+            resolved: str | None = None) -> bool:
+    """Apply aliases, useModelName and filters in place; True if anything changed.
+
+    `requested` is the body's `model`; `resolved` the name it led to after a profile pin
+    or a selector (what filters.setParamsByID is looked up by), `requested` if none.
+    """
     changed = False
     upstream_name = model.use_model_name or model.id
     if requested != upstream_name:
         data["model"] = upstream_name
         changed = True
-    for key in model.strip_params:
+    by_id = (model.set_params_by_id or {}).get(resolved or requested)
+    return _filter(data, model.strip_params, model.set_params, by_id) or changed
+
+
+def rewrite_peer(peer: PeerConfig, model: str, data: dict[str, Any], resolved: str) -> None:
+    """A peer request's body: the peer's own model id, then the peer's filters."""
+    data["model"] = model
+    by_id = (peer.set_params_by_id or {}).get(resolved)
+    _filter(data, peer.strip_params, peer.set_params, by_id)
+
+
+def _filter(data: dict[str, Any], strip: tuple[str, ...], *sets: Any) -> bool:
+    """stripParams, then setParams, then setParamsByID (so it overrides); `model` is
+    protected from all three."""
+    changed = False
+    for key in strip:
         if key != "model" and key in data:
             del data[key]
             changed = True
-    if model.set_params:
-        for key, value in model.set_params.items():
+    for params in sets:
+        for key, value in (params or {}).items():
             if key != "model":
                 data[key] = value
                 changed = True
@@ -238,11 +279,19 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 class Proxy:
-    """The config and the upstream session come from the app (swapd.appstate)."""
+    """The config and the upstream session come from the app (swapd.appstate); the
+    active profile from the daemon (`profiles`)."""
 
-    def __init__(self, scheduler: Scheduler, metrics: Metrics) -> None:
+    def __init__(self, scheduler: Scheduler, metrics: Metrics,
+                 profiles: Profiles | None = None) -> None:
         self._scheduler = scheduler
         self._metrics = metrics
+        self._clients = Clients()
+        self._profiles = profiles or Profiles()
+        self._spillover = Spillover()
+
+    async def close(self) -> None:
+        await self._clients.close()
 
     def routes(self) -> list[web.RouteDef]:
         routes = [web.post(path, self.handle_inference) for path in INFERENCE_POST_PATHS]
@@ -254,92 +303,177 @@ class Proxy:
 
     # -- routing ---------------------------------------------------------------------
 
-    async def _route(self, request: web.Request) -> Routed:
+    def _state(self, model: str) -> str:
+        view = self._scheduler.view(model)
+        return view.state if view is not None else "stopped"
+
+    def _target(self, config: Config, name: str,
+                selectors: bool = True) -> tuple[Local | Remote, Chosen | None]:
+        """Profile pin, selector, local name, peer: where `name` goes (404/400/503)."""
+        def pick(selector: Any) -> str:
+            return naming.choose(config, selector, self._state, self._spillover)
+
+        try:
+            return naming.resolve(config, self._profiles.active, name,
+                                  pick if selectors else None)
+        except Unroutable as exc:
+            raise ApiError(exc.message, status=exc.status, code=exc.code) from None
+
+    async def _route(self, request: web.Request) -> Routed | PeerRouted:
         config = config_of(request)
+        data: dict[str, Any] | None = None
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
         ctype = request.headers.get("Content-Type", "")
         if ctype.lower().startswith("multipart/form-data"):
-            name = multipart_field(body, ctype, "model")
-            if not name:
+            found = multipart_field(body, ctype, "model")
+            if not found:
                 raise ApiError(
                     "multipart form field 'model' is required", status=400, code="missing_model"
                 )
-            return Routed(find_model(config, name), body, False)
-        model, data, requested = route_json(config, body)
-        if rewrite(model, data, requested):
+            name = found
+        else:
+            data, name = json_model(body)
+        target, chosen = self._target(config, name)
+        stream = data is not None and data.get("stream") is True
+        if isinstance(target, Remote):
+            if data is not None:
+                rewrite_peer(target.peer, target.model, data, target.requested)
+                body = json.dumps(data).encode()
+            return PeerRouted(target, body, stream, chosen)
+        if data is not None and rewrite(target.model, data, name, target.requested):
             body = json.dumps(data).encode()
-        return Routed(model, body, data.get("stream") is True)
+        return Routed(target.model, body, stream, chosen)
 
     # -- handlers --------------------------------------------------------------------
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         routed = await self._route(request)
-        return await self._serve(request, routed, request.path_qs, t0)
+        try:
+            if isinstance(routed, PeerRouted):
+                return await self._serve_peer(request, routed, request.path_qs, t0)
+            return await self._serve(request, routed, request.path_qs, t0)
+        finally:
+            if routed.chosen is not None:
+                self._spillover.release(routed.chosen)
 
     async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
-        """`/upstream/{model}/{path}`: raw passthrough; the model id may contain '/'."""
+        """`/upstream/{model}/{path}`: raw passthrough; the model id may contain '/'.
+
+        A profile pin applies; a selector is refused (which target would a browser tab's
+        next asset go to?). A path matching `upstream.ignorePaths` is relayed only to an
+        engine that is ready now: it never starts or swaps one (llama-swap answers 409).
+        """
         t0 = time.monotonic()
         config = config_of(request)
-        tail = request.match_info["tail"]
-        parts = tail.split("/")
-        model = None
+        parts = request.match_info["tail"].split("/")
+        target: Local | Remote | None = None
         # Longest prefix first: "org/model/v1/x" may name model "org/model".
         for i in range(len(parts), 0, -1):
-            model = config.resolve("/".join(parts[:i]))
-            if model is not None:
-                rest = "/".join(parts[i:])
-                break
-        if model is None:
+            name = "/".join(parts[:i])
+            profile = config.profiles.get(self._profiles.active or "")
+            try:
+                target, _ = self._target(config, name, selectors=False)
+            except ApiError as exc:
+                if exc.status == 404 and not (profile and profile.pin(name)[0]):
+                    continue  # a shorter prefix may name it
+                raise
+            rest = "/".join(parts[i:])
+            break
+        if target is None:
             name = parts[0] if parts else ""
             raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
         path = "/" + rest
-        if request.query_string:
-            path += "?" + request.query_string
-        return await self._serve(request, Routed(model, body, False), path, t0)
+        query = "?" + request.query_string if request.query_string else ""
+        if isinstance(target, Remote):
+            return await self._serve_peer(
+                request, PeerRouted(target, body, False), path + query, t0)
+        ignored = any(p.search(path) for p in config.ignore_paths)
+        return await self._serve(request, Routed(target.model, body, False), path + query, t0,
+                                 ready_only=ignored)
 
     async def handle_models(self, request: web.Request) -> web.Response:
+        """Configured models (with their state), then aliases (includeAliasesInList), peer
+        models, selectors and the active profile's new names: llama-swap's listing, with
+        its `capabilities` fields and `meta.llamaswap`, plus swapd's `state`."""
         config = config_of(request)
         data = []
+        listed: set[str] = set()
         for model in config.models.values():
+            listed.update((model.id, *model.aliases))
             if model.unlisted:
                 continue
             view = self._scheduler.view(model.id)
-            entry: dict[str, Any] = {
-                "id": model.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "swapd",
-                "state": view.state if view else "stopped",
-            }
+            entry = _listing(model.id, view.state if view else "stopped", model.name,
+                             model.description, model.metadata, model.capabilities,
+                             {"type": "model"})
             if view is not None and view.failures:
                 entry["failure"] = {
                     "reason": None if view.last_error is None else clean_line(view.last_error),
                     "count": view.failures,
                     "retry_at": view.next_retry_at,
                 }
-            if model.name:
-                entry["name"] = model.name
-            if model.description:
-                entry["description"] = model.description
-            if model.metadata:
-                entry["metadata"] = model.metadata
+            if model.aliases:
+                entry["meta"]["llamaswap"]["aliases"] = list(model.aliases)
             data.append(entry)
             if config.include_aliases_in_list:
-                data.extend({**entry, "id": alias} for alias in model.aliases)
+                for alias in model.aliases:
+                    # A name of its own, so a UI does not show identical rows.
+                    name = f"{model.name} (alias {alias})" if model.name else None
+                    data.append(_listing(
+                        alias, entry["state"], name, model.description, model.metadata,
+                        model.capabilities, {"type": "alias", "modelID": model.id}))
+        for peer in config.peers.values():
+            for peer_model in peer.models:
+                listed.add(f"{peer.id}/{peer_model}")
+                data.append(_listing(f"{peer.id}/{peer_model}", "remote",
+                                     f"{peer.id}: {peer_model}", None, None, None,
+                                     {"type": "peer", "peerID": peer.id}))
+        listed.update(config.peer_routes)
+        for selector in config.selectors.values():
+            listed.add(selector.id)
+            if selector.unlisted:
+                continue
+            internal: dict[str, Any] = {"type": "selector", "strategy": str(selector.strategy),
+                                        "targets": list(selector.targets)}
+            if selector.strategy == "spillover":
+                internal["spillover"] = selector.spillover
+            data.append(_listing(selector.id, self._selector_state(config, selector.targets),
+                                 selector.name, selector.description, selector.metadata, None,
+                                 internal))
+        profile = config.profiles.get(self._profiles.active or "")
+        for pin, target in profile.pins if profile else ():
+            if target is not None and pin not in listed:
+                data.append(_listing(pin, self._selector_state(config, (target,)), None, None,
+                                     None, None, {"type": "profile", "target": target}))
         return web.json_response({"object": "list", "data": data})
+
+    def _selector_state(self, config: Config, targets: tuple[str, ...]) -> str:
+        """The state of the first target that is ready or starting, else of the first."""
+        states = []
+        for target in targets:
+            model = config.resolve(target)
+            states.append(self._state(model.id) if model else "remote")
+        for wanted in ("ready", "starting"):
+            if wanted in states:
+                return wanted
+        return states[0] if states else "stopped"
 
     # -- relay -----------------------------------------------------------------------
 
     async def _serve(
-        self, request: web.Request, routed: Routed, path: str, t0: float
+        self, request: web.Request, routed: Routed, path: str, t0: float,
+        ready_only: bool = False,
     ) -> web.StreamResponse:
+        """Relay to a local engine, with a lease from the scheduler (waiting for a start
+        or swap; with `ready_only`, only an engine ready now, else 409)."""
         model = routed.model.id
         loading: web.StreamResponse | None = None
         progress = None
         if (
-            routed.stream
+            not ready_only
+            and routed.stream
             and routed.model.send_loading_state
             and request.path == "/v1/chat/completions"
             and not self._scheduler.is_ready(model)
@@ -352,12 +486,14 @@ class Proxy:
         outcome = [0]
         held = False
         try:
-            async with self._scheduler.lease(model, progress) as lease:
+            async with self._scheduler.lease(model, progress, ready_only=ready_only) as lease:
                 held = True
                 if loading is not None:
                     await loading.write(_loading_chunk(model, f"{model} is ready\n"))
                 resp, outcome[0] = await self._relay(
-                    request, routed, lease.upstream + path, t0, loading, outcome
+                    request, model, routed.body, lease.upstream + path, t0, loading, outcome,
+                    who=f"engine for model {model!r}", timeouts=routed.model.timeouts,
+                    strip_auth=_strip_auth(config_of(request), routed.model),
                 )
                 return resp
         except ApiError as exc:
@@ -369,36 +505,91 @@ class Proxy:
         finally:
             self._count(model, outcome[0] or 499, t0)
 
+    async def _serve_peer(
+        self, request: web.Request, routed: PeerRouted, path: str, t0: float
+    ) -> web.StreamResponse:
+        """Relay to a peer: its base URL plus the request's path, its key injected. No
+        local engine is involved, so no lease, no queue, no swap."""
+        remote = routed.remote
+        label = remote.label
+        peer = remote.peer
+        if peer.api_key_unset:
+            self._count(label, 503, t0)
+            raise ApiError(
+                f"peer {peer.id!r} needs environment variable {peer.api_key_unset} for its "
+                "apiKey; set it and reload the config", status=503, code="peer_unavailable")
+        # The client's credentials are swapd's, not the peer's: never passed on.
+        headers = forward_headers(request.headers, strip_auth=True)
+        if peer.api_key:
+            headers["Authorization"] = f"Bearer {peer.api_key}"
+            headers["x-api-key"] = peer.api_key
+        outcome = [0]
+        try:
+            resp, outcome[0] = await self._relay(
+                request, label, routed.body, peer.proxy + path, t0, None, outcome,
+                who=f"peer {peer.id!r} (model {remote.model!r})", timeouts=peer.timeouts,
+                headers=headers,
+            )
+            return resp
+        except ApiError as exc:
+            outcome[0] = exc.status
+            raise
+        finally:
+            self._count(label, outcome[0] or 499, t0)
+
     async def _relay(
         self,
         request: web.Request,
-        routed: Routed,
+        model: str,
+        body: bytes,
         url: str,
         t0: float,
         prepared: web.StreamResponse | None,
         outcome: list[int],
+        *,
+        who: str,
+        timeouts: Timeouts | None = None,
+        headers: CIMultiDict[str] | None = None,
+        strip_auth: bool = False,
     ) -> tuple[web.StreamResponse, int]:
-        model = routed.model.id
-        headers = forward_headers(request.headers, _strip_auth(config_of(request), routed.model))
-        if "@" in url and URL(url).user is not None:
-            # The proxy URL carries the engine's own credentials: they are what the engine
-            # reads, and a client's Authorization cannot go along with them.
-            headers.popall("Authorization", None)
+        """`model` labels logs and metrics; `who` names the upstream in error messages;
+        `headers` replace the client's (a peer's), else those are forwarded (without the
+        client's credentials with `strip_auth`)."""
+        if headers is None:
+            headers = forward_headers(request.headers, strip_auth)
+            if "@" in url and URL(url).user is not None:
+                # The proxy URL carries the engine's own credentials: they are what the
+                # engine reads, and a client's Authorization cannot go along with them.
+                headers.popall("Authorization", None)
         try:
-            upstream = await request.app[UPSTREAM].request(
+            call = self._clients.session(timeouts, request.app[UPSTREAM]).request(
                 request.method,
                 url,
                 headers=headers,
-                data=routed.body if routed.body else None,
+                data=body if body else None,
                 allow_redirects=False,
+                timeout=self._clients.timeout(timeouts, url, request.app[UPSTREAM]),
             )
+            if timeouts is not None and timeouts.response_header > 0:
+                async with asyncio.timeout(timeouts.response_header):
+                    upstream = await call
+            else:
+                upstream = await call
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            message = f"engine for model {model!r} failed before answering: {_describe(exc)}"
-            log.warning("upstream failed", model=model, error=_describe(exc))
+            # A limit the config set (timeouts) is a gateway timeout: 504, not a failure.
+            status = 504 if timeouts is not None and isinstance(
+                exc, TimeoutError | aiohttp.ServerTimeoutError) else 502
+            code = "upstream_timeout" if status == 504 else "engine_error"
+            detail = _describe(exc)
+            if isinstance(exc, TimeoutError) and not str(exc) and timeouts is not None:
+                detail = (f"no response headers within {timeouts.response_header:g}s "
+                          "(timeouts.responseHeader)")
+            message = f"{who} failed before answering: {detail}"
+            log.warning("upstream failed", model=model, error=detail, status=status)
             if prepared is not None:
-                await _sse_error(prepared, message, "engine_error", path=request.path)
-                return prepared, 502
-            raise ApiError(message, status=502, code="engine_error") from None
+                await _sse_error(prepared, message, code, path=request.path)
+                return prepared, status
+            raise ApiError(message, status=status, code=code) from None
         complete = False
         try:
             sse = _is_sse(upstream.headers)
@@ -436,7 +627,7 @@ class Proxy:
                             outcome[0] = resp.status
                     await resp.write(chunk)
             except UPSTREAM_BROKE as exc:
-                message = f"engine for model {model!r} failed mid-response: {_describe(exc)}"
+                message = f"{who} failed mid-response: {_describe(exc)}"
                 log.warning("upstream died mid-response", model=model, error=_describe(exc))
                 if not resp.prepared:
                     raise ApiError(message, status=502, code="engine_error") from None
@@ -467,6 +658,61 @@ class Proxy:
 
 def _strip_auth(config: Config, model: ModelConfig) -> bool:
     return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
+
+
+def _listing(model_id: str, state: str, name: str | None, description: str | None,
+             metadata: Any, caps: Capabilities | None,
+             internal: dict[str, Any]) -> dict[str, Any]:
+    """One /v1/models entry."""
+    entry: dict[str, Any] = {
+        "id": model_id, "object": "model", "created": 0, "owned_by": "swapd", "state": state,
+    }
+    if name:
+        entry["name"] = name
+    if description:
+        entry["description"] = description
+    if metadata:
+        entry["metadata"] = metadata
+    meta: dict[str, Any] = {"llamaswap": {**(metadata if isinstance(metadata, dict) else {}),
+                                          **internal}}
+    if caps is not None:
+        _capabilities(entry, caps)
+        if caps.context:
+            meta["n_ctx"] = caps.context
+    entry["meta"] = meta
+    return entry
+
+
+def _capabilities(entry: dict[str, Any], caps: Capabilities) -> None:
+    """llama-swap's rendering of `capabilities` (OpenRouter's field names)."""
+    ins, outs = caps.inputs, caps.outputs
+    arch: dict[str, Any] = {}
+    if ins:
+        arch["input_modalities"] = list(ins)
+    if outs:
+        arch["output_modalities"] = list(outs)
+    if ins and outs:
+        arch["modality"] = "+".join(ins) + "->" + "+".join(outs)
+    found: dict[str, bool] = {}
+    if "image" in ins:
+        found["vision"] = True
+    for need_in, need_out, flag in (("audio", "text", "audio_transcriptions"),
+                                    ("text", "audio", "audio_speech"),
+                                    ("text", "image", "image_generation"),
+                                    ("image", "image", "image_to_image")):
+        if need_in in ins and need_out in outs:
+            found[flag] = True
+    if caps.tools:
+        found["function_calling"] = True
+        entry["supported_parameters"] = ["tools", "tool_choice"]
+    if caps.reranker:
+        found["reranker"] = True
+    if arch:
+        entry["architecture"] = arch
+    if found:
+        entry["capabilities"] = found
+    if caps.context:
+        entry["context_length"] = caps.context
 
 
 def _describe(exc: BaseException) -> str:

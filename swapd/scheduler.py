@@ -84,6 +84,13 @@ class ShuttingDown(SchedulerError):
     code = "shutting_down"
 
 
+class NotLoaded(SchedulerError):
+    """A ready-only lease (upstream.ignorePaths) for a model that does not serve now."""
+
+    status = 409
+    code = "model_not_loaded"
+
+
 ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.UNKNOWN_MODEL: UnknownModel,
     Refusal.CONCURRENCY: ConcurrencyLimited,
@@ -272,16 +279,19 @@ class Scheduler:
     # -- leases ----------------------------------------------------------------------
 
     def lease(
-        self, model: str, progress: Progress | None = None, priority: int = 0
+        self, model: str, progress: Progress | None = None, priority: int = 0,
+        ready_only: bool = False,
     ) -> _LeaseContext:
         """`async with scheduler.lease(model) as lease`: a ready engine for one request.
 
         Raises SchedulerError on entry if the model cannot be served. `progress(waited)`
         is awaited about once a second while the request waits (a chat UI's loading
         message); if it raises, the wait is abandoned. `priority` goes to the core's
-        queue order (`placement.queue_key_for`).
+        queue order (`placement.queue_key_for`). `ready_only`: only an engine that serves
+        right now, else NotLoaded (409) at once; never queues, starts or swaps
+        (llama-swap's upstream.ignorePaths).
         """
-        return _LeaseContext(self, model, progress, priority)
+        return _LeaseContext(self, model, progress, priority, ready_only)
 
     async def _acquire(self, model: str, priority: int = 0) -> str:
         ticket, fx = self._core.request(model, self._clock(), priority)
@@ -305,6 +315,14 @@ class Scheduler:
             else:
                 self._apply(self._core.leave(ticket, self._clock()))
             raise
+        return self._engines[model].upstream
+
+    def _acquire_ready(self, model: str) -> str:
+        _, fx = self._core.request_ready(model, self._clock())
+        if not fx:
+            raise NotLoaded(f"model {model!r} is not loaded, and this request may not "
+                            "start or swap one (upstream.ignorePaths)")
+        self._apply(fx[1:])
         return self._engines[model].upstream
 
     async def _acquire_with_progress(
@@ -568,20 +586,24 @@ class _LeaseContext:
     """The one place a lease is taken and given back (a class, not a generator: it is on
     every request's path)."""
 
-    __slots__ = ("_held", "_model", "_priority", "_progress", "_scheduler")
+    __slots__ = ("_held", "_model", "_priority", "_progress", "_ready_only", "_scheduler")
 
     def __init__(
-        self, scheduler: Scheduler, model: str, progress: Progress | None, priority: int
+        self, scheduler: Scheduler, model: str, progress: Progress | None, priority: int,
+        ready_only: bool = False,
     ) -> None:
         self._scheduler = scheduler
         self._model = model
         self._progress = progress
         self._priority = priority
+        self._ready_only = ready_only
         self._held = False
 
     async def __aenter__(self) -> Lease:
         s = self._scheduler
-        if self._progress is None:
+        if self._ready_only:
+            upstream = s._acquire_ready(self._model)
+        elif self._progress is None:
             upstream = await s._acquire(self._model, self._priority)
         else:
             upstream = await s._acquire_with_progress(self._model, self._progress, self._priority)
