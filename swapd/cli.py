@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from swapd import __version__
 from swapd.config import ConfigError, LoadResult, load_config, spell, split_host_port
+from swapd.config_routing import check_lines
 from swapd.redact import redact_argv, redact_text
 
 EXIT_OK = 0
@@ -183,6 +184,7 @@ def format_check(result: LoadResult) -> str:
         )
     if config.preload:
         lines.append(f"preload: {', '.join(config.preload)}")
+    lines += check_lines(config)  # matrix, priority, selectors, profiles, peers
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from swapd.config import (
+    Config,
     ConfigError,
     GroupConfig,
     ModelConfig,
@@ -26,7 +27,7 @@ from swapd.config import (
     _Node,
     _show,
 )
-from swapd.matrix import MatrixError, Program, can_run_together, compile_sets
+from swapd.matrix import MatrixError, Program, can_run_together, compile_sets, expand
 
 
 @dataclass(frozen=True)
@@ -610,3 +611,33 @@ def no_effect(top: _Node) -> None:
         if value is None or (key == "logTimeFormat" and value == ""):
             continue
         top.ctx.warn(key, why)
+
+
+def check_lines(config: Config) -> list[str]:
+    """What `swapd check` prints about these keys (never a peer's apiKey)."""
+    lines = []
+    if config.matrix is not None:
+        lines.append("router: matrix")
+        for matrix_set in config.matrix.sets:
+            concrete = " ".join(f"[{', '.join(s)}]" for s in expand(config.matrix,
+                                                                   matrix_set.name))
+            lines.append(f"  {matrix_set.name}: {matrix_set.expression} → {concrete}")
+        if config.matrix.evict_costs:
+            costs = ", ".join(f"{m}={c}" for m, c in config.matrix.evict_costs)
+            lines.append(f"  evict_costs: {costs} (others 1)")
+    if config.priority:
+        ranked = sorted(config.priority.items(), key=lambda kv: -kv[1])
+        lines.append("priority: " + ", ".join(f"{m}={p}" for m, p in ranked))
+    for sel in config.selectors.values():
+        extra = f" spillover={sel.spillover}" if sel.strategy == Strategy.SPILLOVER else ""
+        lines.append(f"selector {sel.id}: {sel.strategy} → {', '.join(sel.targets)}{extra}")
+    for prof in config.profiles.values():
+        pins = ", ".join(f"{pin} → {target or '404'}" for pin, target in prof.pins)
+        lines.append(f"profile {prof.id}: {pins}")
+    for peer in config.peers.values():
+        key = ("apiKey set" if peer.api_key else
+               f"apiKey needs {peer.api_key_unset}" if peer.api_key_unset else "no apiKey")
+        lines.append(f"peer {peer.id}: {peer.proxy} ({key}) models: {', '.join(peer.models)}")
+    if config.ignore_paths:
+        lines.append("upstream.ignorePaths: " + ", ".join(p.pattern for p in config.ignore_paths))
+    return lines
