@@ -121,7 +121,7 @@ def test_spillover_fills_each_target_to_its_reservation_then_spills(config: Conf
 def test_spillover_release_and_skipping_stopping_targets(config: Config) -> None:
     selector = config.selectors["spill"]
     spill = Spillover()
-    target, chosen = resolve(config, None, "spill",
+    _, chosen = resolve(config, None, "spill",
                              lambda s: choose(config, s, states(), spill))
     assert chosen is not None and chosen.reserved and chosen.real == "alpha"
     assert spill.inflight("spill", "alpha") == 1
