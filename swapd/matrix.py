@@ -363,3 +363,13 @@ def expand(program: Program, name: str) -> list[tuple[str, ...]]:
         return list(dict.fromkeys(combos))
 
     return walk(matrix_set.root)
+
+
+def evictions(program: Program, target: str, running: Iterable[str],
+              gpu: Mapping[str, bool]) -> tuple[str, ...]:
+    """The matrix router's answer for the scheduler: the running models `target`'s start
+    stops. Models with `gpu: false` are no GPU tenant here either: they neither evict
+    nor get evicted (as under groups)."""
+    if not gpu.get(target, True):
+        return ()
+    return solve(program, target, [m for m in running if gpu.get(m, True)]).evict

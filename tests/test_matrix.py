@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from swapd.matrix import MatrixError, Program, can_run_together, compile_sets, expand, solve
+from swapd.matrix import (
+    MatrixError,
+    Program,
+    can_run_together,
+    compile_sets,
+    evictions,
+    expand,
+    solve,
+)
 
 # The example file's matrix: vars, evict_costs and the four sets, in its order.
 VARS = {"g": "gemma-model", "q": "qwen-model", "m": "mistral-model", "v": "voxtral-model",
@@ -185,3 +193,11 @@ def test_can_run_together() -> None:
     assert not can_run_together(program, [M, E])
     assert not can_run_together(program, ["llama-70B", G])
     assert can_run_together(program, [])
+
+
+def test_evictions_leave_cpu_helpers_alone() -> None:
+    program = example()
+    gpu = {"stable-diffusion": True, G: True, V: True, "helper": False}
+    assert evictions(program, "stable-diffusion", [G, V, "helper"], gpu) == (V,)
+    assert evictions(program, "helper", [G, V], gpu) == ()
+    assert evictions(program, "llama-70B", [G, "helper"], gpu) == (G,)
