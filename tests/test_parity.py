@@ -39,7 +39,7 @@ def test_set_params_by_id_capabilities_and_listing(start_swapd):
         "includeAliasesInList": True,
         "models": {
             "alpha": model(
-                fake_cmd(name="alpha"), name="Alpha", description="the first",
+                fake_cmd("--chatty", "1", name="alpha"), name="Alpha", description="the first",
                 aliases=["a1"], metadata={"family": "fake"},
                 filters={
                     "setParams": {"temperature": 0.5, "top_p": 0.9},
@@ -78,6 +78,8 @@ def test_set_params_by_id_capabilities_and_listing(start_swapd):
                                                  "modelID": "alpha"}
     assert "hidden" not in models  # unlisted, yet served
     assert echo(daemon, "hidden")[0] == 200
+    # without logToStdout, engine output is on swapd's stdout too (as always)
+    wait_until(lambda: "chatty /v1/rerank 1/1" in daemon.log(), message="engine line")
 
 
 # -- selectors and profiles ----------------------------------------------------------------
@@ -326,5 +328,6 @@ def test_ignore_paths_never_start_a_model(start_swapd):
 
     # logToStdout: proxy keeps engine output off stdout, while /logs still has it
     echo(daemon, "alpha")
-    wait_until(lambda: "chatty" in daemon.get("/logs")[1], message="engine output in /logs")
-    assert "chatty" not in daemon.log()
+    line = "chatty /v1/rerank 1/1"
+    wait_until(lambda: line in daemon.get("/logs")[1], message="engine output in /logs")
+    assert line not in daemon.log()
