@@ -39,7 +39,7 @@ def test_misspelled_keys_get_a_suggestion_and_strict_exits_2(tmp_path: Path) -> 
     config = tmp_path / "config.yaml"
     config.write_text(textwrap.dedent(f"""
         healthcheckTimeout: 300
-        logRequests: true          # a llama-swap key swapd ignores: no suggestion
+        logRequests: true          # a llama-swap key with no effect here: says why
         models:
           m:
             cmd: {sys.executable} -c pass --port ${{PORT}}
@@ -52,11 +52,12 @@ def test_misspelled_keys_get_a_suggestion_and_strict_exits_2(tmp_path: Path) -> 
     assert warnings(done) == [
         "warning: healthcheckTimeout: not supported by swapd, ignored; "
         "did you mean healthCheckTimeout?",
-        "warning: logRequests: not supported by swapd, ignored",
         "warning: models.m.aliasses: not supported by swapd, ignored; did you mean aliases?",
         "warning: models.m.checkEndpont: not supported by swapd, ignored; "
         "did you mean checkEndpoint?",
         "warning: models.m.ttll: not supported by swapd, ignored; did you mean ttl?",
+        "warning: logRequests: swapd counts every request in /metrics and logs failed ones; "
+        "it writes no line per request",
     ]
 
     strict = check(config, "--strict")
