@@ -319,6 +319,8 @@ class Core:
         ticket = self._seq
         m = self._models.get(model)
         fx: list[Effect] = []
+        # llama-swap's routing.scheduler.settings.fifo.priority (0 for models it omits)
+        priority = priority or self.config.priority.get(model, 0)
         refused = self._refusal(model, m, now)
         if refused is not None:
             refusal, message, retry = refused
@@ -592,11 +594,42 @@ class Core:
                     keep.append(w)
                     keys.append(key)
             self._queue, self._keys = keep, keys
+        self._give_way()
         self._advance(now, fx)
         for w in list(self._queue):
             if w in self._queue:  # an earlier decision may have failed it
                 self._decide(w, now, fx)
         self._advance(now, fx)
+
+    def _give_way(self) -> None:
+        """fifo priority: a swap decided but not begun (its victims still finish their
+        requests; nothing stopped yet) gives way to a waiting request of higher priority
+        for a model that needs a start: that one decides the next swap instead, and the
+        swap given up is decided again in its turn. A stop under way is never taken back.
+        Without priorities every request has 0 and nothing ever gives way."""
+        swap = self._swap
+        if swap is None:
+            return
+        victims = [self._models[v] for v in swap.victims if v in self._models]
+        if any(v.phase not in (Phase.DRAINING, Phase.STARTING) for v in victims):
+            return
+        mine = [w.queued.priority for w in self._queue if w.model == swap.target]
+        if not mine or not any(
+            w.queued.priority > max(mine)
+            and w.model not in swap.victims
+            and self._models[w.model].phase == Phase.STOPPED
+            for w in self._queue
+        ):
+            return
+        self._swap = None
+        target = self._models.get(swap.target)
+        if target is not None and target.phase == Phase.STARTING:
+            target.phase = Phase.STOPPED
+        for v in victims:
+            if v.stop_reason == StopReason.SWAP:
+                v.stop_reason = None
+                if v.phase == Phase.DRAINING:
+                    v.phase = Phase.READY
 
     def _grantable(self, w: _Waiter, m: _Model) -> bool:
         limit = m.cfg.concurrency_limit

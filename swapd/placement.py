@@ -17,17 +17,41 @@ is built and on every reload.
 
 from __future__ import annotations
 
+from swapd import matrix
 from swapd.config import Config
-from swapd.core import QueueKey, Router, fifo_key, groups_router
+from swapd.core import Decision, Placement, Queued, QueueKey, Router, fifo_key, groups_router
+from swapd.matrix import Program
 
 ROUTERS: dict[str, Router] = {"groups": groups_router}
 
 
 def router_for(config: Config) -> Router:
-    """The eviction policy the config selects: llama-swap's groups (the default)."""
+    """The eviction policy the config selects: llama-swap's groups (the default), or its
+    matrix (`routing.router.use: matrix`)."""
+    if config.matrix is not None:
+        return matrix_router(config.matrix)
     return ROUTERS["groups"]
 
 
 def queue_key_for(config: Config) -> QueueKey:
-    """The queue order the config selects: FIFO (the default)."""
-    return fifo_key
+    """The queue order the config selects: FIFO (the default), by priority first when
+    `routing.scheduler.settings.fifo.priority` names any model."""
+    return priority_key if config.priority else fifo_key
+
+
+def matrix_router(program: Program) -> Router:
+    """llama-swap's matrix router: the set containing the target whose running models
+    outside it cost least to evict (swapd.matrix.solve); `gpu: false` models stay out."""
+
+    def route(p: Placement) -> Decision:
+        running = [m for m, v in p.models.items() if v.running and m != p.target]
+        gpu = {m: v.gpu for m, v in p.models.items()}
+        return matrix.evictions(program, p.target, running, gpu)
+
+    return route
+
+
+def priority_key(w: Queued) -> tuple[float, ...]:
+    """llama-swap's fifo priority: higher first, equal priorities in arrival order."""
+    return (-w.priority, w.seq)
+

@@ -593,7 +593,10 @@ def test_router_sees_a_frozen_view_of_every_model() -> None:
 
 
 def test_queue_key_orders_who_is_served_first() -> None:
-    """A priority order (higher first, FIFO among equals) is one sort key."""
+    """A priority order (higher first, FIFO among equals) is one sort key. A swap decided
+    while its victim still serves has not begun: a higher priority arriving meanwhile goes
+    first (llama-swap's fifo queues such a swap until the victim is idle); once a stop is
+    under way, it is not taken back (tests/test_routing_decisions.py)."""
 
     def by_priority(w: Queued) -> tuple[float, ...]:
         return (-w.priority, w.seq)
@@ -601,12 +604,12 @@ def test_queue_key_orders_who_is_served_first() -> None:
     c = Core(Config(models={m: cfg(m) for m in "abcd"}), queue_key=by_priority)
     ready(c, "a", 0.0)
     c.request("a", 1.0)  # busy tenant
-    tb, _ = c.request("b", 1.1)  # decides the next swap
+    tb, _ = c.request("b", 1.1)  # would be next
     c.request("c", 1.2, priority=0)
-    td, _ = c.request("d", 1.3, priority=5)  # later, but higher: served before c
+    td, _ = c.request("d", 1.3, priority=5)  # later, but higher: served before b and c
     c.release("a", 2.0)
-    assert starts(c.stop_finished("a", 2.5)) == ["b"]
-    assert grants(c.start_finished("b", 3.0, ok=True)) == [tb]
-    c.release("b", 4.0)
-    assert starts(c.stop_finished("b", 4.5)) == ["d"]
-    assert grants(c.start_finished("d", 5.0, ok=True)) == [td]
+    assert starts(c.stop_finished("a", 2.5)) == ["d"]
+    assert grants(c.start_finished("d", 3.0, ok=True)) == [td]
+    c.release("d", 4.0)
+    assert starts(c.stop_finished("d", 4.5)) == ["b"]  # then arrival order
+    assert grants(c.start_finished("b", 5.0, ok=True)) == [tb]
