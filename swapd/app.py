@@ -344,6 +344,7 @@ class Daemon:
                 )
             return
         if config.api_keys and not _key_in(key, config.api_keys + config.admin_keys):
+            self.metrics.unrouted(401)  # an API request refused before routing
             raise ApiError("invalid or missing API key", status=401, code="invalid_api_key")
 
     # -- reload ----------------------------------------------------------------------
@@ -457,8 +458,6 @@ class Daemon:
         # engine outlives it (after a graceful shutdown there is none left to kill).
         resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
-        for model in self.config.models:
-            self.metrics.set_engine_state(model, "stopped")
         self.metrics.attach_sampler(self.sampler)
         if self.config.gpu_sampling:  # performance.disabled: true turns it off
             self.sampler.start()

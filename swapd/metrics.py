@@ -5,8 +5,12 @@ scheduler hooks in `swapd.app`. GPU and engine-memory series come from `_SampleC
 which turns the sampler's last sample into metric families at scrape time: a scrape never
 calls NVML or psutil (those run in the sampler's thread, see `swapd.gpu`).
 
-Every configured model gets its series at zero from `register_models`, so dashboards and
-`rate()` see them before the first request; `forget_model` drops a model removed by reload.
+Every configured model gets its `swapd_requests_total` series at zero for each code swapd
+itself answers with, and its `swapd_stream_errors_total`, from `register_models`: `rate()` and
+`increase()` then count the first error too. Everything else of a model (histograms, gauges,
+engine lifecycle counters) is created on its first request or engine start, so that a scrape
+stays small with a thousand configured recipes (docs/benchmarks.md, "/metrics").
+`forget_model` drops a model removed by reload.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Final, Protocol
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -38,6 +45,14 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 ENGINE_STATES: Final = ("stopped", "starting", "ready", "stopping", "failed")
 START_RESULTS: Final = ("success", "failure")
 STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload")
+# The codes swapd itself answers a routed request with: 200 (relayed), 429 concurrencyLimit,
+# 499 client gone, 502 engine failed, 503 start failed / queue full / shutting down, 504 queue
+# timeout. Each configured model has these at zero. (An engine's own 4xx/5xx are relayed and
+# appear on first use.)
+MODEL_CODES: Final = ("200", "429", "499", "502", "503", "504")
+# Answers given before a request reaches a model, counted under model="": a malformed body
+# (400), no or a wrong API key (401), an unknown model (404), a body over maxBodyBytes (413).
+UNROUTED_CODES: Final = ("400", "401", "404", "413")
 
 # fmt: off
 # Whole LLM requests: from a 50 ms embedding to a 10-minute reasoning stream.
@@ -148,7 +163,10 @@ class ModelSeries:
     series on every request: it keeps these children instead (see docs/benchmarks.md).
     """
 
-    __slots__ = ("_codes", "_model", "_requests", "inflight", "queued", "request_duration", "ttfb")
+    __slots__ = (
+        "_codes", "_model", "_requests", "inflight", "queued", "request_duration",
+        "stream_errors", "ttfb",
+    )
 
     def __init__(self, metrics: Metrics, model: str) -> None:
         self._model = model
@@ -158,6 +176,7 @@ class ModelSeries:
         self.ttfb = metrics.ttfb.labels(model)
         self.inflight = metrics.inflight.labels(model)
         self.queued = metrics.queued.labels(model)
+        self.stream_errors = metrics.stream_errors.labels(model)
 
     def answered(self, code: int, seconds: float) -> None:
         """Count one request answered with `code` after `seconds`."""
@@ -194,6 +213,13 @@ class Metrics:
             "Time from receiving a request to its first response byte (cold starts included).",
             ["model"],
             buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "swapd_stream_errors",
+            "Responses cut off after their status line was sent (the engine died mid-stream); "
+            "swapd_requests_total counts them under the status the client got.",
+            ["model"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -243,44 +269,62 @@ class Metrics:
         self.build_info.info({"version": version})
         self._collector = _SampleCollector()
         r.register(self._collector)
+        # process_* (CPU, memory, fds, start time) and python_*: what any Prometheus job
+        # expects of a process, here for swapd itself (engines have swapd_engine_*).
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)
+        self._unrouted = {code: self.requests_total.labels("", code) for code in UNROUTED_CODES}
         self._models: set[str] = set()
+        self._active: set[str] = set()
         self._series: dict[str, ModelSeries] = {}
 
     # -- models ------------------------------------------------------------------------
 
     def register_models(self, ids: Iterable[str]) -> None:
-        """Create every series of these models at zero (a no-op for models already known)."""
+        """Create the request counters of these models at zero (a no-op for models already
+        known); the rest of a model's series come with its first request or start."""
         for model in ids:
             if model in self._models:
                 continue
             self._models.add(model)
-            # Counters with the label sets that matter, so rate() starts from a zero.
-            self.requests_total.labels(model, "200")
-            for result in START_RESULTS:
-                self.engine_starts.labels(model, result)
-            for reason in STOP_REASONS:
-                self.engine_stops.labels(model, reason)
-            self.engine_kills.labels(model)
-            self.request_duration.labels(model)
-            self.ttfb.labels(model)
-            self.engine_start_seconds.labels(model)
-            self.inflight.labels(model)
-            self.queued.labels(model)
-            self.set_engine_state(model, "stopped")
+            for code in MODEL_CODES:
+                self.requests_total.labels(model, code)
+            self.stream_errors.labels(model)
+
+    def _activate(self, model: str) -> None:
+        """A model's first request or engine start: its engine counters at zero from here."""
+        self._active.add(model)
+        for result in START_RESULTS:
+            self.engine_starts.labels(model, result)
+        for reason in STOP_REASONS:
+            self.engine_stops.labels(model, reason)
+        self.engine_kills.labels(model)
+        self.engine_start_seconds.labels(model)
 
     def series(self, model: str) -> ModelSeries:
         """The per-request series of `model` (created at zero on first use)."""
         found = self._series.get(model)
         if found is None:
             found = self._series[model] = ModelSeries(self, model)
+            if model not in self._active:
+                self._activate(model)
         return found
+
+    def unrouted(self, code: int) -> None:
+        """Count an answer given before the request reached a model (model="")."""
+        counter = self._unrouted.get(str(code))
+        if counter is None:
+            counter = self._unrouted[str(code)] = self.requests_total.labels("", str(code))
+        counter.inc()
 
     def forget_model(self, model: str) -> None:
         """Drop every series of a model (removed from the config by a reload)."""
         self._models.discard(model)
+        self._active.discard(model)
         self._series.pop(model, None)
         for metric in (
             self.requests_total,
+            self.stream_errors,
             self.request_duration,
             self.ttfb,
             self.inflight,
@@ -294,7 +338,12 @@ class Metrics:
             metric.remove_by_labels({"model": model})
 
     def set_engine_state(self, model: str, state: str) -> None:
-        """One-hot: 1 for `state`, 0 for every other engine state."""
+        """One-hot: 1 for `state`, 0 for every other engine state. A model that never ran has
+        no state series at all (it is stopped): five gauges × every recipe otherwise."""
+        if model not in self._active:
+            if state == "stopped":
+                return
+            self._activate(model)
         states = ENGINE_STATES if state in ENGINE_STATES else (*ENGINE_STATES, state)
         for s in states:
             self.engine_state.labels(model, s).set(1 if s == state else 0)

@@ -348,7 +348,11 @@ class Proxy:
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
-        routed = await self._route(request)
+        try:
+            routed = await self._route(request)
+        except ApiError as exc:
+            self._metrics.unrouted(exc.status)
+            raise
         try:
             if isinstance(routed, PeerRouted):
                 return await self._serve_peer(request, routed, request.path_qs, t0)
@@ -382,8 +386,13 @@ class Proxy:
             break
         if target is None:
             name = parts[0] if parts else ""
+            self._metrics.unrouted(404)
             raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
-        body = await read_body(request, config.max_body_bytes, config.body_timeout)
+        try:
+            body = await read_body(request, config.max_body_bytes, config.body_timeout)
+        except ApiError as exc:
+            self._metrics.unrouted(exc.status)
+            raise
         path = "/" + rest
         query = "?" + request.query_string if request.query_string else ""
         if isinstance(target, Remote):
@@ -499,6 +508,9 @@ class Proxy:
         except ApiError as exc:
             outcome[0] = exc.status
             if loading is not None and not held:  # the lease was refused
+                # The loading stream's 200 went out first: a stream that broke off.
+                outcome[0] = loading.status
+                self._metrics.series(model).stream_errors.inc()
                 await _sse_error(loading, exc.message, exc.code)
                 return loading
             raise
@@ -587,8 +599,10 @@ class Proxy:
             message = f"{who} failed before answering: {detail}"
             log.warning("upstream failed", model=model, error=detail, status=status)
             if prepared is not None:
+                # The loading stream's 200 is out: the client saw a stream break off.
+                self._metrics.series(model).stream_errors.inc()
                 await _sse_error(prepared, message, code, path=request.path)
-                return prepared, status
+                return prepared, prepared.status
             raise ApiError(message, status=status, code=code) from None
         complete = False
         try:
@@ -633,11 +647,13 @@ class Proxy:
                     raise ApiError(message, status=502, code="engine_error") from None
                 # The status line is gone already: an event stream gets an error
                 # event, anything else a cut connection (never a silent truncation).
+                # Counted under the status the client got, plus a stream error.
+                self._metrics.series(model).stream_errors.inc()
                 if prepared is not None or sse:
                     await _sse_error(resp, message, "engine_error", path=request.path)
                 elif request.transport is not None:
                     request.transport.close()
-                return resp, 502
+                return resp, resp.status
             if not resp.prepared:
                 await resp.prepare(request)
             outcome[0] = resp.status

@@ -17,7 +17,14 @@ from prometheus_client.samples import Sample as PromSample
 
 from swapd import __version__
 from swapd.gpu import GpuSample, Sample, Sampler
-from swapd.metrics import ENGINE_STATES, STOP_REASONS, Metrics
+from swapd.metrics import (
+    ENGINE_STATES,
+    MODEL_CODES,
+    START_RESULTS,
+    STOP_REASONS,
+    UNROUTED_CODES,
+    Metrics,
+)
 from tests.conftest import wait_until
 from tests.test_gpu import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text, tree
 
@@ -91,43 +98,27 @@ def metrics() -> Metrics:
 # -- request and engine metrics --------------------------------------------------------------
 
 
-def test_registered_models_show_every_series_at_zero(metrics: Metrics) -> None:
+def test_registered_models_show_their_request_counters_at_zero(metrics: Metrics) -> None:
     metrics.register_models(["qwen", "gemma"])
     s = scrape(metrics)
 
     for model in ("qwen", "gemma"):
-        assert value(s, "swapd_requests", "swapd_requests_total", model=model, code="200") == 0
-        assert value(s, "swapd_inflight_requests", model=model) == 0
-        assert value(s, "swapd_queued_requests", model=model) == 0
-        for family in (
-            "swapd_request_duration_seconds",
-            "swapd_time_to_first_byte_seconds",
-            "swapd_engine_start_seconds",
-        ):
-            assert value(s, family, f"{family}_count", model=model) == 0
-            assert value(s, family, f"{family}_bucket", model=model, le="+Inf") == 0
-        for result in ("success", "failure"):
-            assert (
-                value(
-                    s,
-                    "swapd_engine_starts",
-                    "swapd_engine_starts_total",
-                    model=model,
-                    result=result,
-                )
-                == 0
-            )
-        for reason in STOP_REASONS:
-            assert (
-                value(
-                    s, "swapd_engine_stops", "swapd_engine_stops_total", model=model, reason=reason
-                )
-                == 0
-            )
-        assert value(s, "swapd_engine_kills", "swapd_engine_kills_total", model=model) == 0
-        assert value(s, "swapd_engine_state", model=model, state="stopped") == 1
-        for state in ENGINE_STATES[1:]:
-            assert value(s, "swapd_engine_state", model=model, state=state) == 0
+        # Every code swapd itself answers with, so that rate()/increase() see the first 503.
+        for code in MODEL_CODES:
+            assert value(s, "swapd_requests", "swapd_requests_total", model=model, code=code) == 0
+        assert value(s, "swapd_stream_errors", "swapd_stream_errors_total", model=model) == 0
+    # Answers given before routing, under model="".
+    for code in UNROUTED_CODES:
+        assert value(s, "swapd_requests", "swapd_requests_total", model="", code=code) == 0
+
+    # A model that never ran has no histograms, gauges or engine series (a scrape stays
+    # small with a thousand recipes): they come with its first request or start.
+    per_model = {
+        "swapd_request_duration_seconds", "swapd_time_to_first_byte_seconds",
+        "swapd_engine_start_seconds", "swapd_inflight_requests", "swapd_queued_requests",
+        "swapd_engine_state", "swapd_engine_starts", "swapd_engine_stops", "swapd_engine_kills",
+    }
+    assert not [x for f in per_model for x in s.get(f, []) if x.labels.get("model")]
 
     assert value(s, "swapd_build_info", version=__version__) == 1
     assert not [name for name in s if name.endswith("_created")]
@@ -135,8 +126,61 @@ def test_registered_models_show_every_series_at_zero(metrics: Metrics) -> None:
     assert not [name for name in s if name.startswith("swapd_gpu_")]
 
 
+def test_process_and_platform_collectors(metrics: Metrics) -> None:
+    s = scrape(metrics)
+    assert value(s, "process_resident_memory_bytes") > 0
+    assert value(s, "process_start_time_seconds") > 0
+    assert value(s, "process_cpu_seconds", "process_cpu_seconds_total") >= 0
+    assert value(s, "process_open_fds") > 0
+    assert [x.labels["implementation"] for x in s["python_info"]] == ["CPython"]
+
+
+def test_a_first_request_brings_the_rest_of_a_models_series(metrics: Metrics) -> None:
+    metrics.register_models(["qwen", "gemma"])
+    metrics.series("qwen").queued.set(1)  # a request waits for qwen's engine
+    metrics.set_engine_state("qwen", "starting")
+    s = scrape(metrics)
+    for family in (
+        "swapd_request_duration_seconds",
+        "swapd_time_to_first_byte_seconds",
+        "swapd_engine_start_seconds",
+    ):
+        assert value(s, family, f"{family}_count", model="qwen") == 0
+        assert value(s, family, f"{family}_bucket", model="qwen", le="+Inf") == 0
+    for result in START_RESULTS:
+        assert value(s, "swapd_engine_starts", "swapd_engine_starts_total", model="qwen",
+                     result=result) == 0
+    for reason in STOP_REASONS:
+        assert value(s, "swapd_engine_stops", "swapd_engine_stops_total", model="qwen",
+                     reason=reason) == 0
+    assert value(s, "swapd_engine_kills", "swapd_engine_kills_total", model="qwen") == 0
+    assert value(s, "swapd_inflight_requests", model="qwen") == 0
+    assert value(s, "swapd_queued_requests", model="qwen") == 1
+    assert value(s, "swapd_engine_state", model="qwen", state="starting") == 1
+    for state in ENGINE_STATES:
+        if state != "starting":
+            assert value(s, "swapd_engine_state", model="qwen", state=state) == 0
+    # gemma never ran
+    assert not [x for x in s["swapd_engine_state"] if x.labels["model"] == "gemma"]
+    # a never-run model's "stopped" (startup, reload) adds nothing
+    metrics.set_engine_state("gemma", "stopped")
+    assert not [x for x in scrape(metrics)["swapd_engine_state"] if x.labels["model"] == "gemma"]
+
+
+def test_unrouted_answers_count_under_an_empty_model(metrics: Metrics) -> None:
+    metrics.unrouted(404)
+    metrics.unrouted(404)
+    metrics.unrouted(408)  # a code not created ahead still counts
+    s = scrape(metrics)
+    assert value(s, "swapd_requests", "swapd_requests_total", model="", code="404") == 2
+    assert value(s, "swapd_requests", "swapd_requests_total", model="", code="408") == 1
+    assert value(s, "swapd_requests", "swapd_requests_total", model="", code="400") == 0
+
+
 def test_metric_types(metrics: Metrics) -> None:
     metrics.register_models(["qwen"])
+    metrics.series("qwen")
+    metrics.set_engine_state("qwen", "starting")
     types = types_of(metrics)
     assert types["swapd_requests"] == "counter"
     assert types["swapd_request_duration_seconds"] == "histogram"
@@ -145,6 +189,7 @@ def test_metric_types(metrics: Metrics) -> None:
     assert types["swapd_engine_stops"] == "counter"
     assert types["swapd_inflight_requests"] == "gauge"
     assert types["swapd_engine_state"] == "gauge"
+    assert types["swapd_stream_errors"] == "counter"
 
 
 def test_set_engine_state_is_one_hot(metrics: Metrics) -> None:
@@ -202,6 +247,7 @@ def test_requests_and_histograms(metrics: Metrics) -> None:
 
 def test_buckets_reach_llm_timescales(metrics: Metrics) -> None:
     metrics.register_models(["qwen"])
+    metrics.series("qwen")
     s = scrape(metrics)
 
     def top(family: str) -> float:
@@ -221,30 +267,28 @@ def test_register_models_again_keeps_what_is_there(metrics: Metrics) -> None:
     s = scrape(metrics)
     assert value(s, "swapd_engine_state", model="qwen", state="ready") == 1
     assert value(s, "swapd_requests", "swapd_requests_total", model="qwen", code="200") == 1
-    assert value(s, "swapd_engine_state", model="gemma", state="stopped") == 1
+    assert value(s, "swapd_requests", "swapd_requests_total", model="gemma", code="503") == 0
 
 
 def test_forget_model_removes_only_its_series(metrics: Metrics) -> None:
     metrics.register_models(["qwen", "gemma"])
     metrics.requests_total.labels("gemma", "404").inc()
-    metrics.ttfb.labels("gemma").observe(1.0)
+    metrics.series("gemma").ttfb.observe(1.0)
+    metrics.set_engine_state("gemma", "ready")
     metrics.forget_model("gemma")
     s = scrape(metrics)
     models = {x.labels.get("model") for samples in s.values() for x in samples} - {None}
-    assert models == {"qwen"}
+    assert models == {"qwen", ""}
     # and it can come back with fresh zeros
     metrics.register_models(["gemma"])
+    metrics.set_engine_state("gemma", "stopped")
     s = scrape(metrics)
-    assert value(s, "swapd_engine_state", model="gemma", state="stopped") == 1
-    assert (
-        value(
-            s,
-            "swapd_time_to_first_byte_seconds",
-            "swapd_time_to_first_byte_seconds_count",
-            model="gemma",
-        )
-        == 0
-    )
+    assert value(s, "swapd_requests", "swapd_requests_total", model="gemma", code="503") == 0
+    assert not [x for x in s["swapd_requests"] if x.labels == {"model": "gemma", "code": "404"}]
+    assert not [x for x in s["swapd_engine_state"] if x.labels["model"] == "gemma"]
+    tt = "swapd_time_to_first_byte_seconds"
+    metrics.series("gemma")
+    assert value(scrape(metrics), tt, f"{tt}_count", model="gemma") == 0
 
 
 def test_own_registry_or_a_given_one() -> None:

@@ -213,9 +213,12 @@ def test_engine_dying_mid_response_ends_the_response_with_an_error(start_swapd, 
     t0 = time.monotonic()
     assert "Not enough data" in asyncio.run(plain())
     assert time.monotonic() - t0 < 5
+    # Counted under the status the clients got (200), and as stream errors.
     _, scrape = daemon.get("/metrics")
-    assert metric_value(scrape, "swapd_requests_total", model="half", code="502") == 1
-    assert metric_value(scrape, "swapd_requests_total", model="mid", code="502") == 2
+    for name, died in (("half", 1), ("mid", 2)):
+        assert metric_value(scrape, "swapd_requests_total", model=name, code="200") == died
+        assert metric_value(scrape, "swapd_requests_total", model=name, code="502") == 0
+        assert metric_value(scrape, "swapd_stream_errors_total", model=name) == died
 
 
 class Squatter:
