@@ -46,6 +46,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
                       meminfo_path=str(meminfo))
     metrics = Metrics()
     metrics.register_models(["qwen"])
+    metrics.series("qwen")  # a model that has run: its histograms and engine series exist
+    metrics.set_engine_state("qwen", "ready")
     metrics.attach_sampler(sampler)
     sampler.sample_once()
     body, _ = metrics.render()
