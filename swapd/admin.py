@@ -74,7 +74,11 @@ def status_document(scheduler: Scheduler, config: Config,
             "last_exit": None
             if exit_info is None
             else {
+                # reason: why it ended (swap, idle, unload, reload, shutdown, guard: swapd
+                # stopped it; crash, start_failed: it ended by itself); signal: by name.
+                "reason": exit_info.reason,
                 "code": exit_info.code,
+                "signal": exit_info.signal,
                 "at": exit_info.at,
                 "last_lines": [clean_line(line) for line in exit_info.tail[-5:]],
             },

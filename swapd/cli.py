@@ -8,6 +8,7 @@ import json
 import math
 import shlex
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -207,8 +208,43 @@ def _status(url: str, admin_key: str | None, raw: bool) -> int:
     return EXIT_OK
 
 
-def format_status(doc: dict[str, object]) -> str:
+# Engine states in which a process runs: its last exit belongs to an earlier run.
+_RUNNING = ("starting", "ready", "stopping")
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _last_stop(last: object, now: float) -> str:
+    """'swap (SIGTERM) 3m ago', 'crash (exit 1) 12s ago': why and how an engine last ended."""
+    if not isinstance(last, dict):
+        return "-"
+    code = last.get("code")
+    how = last.get("signal") or (f"exit {code}" if code is not None else "exit ?")
+    reason = str(last.get("reason") or "exit").replace("_", " ")
+    at = last.get("at")
+    age = f" {_ago(now - at)} ago" if isinstance(at, (int, float)) else ""
+    return f"{reason} ({how}){age}"
+
+
+def _failures(failure: object) -> str:
+    """'3, retry in 12s': crashes or failed starts in a row, and when the next try is."""
+    if not isinstance(failure, dict) or not failure.get("count"):
+        return "-"
+    retry_in = failure.get("retry_in")
+    when = f"retry in {_ago(retry_in)}" if isinstance(retry_in, (int, float)) and retry_in > 0 \
+        else "retry on the next request"
+    return f"{failure['count']}, {when}"
+
+
+def format_status(doc: dict[str, object], now: float | None = None) -> str:
     """`/status` as a table a person reads at a glance."""
+    now = time.time() if now is None else now
     models = doc.get("models")
     assert isinstance(models, dict)
     tenant = doc.get("tenant") or []
@@ -218,20 +254,23 @@ def format_status(doc: dict[str, object]) -> str:
         f"{', '.join(map(str, tenant)) or 'none'}   queued: {doc.get('queue')}",
         "",
     ]
-    header = ("MODEL", "STATE", "PID", "UPTIME", "INFLIGHT", "QUEUED", "LAST EXIT")
+    header = ("MODEL", "STATE", "PID", "UPTIME", "INFLIGHT", "QUEUED", "FAILURES", "LAST STOP")
     rows = [header]
     for model, info in models.items():
-        last = info.get("last_exit")
         uptime = info.get("uptime")
+        state = str(info.get("state"))
+        failure = info.get("failure")
         rows.append(
             (
                 str(model),
-                str(info.get("state")),
+                state,
                 str(info.get("pid") or "-"),
-                f"{uptime:.0f}s" if isinstance(uptime, (int, float)) else "-",
+                _ago(uptime) if isinstance(uptime, (int, float)) else "-",
                 str(info.get("inflight", 0)),
                 str(info.get("queued", 0)),
-                f"code {last.get('code')}" if isinstance(last, dict) else "-",
+                _failures(failure),
+                # A running engine's last exit is an earlier run's: not beside a live pid.
+                "-" if state in _RUNNING else _last_stop(info.get("last_exit"), now),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,11 +83,30 @@ class StartError(Exception):
         super().__init__(message)
 
 
+# Why an engine ended when swapd did not ask it to: it exited while serving, or it exited
+# (or was stopped for not getting ready in time) while starting.
+CRASH = "crash"
+START_FAILED = "start_failed"
+
+
 @dataclass(frozen=True)
 class ExitInfo:
-    code: int | None
+    code: int | None  # negative: ended by that signal (asyncio's convention)
     at: float  # wall-clock time
     tail: tuple[str, ...]
+    # The reason swapd stopped it for (swap, idle, unload, reload, shutdown, guard…), or
+    # CRASH / START_FAILED when it ended without being asked to.
+    reason: str = CRASH
+
+    @property
+    def signal(self) -> str | None:
+        """The signal that ended the process, by name ("SIGTERM"); None for an exit code."""
+        if self.code is None or self.code >= 0:
+            return None
+        try:
+            return signal.Signals(-self.code).name
+        except ValueError:
+            return f"signal {-self.code}"
 
 
 def local_port(proxy: str) -> int | None:
@@ -169,6 +189,7 @@ class Engine:
         self._exited = asyncio.Event()
         self._exited.set()
         self._stopping = False
+        self._stop_reason = CRASH
         # Who answered on the engine's port when it was not the engine (for the error).
         self._squatter: str | None = None
 
@@ -216,6 +237,7 @@ class Engine:
         t0 = time.monotonic()
         self._tail.clear()
         self._stopping = False
+        self._stop_reason = CRASH
         self._squatter = None
         self._set_state(EngineState.STARTING)
         port = local_port(self.cfg.proxy)
@@ -338,7 +360,11 @@ class Engine:
         # Output written just before exit should be in the tail we report.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*pumps), 0.5)
-        self.last_exit = ExitInfo(code=code, at=time.time(), tail=tuple(self._tail))
+        if self._stopping:
+            reason = self._stop_reason
+        else:
+            reason = START_FAILED if self.state == EngineState.STARTING else CRASH
+        self.last_exit = ExitInfo(code=code, at=time.time(), tail=tuple(self._tail), reason=reason)
         if not self._stopping:
             log.warning(
                 "engine exited",
@@ -436,15 +462,18 @@ class Engine:
         await self._exited.wait()
         return self.last_exit
 
-    async def stop(self, grace: float | None = None) -> bool:
+    async def stop(self, grace: float | None = None, reason: str = "unload") -> bool:
         """Stop the engine and every process of its group. True if SIGKILL was needed.
 
         Safe to call in any state, also after a crash (it then collects whatever
-        the dead leader left behind, e.g. vLLM's EngineCore).
+        the dead leader left behind, e.g. vLLM's EngineCore). `reason` is recorded in
+        `last_exit` (an engine that had exited already keeps its own).
         """
         if self.pid is None or self.state == EngineState.STOPPED:
             return False
         grace = self.cfg.unload_timeout if grace is None else grace
+        if not self._stopping:
+            self._stop_reason = reason
         self._stopping = True
         self._set_state(EngineState.STOPPING)
         # STOPPED is set inside the shield: a caller cancelled meanwhile (shutdown cancels
@@ -500,6 +529,8 @@ class Engine:
                         error=str(exc) or type(exc).__name__)
 
     async def _cleanup_group(self, grace: float) -> None:
+        if not self._stopping:
+            self._stop_reason = START_FAILED
         self._stopping = True
         self._set_state(EngineState.STOPPING)
         await asyncio.shield(self._stop_group(grace))

@@ -112,6 +112,8 @@ class ExitView:
     code: int | None
     at: float  # wall clock
     tail: tuple[str, ...]
+    reason: str  # why it ended: a stop reason, or crash / start_failed (swapd.engine)
+    signal: str | None  # the signal that ended it, by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +250,8 @@ class Scheduler:
             upstream=engine.upstream,
             cfg=engine.cfg,
             last_exit=None if exit_info is None
-            else ExitView(exit_info.code, exit_info.at, exit_info.tail),
+            else ExitView(exit_info.code, exit_info.at, exit_info.tail, exit_info.reason,
+                          exit_info.signal),
             failures=core.failures,
             last_error=core.last_error if core.failures else None,
             next_retry_at=time.time() + (core.retry_at - now) if in_backoff else None,
@@ -439,7 +442,7 @@ class Scheduler:
         engine = self._engines.get(model)
         if engine is not None and engine.running:
             log.info("stopping engine", model=model, reason=str(reason), pid=engine.pid)
-            killed = await engine.stop()
+            killed = await engine.stop(reason=str(reason))
             self._observer.engine_stopped(model, str(reason), killed)
         self._stops[model] = self._stops.get(model, 0) + 1
         self._apply(self._core.stop_finished(model, self._clock()), notify=True)
@@ -546,7 +549,7 @@ class Scheduler:
         """Fast exit: SIGKILL every engine group now (second SIGINT)."""
         self._core.shutdown(self._clock(), 0.0)
         await asyncio.gather(
-            *(e.stop(grace=0) for e in self._engines.values() if e.running),
+            *(e.stop(grace=0, reason="shutdown") for e in self._engines.values() if e.running),
             return_exceptions=True,
         )
 

@@ -722,13 +722,18 @@ def test_status_and_cli_table_after_a_crash_with_work_in_flight(start_swapd) -> 
             "UPTIME",
             "INFLIGHT",
             "QUEUED",
+            "FAILURES",
             "LAST",
-            "EXIT",
+            "STOP",
         ]
-        rows = {line.split()[0]: line.split() for line in table[table.index(header) + 1 :]}
-        assert rows["alpha"] == ["alpha", "stopped", "-", "-", "0", "1", "code", "3"]
+        rows = {line.split()[0]: line.split() for line in table[table.index(header) + 1 :]
+                if line.strip() and not line.split()[0].endswith(":")}  # not the failure notes
+        assert rows["alpha"][:6] == ["alpha", "stopped", "-", "-", "0", "1"]
+        # one failure (the crash), then why and how it ended: no bare exit code
+        alpha_rest = " ".join(rows["alpha"][6:])
+        assert re.fullmatch(r"1, retry .+ crash \(exit 3\) \d+s ago", alpha_rest), alpha_rest
         assert rows["beta"][:2] == ["beta", "ready"] and rows["beta"][2] == str(beta["pid"])
-        assert rows["beta"][3].endswith("s") and rows["beta"][4:] == ["1", "0", "-"]
+        assert rows["beta"][3].endswith("s") and rows["beta"][4:] == ["1", "0", "-", "-"]
         # columns line up: each value starts under its header
         col = header.index("INFLIGHT")
         beta_line = next(line for line in table if line.startswith("beta"))
