@@ -70,7 +70,7 @@ def _load(path: str) -> LoadResult | None:
 def _with_exec_warnings(loaded: LoadResult) -> LoadResult:
     """`loaded` plus a warning for each command that could not be exec'd here, with this
     process's environment: the one `swapd serve` started the same way would give engines."""
-    from swapd.engine import engine_environment, exec_problem
+    from swapd.launch import engine_environment, exec_problem
 
     found = []
     for model in loaded.config.models.values():

@@ -12,7 +12,6 @@ import collections
 import contextlib
 import ipaddress
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -27,8 +26,8 @@ import structlog
 
 from swapd import procgroup
 from swapd.config import ModelConfig
+from swapd.launch import engine_environment
 from swapd.redact import redact_argv
-from swapd.systemd import SYSTEMD_ENV_VARS
 
 log = structlog.get_logger("swapd.engine")
 # Engine stdout/stderr, echoed into swapd's own structured log (journald), one
@@ -127,38 +126,6 @@ def local_port(proxy: str) -> int | None:
         return port
     own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
     return port if str(addr) in own else None
-
-
-def engine_environment(cfg: ModelConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment an engine is exec'd with: swapd's, cleaned, plus the recipe's."""
-    env = dict(os.environ if base is None else base)
-    # An engine that saw NOTIFY_SOCKET could send READY=1 / WATCHDOG=1 for swapd.
-    for name in (*SYSTEMD_ENV_VARS, *cfg.env_remove):
-        if name.endswith("*"):  # a prefix (a preset's "LLAMA_ARG_*")
-            for key in [k for k in env if k.startswith(name[:-1])]:
-                del env[key]
-        env.pop(name, None)
-    env.update(dict(cfg.env))
-    return env
-
-
-def exec_problem(argv: tuple[str, ...], env: dict[str, str]) -> str | None:
-    """Why `argv[0]` cannot be exec'd with `env` the way `start()` execs it, or None.
-
-    A name without a slash is looked up on the PATH of the engine's environment (which is
-    swapd's own: systemd's default under the unit, without any virtualenv on it).
-    """
-    program = argv[0]
-    if "/" in program:
-        if not os.path.isfile(program):
-            return f"{program} does not exist"
-        if not os.access(program, os.X_OK):
-            return f"{program} is not executable"
-        return None
-    path = env.get("PATH", os.defpath)
-    if shutil.which(program, path=path) is None:
-        return f"{program!r} is not on the PATH engines run with ({path})"
-    return None
 
 
 class Engine:

@@ -18,7 +18,7 @@ import pytest
 from swapd import engine as engine_mod
 from swapd.cli import format_check
 from swapd.config import EngineKind, ModelConfig, load_config, load_model_entry
-from swapd.engine import engine_environment
+from swapd.launch import engine_environment
 from swapd.presets import PRESETS, FileWide, Recipe, engine_kind, preset_for, settle
 from tests.conftest import (
     FAKE_ENGINE,
