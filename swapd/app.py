@@ -117,6 +117,7 @@ class _Observer:
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
+        self._counts: dict[str, tuple[int, int]] = {}
 
     def engine_state(self, model: str, state: str) -> None:
         self._daemon.metrics.set_engine_state(model, state)
@@ -135,10 +136,20 @@ class _Observer:
         if killed:
             metrics.engine_kills.labels(model).inc()
 
+    def forget(self, model: str) -> None:
+        self._counts.pop(model, None)
+
     def counts(self, model: str, inflight: int, queued: int) -> None:
+        # Called twice per request: set only the gauge that changed.
+        last = self._counts.get(model)
+        if last == (inflight, queued):
+            return
+        self._counts[model] = (inflight, queued)
         series = self._daemon.metrics.series(model)
-        series.inflight.set(inflight)
-        series.queued.set(queued)
+        if last is None or last[0] != inflight:
+            series.inflight.set(inflight)
+        if last is None or last[1] != queued:
+            series.queued.set(queued)
 
 
 class Daemon:
@@ -175,8 +186,9 @@ class Daemon:
             else default_state_dir(self._listen)
         )
         self.owned = OwnedGroups(self.state_dir)
+        self._observer = _Observer(self)
         self.scheduler = Scheduler(
-            self.config, observer=_Observer(self), sink=self.hub, record=self.owned
+            self.config, observer=self._observer, sink=self.hub, record=self.owned
         )
         self.sampler = Sampler(self.scheduler.process_groups)
         # llama-swap's profiles: none active at startup, none after a reload.
@@ -367,6 +379,7 @@ class Daemon:
             self.metrics.register_models(list(self.config.models))
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
+                self._observer.forget(model)
             log.info("config reloaded", why=why, **changes)
             return changes
 

@@ -367,10 +367,13 @@ class Core:
         m.inflight -= 1
         m.last_used = now
         fx: list[Effect] = [Counts(model, m.inflight, m.queued)]
-        if m.inflight == 0:
-            self._dispatch(now, fx)
-            return self._finish(now, fx)
-        return fx
+        if m.inflight:
+            return fx
+        if self._queue or self._swap is not None or m.phase != Phase.READY:
+            self._dispatch(now, fx)  # someone may be waiting for this engine to be idle
+        elif not m.cfg.ttl:
+            return fx  # nothing waits and no idle timer to arm: the request path stays short
+        return self._finish(now, fx)
 
     def leave(self, ticket: int, now: float) -> list[Effect]:
         """A queued client went away (or the runner gave up on it)."""

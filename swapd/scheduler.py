@@ -299,11 +299,17 @@ class Scheduler:
     async def _acquire(self, model: str, priority: int = 0) -> str:
         ticket, fx = self._core.request(model, self._clock(), priority)
         first = fx[0] if fx else None
-        if isinstance(first, Grant) and first.ticket == ticket:
-            self._apply(fx[1:])  # the fast path: ready, nobody queued
+        if type(first) is Grant and first.ticket == ticket:
+            # The fast path (ready, nobody queued): [Grant, Counts].
+            for e in fx:
+                if type(e) is Counts:
+                    self._observer.counts(e.model, e.inflight, e.queued)
             return self._engines[model].upstream
-        if isinstance(first, Fail) and first.ticket == ticket:
+        if type(first) is Fail and first.ticket == ticket:
             raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
+        return await self._wait(model, ticket, fx)
+
+    async def _wait(self, model: str, ticket: int, fx: list[Effect]) -> str:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = future
         self._apply(fx)
@@ -344,7 +350,12 @@ class Scheduler:
         return task.result()
 
     def _release(self, model: str) -> None:
-        self._apply(self._core.release(model, self._clock()))
+        fx = self._core.release(model, self._clock())
+        if len(fx) == 1 and type(fx[0]) is Counts:  # the usual: only a count changed
+            e = fx[0]
+            self._observer.counts(e.model, e.inflight, e.queued)
+        else:
+            self._apply(fx)
 
     # -- carrying out effects ------------------------------------------------------------
 
@@ -607,7 +618,19 @@ class _LeaseContext:
         if self._ready_only:
             upstream = s._acquire_ready(self._model)
         elif self._progress is None:
-            upstream = await s._acquire(self._model, self._priority)
+            # _acquire, inlined: one coroutine less on every request.
+            model = self._model
+            ticket, fx = s._core.request(model, s._clock(), self._priority)
+            first = fx[0]
+            if type(first) is Grant and first.ticket == ticket:
+                for e in fx:
+                    if type(e) is Counts:
+                        s._observer.counts(e.model, e.inflight, e.queued)
+                upstream = s._engines[model].upstream
+            elif type(first) is Fail and first.ticket == ticket:
+                raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
+            else:
+                upstream = await s._wait(model, ticket, fx)
         else:
             upstream = await s._acquire_with_progress(self._model, self._progress, self._priority)
         self._held = True
