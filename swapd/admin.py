@@ -54,8 +54,12 @@ def failure_document(view: EngineView, now: float) -> dict[str, Any] | None:
     }
 
 
+Details = Callable[[str], dict[str, Any]]
+
+
 def status_document(scheduler: Scheduler, config: Config,
-                    profiles: Profiles | None = None) -> dict[str, Any]:
+                    profiles: Profiles | None = None,
+                    details: Details | None = None) -> dict[str, Any]:
     """What `GET /status` answers: enough to see what swapd is doing right now."""
     now = time.time()
     models: dict[str, Any] = {}
@@ -84,6 +88,8 @@ def status_document(scheduler: Scheduler, config: Config,
             },
             "failure": failure_document(view, now),
         }
+        if details is not None:
+            models[view.id].update(details(view.id))
     return {
         "version": __version__,
         "listen": config.listen,
@@ -103,12 +109,13 @@ class Admin:
     active one) are the daemon's."""
 
     def __init__(self, scheduler: Scheduler, reload: Reload,
-                 profiles: Profiles | None = None) -> None:
+                 profiles: Profiles | None = None, *, details: Details | None = None) -> None:
         self._scheduler = scheduler
         self._reload = reload
         # One recipe write at a time: check, write and reload must not interleave.
         self._recipe_lock = asyncio.Lock()
         self._profiles = profiles or Profiles()
+        self._details = details
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -152,7 +159,8 @@ class Admin:
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(
-            status_document(self._scheduler, config_of(request), self._profiles))
+            status_document(self._scheduler, config_of(request), self._profiles,
+                            self._details))
 
     # -- profiles --------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -23,8 +24,10 @@ import structlog
 from aiohttp import web
 
 from swapd import __version__, origins, procgroup, redact, systemd
+from swapd.activity import ActivityLog
 from swapd.admin import Admin
 from swapd.appstate import CONFIG, UPSTREAM, LiveConfig
+from swapd.capture import CaptureBuffer
 from swapd.config import (
     Config,
     ConfigError,
@@ -41,13 +44,17 @@ from swapd.naming import Profiles
 from swapd.orphans import OwnedGroups, reap_leftovers
 from swapd.proxy import INFERENCE_POST_PATHS, Proxy
 from swapd.scheduler import Scheduler
+from swapd.starts import StartTimes
+from swapd.ui import api_routes, ui_routes
 
 log = structlog.get_logger("swapd")
 
 OPEN_PATHS = ("/health", "/metrics")
-ADMIN_PREFIXES = (
-    "/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/profiles",
-)
+# The page itself holds no data (everything it shows comes from the routes below), and a
+# browser cannot put a key on a navigation: it is open like /health.
+OPEN_PREFIXES = ("/ui/",)
+# /api/: profiles, and the page's activity, captures and GPU sample.
+ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/")
 # Where browsers of other origins are served (CORS): the inference API, nothing else.
 CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
 # How often --watch-config looks at the config files' mtimes.
@@ -129,10 +136,12 @@ class _Observer:
         metrics.engine_starts.labels(model, "success" if ok else "failure").inc()
         if ok:
             metrics.engine_start_seconds.labels(model).observe(seconds)
+            self._daemon.starts.record(model, seconds)
 
     def engine_stopped(self, model: str, reason: str, killed: bool) -> None:
         metrics = self._daemon.metrics
         metrics.engine_stops.labels(model, reason).inc()
+        self._daemon.last_stops[model] = (reason, killed, time.time())
         if killed:
             metrics.engine_kills.labels(model).inc()
 
@@ -186,6 +195,15 @@ class Daemon:
             else default_state_dir(self._listen)
         )
         self.owned = OwnedGroups(self.state_dir)
+        self.starts = StartTimes(self.state_dir)
+        # model -> (reason, killed, wall time) of its engine's last stop, for /status and /ui.
+        self.last_stops: dict[str, tuple[str, bool, float]] = {}
+        self.activity = ActivityLog(
+            self.config.activity_size,
+            db_path=self.state_dir / "activity.sqlite3" if self.config.activity_store else None,
+            retention_days=self.config.activity_retention_days,
+        )
+        self.capture = CaptureBuffer(self.config.capture_buffer_mb)
         self._observer = _Observer(self)
         self.scheduler = Scheduler(
             self.config, observer=self._observer, sink=self.hub, record=self.owned
@@ -218,16 +236,40 @@ class Daemon:
         app[CONFIG] = self.live
         app.cleanup_ctx.append(_upstream_session)
         app.on_response_prepare.append(self._cors_headers)
-        proxy = Proxy(self.scheduler, self.metrics, self.profiles)
+        proxy = Proxy(
+            self.scheduler,
+            self.metrics,
+            self.profiles,
+            activity=self.activity,
+            capture=self.capture,
+            starts=self.starts,
+        )
         app.on_cleanup.append(lambda _: proxy.close())  # sessions made for `timeouts`
-        app.add_routes(Admin(self.scheduler, self.reload, self.profiles).routes())
+        app.add_routes(
+            Admin(self.scheduler, self.reload, self.profiles, details=self._details).routes()
+        )
         app.add_routes(proxy.routes())
+        app.add_routes(ui_routes())
+        app.add_routes(api_routes(self.activity, self.capture, self.sampler))
         app.add_routes(log_routes(self.hub, self._model_ids))
         app.router.add_get("/metrics", self.metrics.handle)
         return app
 
     def _model_ids(self) -> Iterable[str]:
         return self.config.models.keys()
+
+    def _details(self, model: str) -> dict[str, object]:
+        """What /status says of a model beyond the scheduler's view: ETA and last stop."""
+        expected = self.starts.expected(model)
+        eta = self.starts.loading_eta(self.scheduler.view(model))
+        stop = self.last_stops.get(model)
+        return {
+            "start_seconds": None if expected is None else round(expected, 1),
+            "eta_seconds": None if eta is None else round(eta, 1),
+            "last_stop": None
+            if stop is None
+            else {"reason": stop[0], "killed": stop[1], "at": stop[2]},
+        }
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -341,8 +383,10 @@ class Daemon:
         """Raise the 401/403 for a request without the key its route needs."""
         path = request.path
         config = self.config
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES):
             return
+        if path == "/" and "text/html" in request.headers.get("Accept", ""):
+            return  # a browser, redirected to /ui
         key = _presented_key(request)
         if path.startswith(ADMIN_PREFIXES):
             if config.admin_keys:
@@ -452,6 +496,7 @@ class Daemon:
         self.hub.bind(loop)
         configure_logging(self.config.log_level, hub=self.hub)
         self._apply_log_to_stdout()
+        self.activity.load()
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
         # Orphans of an engine become our children, not init's: found by parenthood even
@@ -490,6 +535,8 @@ class Daemon:
         # Before the runner's cleanup (LIFO): open /logs/stream responses end, or the
         # cleanup would wait for them.
         resources.callback(self.hub.close)
+        # Likewise /api/activity/stream; the SQLite store gets what is pending.
+        resources.push_async_callback(self.activity.close)
         host, port = split_host_port(self._listen)
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:

@@ -148,6 +148,16 @@ class Config:
     cors_allow_origins: tuple[str, ...] = ("*",)
     # Seconds a request body may take to arrive in full (a trickling client gets 408).
     body_timeout: float = 60.0
+    # Activity records (the /ui activity panel, /api/activity, token metrics): ring size
+    # (0 turns them off), whether to ask engines for usage in streams, SQLite under stateDir.
+    activity_size: int = 1000
+    activity_inject_usage: bool = False
+    activity_store: bool = False
+    activity_retention_days: float = 7.0
+    # llama-swap's captureBuffer (MB of request/response bodies kept); 0 = off.
+    capture_buffer_mb: float = 0.0
+    # llama-swap's ui.activity.session_id: request headers naming a client's session.
+    session_headers: tuple[str, ...] = ("X-Session-ID", "X-Litellm-Session-Id")
     # Where the file came from: `include` globs resolve relative to it.
     source: str | None = None
     # Global macros in file order, ${env.*} already substituted, other references not yet:
@@ -200,7 +210,7 @@ _TOP_KEYS = frozenset(
     "bodyTimeout "
     # llama-swap's, loaded by swapd/config_routing.py
     "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
-    "performance logRequests store".split()
+    "performance logRequests store activity captureBuffer ui".split()
 )
 _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
@@ -968,6 +978,8 @@ def _settings(top: _Node, source: str) -> Config:
         body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
         source=source,
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
+        capture_buffer_mb=float(top.number("captureBuffer", 0.0, maximum=4096)),
+        **_activity(top),
     )
 
 
@@ -1057,6 +1069,25 @@ def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Co
     return replace(base, models=models, groups=groups, preload=tuple(preload),
                    queue_timeout=queue_timeout,
                    **{f.name: getattr(routing, f.name) for f in fields(routing)})
+
+
+def _activity(top: _Node) -> dict[str, Any]:
+    """`activity:` (swapd's) and `ui.activity.session_id` (llama-swap's) as Config fields."""
+    out: dict[str, Any] = {}
+    node = top.child("activity", frozenset({"size", "injectUsage", "store", "retentionDays"}))
+    if node is not None:
+        out["activity_size"] = node.number("size", 1000, integer=True, maximum=1_000_000)
+        out["activity_inject_usage"] = node.flag("injectUsage", False)
+        store = node.text("store")
+        if store not in (None, "", "memory", "sqlite"):
+            top.ctx.fail("activity.store", f"must be memory or sqlite, got {_show(store)}")
+        out["activity_store"] = store == "sqlite"
+        out["activity_retention_days"] = float(node.number("retentionDays", 7.0, strict=True))
+    ui = top.child("ui", frozenset({"activity"}))
+    ui_activity = ui.child("activity", frozenset({"session_id"})) if ui else None
+    if ui_activity is not None and ui_activity.data.get("session_id") is not None:
+        out["session_headers"] = tuple(h for h in ui_activity.texts("session_id") if h.strip())
+    return out
 
 
 def load_model_entry(model_id: str, data: object, base: Config,

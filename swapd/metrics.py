@@ -70,7 +70,20 @@ START_BUCKETS: Final = (
     1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0, 900.0,
     1200.0, 1800.0,
 )
+# Time to first token: a warm engine's prefill (tens of ms) to a long prompt on a cold start.
+TTFT_BUCKETS: Final = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+# Tokens per second: decode from a few (a 200B model on a Spark) to hundreds; prefill to tens of
+# thousands.
+DECODE_TPS_BUCKETS: Final = (
+    1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0,
+)
+PREFILL_TPS_BUCKETS: Final = (
+    10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 32000.0, 64000.0,
+)
 # fmt: on
+TOKEN_KINDS: Final = ("prompt", "completion", "cached")
 
 
 class SampleSource(Protocol):
@@ -164,8 +177,9 @@ class ModelSeries:
     """
 
     __slots__ = (
-        "_codes", "_model", "_requests", "inflight", "queued", "request_duration",
-        "stream_errors", "ttfb",
+        "_codes", "_model", "_requests", "cached_tokens", "completion_tokens", "decode_tps",
+        "inflight", "prefill_tps", "prompt_tokens", "queued", "request_duration",
+        "stream_errors", "ttfb", "ttft",
     )
 
     def __init__(self, metrics: Metrics, model: str) -> None:
@@ -177,6 +191,35 @@ class ModelSeries:
         self.inflight = metrics.inflight.labels(model)
         self.queued = metrics.queued.labels(model)
         self.stream_errors = metrics.stream_errors.labels(model)
+        self.prompt_tokens = metrics.tokens_total.labels(model, "prompt")
+        self.completion_tokens = metrics.tokens_total.labels(model, "completion")
+        self.cached_tokens = metrics.tokens_total.labels(model, "cached")
+        self.ttft = metrics.ttft.labels(model)
+        self.decode_tps = metrics.decode_tps.labels(model)
+        self.prefill_tps = metrics.prefill_tps.labels(model)
+
+    def tokens(
+        self,
+        prompt: int | None,
+        completion: int | None,
+        cached: int | None,
+        ttft: float | None,
+        prefill_tps: float | None,
+        decode_tps: float | None,
+    ) -> None:
+        """Count one request's tokens and observe its speeds (what the engine reported)."""
+        if prompt:
+            self.prompt_tokens.inc(prompt)
+        if completion:
+            self.completion_tokens.inc(completion)
+        if cached:
+            self.cached_tokens.inc(cached)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if prefill_tps is not None:
+            self.prefill_tps.observe(prefill_tps)
+        if decode_tps is not None:
+            self.decode_tps.observe(decode_tps)
 
     def answered(self, code: int, seconds: float) -> None:
         """Count one request answered with `code` after `seconds`."""
@@ -265,6 +308,35 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.tokens_total = Counter(
+            "swapd_tokens",
+            "Tokens of inference requests, by kind (prompt, completion, cached prompt).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "swapd_time_to_first_token_seconds",
+            "Time from receiving a streamed request to its first content token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.decode_tps = Histogram(
+            "swapd_decode_tokens_per_second",
+            "Generation speed of a request (the engine's timings, else tokens after the first "
+            "over the time since it).",
+            ["model"],
+            buckets=DECODE_TPS_BUCKETS,
+            registry=r,
+        )
+        self.prefill_tps = Histogram(
+            "swapd_prefill_tokens_per_second",
+            "Prompt processing speed of a request (the engine's timings, else prompt tokens "
+            "over the time to first token).",
+            ["model"],
+            buckets=PREFILL_TPS_BUCKETS,
+            registry=r,
+        )
         self.build_info = Info("swapd_build", "swapd build information.", registry=r)
         self.build_info.info({"version": version})
         self._collector = _SampleCollector()
@@ -300,6 +372,8 @@ class Metrics:
             self.engine_stops.labels(model, reason)
         self.engine_kills.labels(model)
         self.engine_start_seconds.labels(model)
+        for kind in TOKEN_KINDS:
+            self.tokens_total.labels(model, kind)
 
     def series(self, model: str) -> ModelSeries:
         """The per-request series of `model` (created at zero on first use)."""
@@ -334,6 +408,10 @@ class Metrics:
             self.engine_start_seconds,
             self.engine_stops,
             self.engine_kills,
+            self.tokens_total,
+            self.ttft,
+            self.decode_tps,
+            self.prefill_tps,
         ):
             metric.remove_by_labels({"model": model})
 

@@ -22,7 +22,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from swapd import naming
+from swapd.activity import ActivityLog, Record, Tracker
 from swapd.appstate import UPSTREAM, config_of
+from swapd.capture import Capture, CaptureBuffer
 from swapd.clients import Clients
 from swapd.config import Config, ModelConfig
 from swapd.config_routing import Capabilities, PeerConfig, Timeouts
@@ -31,6 +33,7 @@ from swapd.metrics import Metrics
 from swapd.naming import Chosen, Local, Profiles, Remote, Spillover, Unroutable
 from swapd.redact import clean_line
 from swapd.scheduler import Scheduler
+from swapd.starts import StartTimes
 
 log = structlog.get_logger("swapd.proxy")
 
@@ -91,6 +94,8 @@ class Routed:
     body: bytes
     stream: bool
     chosen: Chosen | None = None  # the selector pick that led here, if one did
+    # swapd asked for stream_options.include_usage itself: the client must not get that chunk.
+    strip_usage: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,21 @@ def _filter(data: dict[str, Any], strip: tuple[str, ...], *sets: Any) -> bool:
     return changed
 
 
+# Where stream_options.include_usage means something (OpenAI's streamed completions).
+USAGE_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def ask_for_usage(data: dict[str, Any]) -> bool:
+    """Add stream_options.include_usage to a streamed request that lacks it; True if added."""
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    if options is not None and not isinstance(options, dict):
+        return False
+    data["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
+
+
 # A client's credentials: meant for swapd when swapd has keys, and then not the engine's.
 CLIENT_AUTH = frozenset({"authorization", "x-api-key"})
 
@@ -282,13 +302,24 @@ class Proxy:
     """The config and the upstream session come from the app (swapd.appstate); the
     active profile from the daemon (`profiles`)."""
 
-    def __init__(self, scheduler: Scheduler, metrics: Metrics,
-                 profiles: Profiles | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        profiles: Profiles | None = None,
+        *,
+        activity: ActivityLog | None = None,
+        capture: CaptureBuffer | None = None,
+        starts: StartTimes | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self._metrics = metrics
         self._clients = Clients()
         self._profiles = profiles or Profiles()
         self._spillover = Spillover()
+        self._activity = activity if activity is not None and activity.enabled else None
+        self._capture = capture if capture is not None and capture.enabled else None
+        self._starts = starts if starts is not None else StartTimes(None)
 
     async def close(self) -> None:
         await self._clients.close()
@@ -340,9 +371,20 @@ class Proxy:
                 rewrite_peer(target.peer, target.model, data, target.requested)
                 body = json.dumps(data).encode()
             return PeerRouted(target, body, stream, chosen)
-        if data is not None and rewrite(target.model, data, name, target.requested):
+        changed = data is not None and rewrite(target.model, data, name, target.requested)
+        strip_usage = False
+        if (
+            stream
+            and data is not None
+            and config.activity_inject_usage
+            and self._activity is not None
+            and request.path in USAGE_PATHS
+        ):
+            strip_usage = ask_for_usage(data)
+            changed = changed or strip_usage
+        if changed:
             body = json.dumps(data).encode()
-        return Routed(target.model, body, stream, chosen)
+        return Routed(target.model, body, stream, chosen, strip_usage)
 
     # -- handlers --------------------------------------------------------------------
 
@@ -356,7 +398,7 @@ class Proxy:
         try:
             if isinstance(routed, PeerRouted):
                 return await self._serve_peer(request, routed, request.path_qs, t0)
-            return await self._serve(request, routed, request.path_qs, t0)
+            return await self._serve(request, routed, request.path_qs, t0, record=True)
         finally:
             if routed.chosen is not None:
                 self._spillover.release(routed.chosen)
@@ -425,6 +467,12 @@ class Proxy:
                 }
             if model.aliases:
                 entry["meta"]["llamaswap"]["aliases"] = list(model.aliases)
+            expected = self._starts.expected(model.id)
+            if expected is not None:
+                entry["start_seconds"] = round(expected, 1)
+            eta = self._starts.loading_eta(view)
+            if eta is not None:
+                entry["eta_seconds"] = round(eta, 1)
             data.append(entry)
             if config.include_aliases_in_list:
                 for alias in model.aliases:
@@ -473,11 +521,21 @@ class Proxy:
 
     async def _serve(
         self, request: web.Request, routed: Routed, path: str, t0: float,
-        ready_only: bool = False,
+        ready_only: bool = False, *, record: bool = False,
     ) -> web.StreamResponse:
         """Relay to a local engine, with a lease from the scheduler (waiting for a start
         or swap; with `ready_only`, only an engine ready now, else 409)."""
         model = routed.model.id
+        tracker = (
+            Tracker(t0, routed.stream, strip_usage=routed.strip_usage)
+            if record and self._activity is not None
+            else None
+        )
+        capture = (
+            self._capture.start(request.headers, routed.body)
+            if tracker is not None and self._capture is not None
+            else None
+        )
         loading: web.StreamResponse | None = None
         progress = None
         if (
@@ -490,7 +548,7 @@ class Proxy:
             # A cold model: tell a chat UI that it is loading while it waits (#366).
             loading = web.StreamResponse(headers=_sse_headers())
             await loading.prepare(request)
-            progress = functools.partial(_loading_progress, loading, model)
+            progress = functools.partial(self._loading_progress, loading, model)
         # The status the client was sent, kept even if it goes away mid-body.
         outcome = [0]
         held = False
@@ -503,6 +561,7 @@ class Proxy:
                     request, model, routed.body, lease.upstream + path, t0, loading, outcome,
                     who=f"engine for model {model!r}", timeouts=routed.model.timeouts,
                     strip_auth=_strip_auth(config_of(request), routed.model),
+                    tracker=tracker, capture=capture,
                 )
                 return resp
         except ApiError as exc:
@@ -513,9 +572,68 @@ class Proxy:
                 self._metrics.series(model).stream_errors.inc()
                 await _sse_error(loading, exc.message, exc.code)
                 return loading
+            if exc.status in (503, 504):
+                # While the model loads, its ETA is when to come back (SDKs obey Retry-After).
+                eta = self._starts.loading_eta(self._scheduler.view(model))
+                if eta is not None:
+                    exc.retry_after = eta
             raise
         finally:
             self._count(model, outcome[0] or 499, t0)
+            if tracker is not None:
+                self._record(request, routed, tracker, outcome[0] or 499, capture)
+
+    async def _loading_progress(
+        self, resp: web.StreamResponse, model: str, waited: float
+    ) -> None:
+        text = f"loading {model}… {waited:.0f}s"
+        eta = self._starts.wait_eta(model, self._scheduler.view(model))
+        if eta is not None:
+            text += f", about {eta:.0f} s left"
+        await resp.write(_loading_chunk(model, text + "\n"))
+
+    def _record(
+        self,
+        request: web.Request,
+        routed: Routed,
+        tracker: Tracker,
+        status: int,
+        capture: Capture | None,
+    ) -> None:
+        """One activity record for a finished request, and its token metrics."""
+        activity = self._activity
+        assert activity is not None
+        now = time.monotonic()
+        duration = now - tracker.t0
+        session = None
+        for name in config_of(request).session_headers:
+            session = request.headers.get(name) or None
+            if session:
+                break
+        record = Record(
+            id=activity.next_id(),
+            time=time.time() - duration,
+            model=routed.model.id,
+            path=request.path,
+            status=status,
+            stream=routed.stream,
+            duration=duration,
+            session=session,
+        )
+        tracker.finish(record, now)
+        if capture is not None and self._capture is not None:
+            self._capture.keep(record.id, capture)
+            record.captured = True
+        activity.add(record)
+        if status < 400:
+            self._metrics.series(record.model).tokens(
+                record.prompt_tokens,
+                record.completion_tokens,
+                record.cached_tokens,
+                record.ttft,
+                record.prefill_tps,
+                record.decode_tps,
+            )
 
     async def _serve_peer(
         self, request: web.Request, routed: PeerRouted, path: str, t0: float
@@ -563,6 +681,8 @@ class Proxy:
         timeouts: Timeouts | None = None,
         headers: CIMultiDict[str] | None = None,
         strip_auth: bool = False,
+        tracker: Tracker | None = None,
+        capture: Capture | None = None,
     ) -> tuple[web.StreamResponse, int]:
         """`model` labels logs and metrics; `who` names the upstream in error messages;
         `headers` replace the client's (a peer's), else those are forwarded (without the
@@ -630,6 +750,8 @@ class Proxy:
             if sse and not resp.prepared:
                 await resp.prepare(request)
                 outcome[0] = resp.status
+            if capture is not None and self._capture is not None:
+                self._capture.respond(capture, upstream.headers)
             first = True
             try:
                 async for chunk in upstream.content.iter_any():
@@ -639,6 +761,12 @@ class Proxy:
                         if not resp.prepared:
                             await resp.prepare(request)
                             outcome[0] = resp.status
+                    if tracker is not None:
+                        chunk = tracker.feed(chunk)
+                        if capture is not None and self._capture is not None:
+                            self._capture.feed(capture, chunk)
+                        if not chunk:
+                            continue
                     await resp.write(chunk)
             except UPSTREAM_BROKE as exc:
                 message = f"{who} failed mid-response: {_describe(exc)}"
@@ -746,10 +874,6 @@ def _sse_headers() -> dict[str, str]:
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     }
-
-
-async def _loading_progress(resp: web.StreamResponse, model: str, waited: float) -> None:
-    await resp.write(_loading_chunk(model, f"loading {model}… {waited:.0f}s\n"))
 
 
 def _loading_chunk(model: str, text: str) -> bytes:

@@ -19,7 +19,7 @@ text (a log line, an error message, a proxy URL). Both also mask every value reg
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 MASK = "***"
 
@@ -222,3 +222,22 @@ def clean_line(line: str) -> str:
     if "\x1b" in line:
         line = _ANSI.sub("", line)
     return redact_text(_CONTROL.sub("", line))
+
+
+# Headers whose values are credentials: never kept in a capture or shown on a page.
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
+)
+# "api_key": "sk-…" / "password": "…" inside a JSON body (a tool call, a provider key).
+_JSON_SECRET = re.compile(r'"([A-Za-z0-9_.\-]*)"(\s*:\s*)"((?:[^"\\]|\\.)*)"')
+
+
+def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """A copy of HTTP headers with credential values masked (by header name)."""
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    out: dict[str, str] = {}
+    for name, value in items:
+        secret = name.lower() in _SECRET_HEADERS or is_secret_name(name)
+        out[name] = MASK if secret else value
+    return out
+

@@ -34,6 +34,9 @@ can play each of their awkward behaviours:
 --gpu-alloc-gb N        hold N GB of CUDA memory (torch), for checks on a real GPU
 --chatty N              every POST prints N more lines of about 1 KB to stdout before it is
                         answered (an engine that logs a lot; a blocked pipe stalls the answer)
+--reply TEXT            streamed chat tokens are TEXT's words, in turn, instead of "tok{i} "
+--timings               add llama.cpp's `timings` (cache_n 2, prompt_n 3, 240 prompt tok/s, 50
+                        tok/s) to chat answers: the last chunk of a stream, the JSON body
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
@@ -252,6 +255,19 @@ def usage(prompt_tokens: int = 3, completion_tokens: int = 4) -> dict[str, int]:
     }
 
 
+def timings(predicted: int) -> dict[str, float]:
+    """llama.cpp server's `timings` object (prompt 3 tokens, 2 of them from the cache)."""
+    return {
+        "cache_n": 2,
+        "prompt_n": 3,
+        "prompt_ms": 12.5,
+        "prompt_per_second": 240.0,
+        "predicted_n": predicted,
+        "predicted_ms": predicted * 20.0,
+        "predicted_per_second": 50.0,
+    }
+
+
 def fake_vector(text: str) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
     return [round((b - 128) / 128.0, 6) for b in digest[:8]]
@@ -386,13 +402,17 @@ def build_app(eng: Engine) -> web.Application:
                 }
 
             def token(i: int) -> dict[str, Any]:
-                delta: dict[str, Any] = {"content": f"tok{i} "}
+                words = opts.reply.split(" ") if opts.reply else []
+                text = f"tok{i} " if not words else words[i % len(words)] + " "
+                delta: dict[str, Any] = {"content": text}
                 if i == 0:
                     delta["role"] = "assistant"
                 return chunk(delta, None)
 
             if await stream_tokens(request, resp, token):
                 final = [chunk({}, "stop")]
+                if opts.timings:
+                    final[0]["timings"] = timings(opts.stream_tokens)
                 if (body.get("stream_options") or {}).get("include_usage"):
                     final.append(
                         {
@@ -422,6 +442,7 @@ def build_app(eng: Engine) -> web.Application:
                     }
                 ],
                 "usage": usage(),
+                **({"timings": timings(4)} if opts.timings else {}),
                 "x_served_by": name,
                 "x_pid": eng.pid,
                 "x_request": body,
@@ -692,6 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lazy-load", type=float, default=0.0)
     p.add_argument("--gpu-alloc-gb", type=float, default=0.0)
     p.add_argument("--chatty", type=int, default=0)
+    p.add_argument("--timings", action="store_true")
+    p.add_argument("--reply", default="")
     return p.parse_args(argv)
 
 

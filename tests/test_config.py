@@ -92,6 +92,9 @@ def test_compat_example_loads_with_warnings() -> None:
     assert groups["forever"].persistent and groups["group1"].swap
     assert cfg.preload == ()
 
+    # llama-swap's capture buffer and activity session headers are swapd's too (/ui).
+    assert cfg.capture_buffer_mb == 15
+    assert cfg.session_headers == ("X-Session-ID", "X-Litellm-Session-Id")
     # llama-swap's routing keys are loaded, never "not supported"
     for key in ["logTimeFormat", "logToStdout", "metricsMaxInMemory", "performance", "upstream",
                 "profiles", "selectors", "peers", "routing", "models.gpt-oss-120b.timeouts",

@@ -167,6 +167,10 @@ def test_covers_the_metrics_that_matter(dashboard: dict[str, Any]) -> None:
         "swapd_gpu_energy_joules",
         "swapd_gpu_utilization_ratio",
         "swapd_engine_resident_memory_bytes",
+        "swapd_tokens",
+        "swapd_time_to_first_token_seconds",
+        "swapd_decode_tokens_per_second",
+        "swapd_prefill_tokens_per_second",
     }
     assert required <= referenced, required - referenced
 

@@ -1,0 +1,339 @@
+"""Activity records: one per inference request, built from what the engine already returned.
+
+`Tracker` watches the response bytes as the proxy relays them and never re-serialises them:
+it keeps references to the last few chunks and, until the first token, looks for a non-empty
+`content`. At the end it decodes only the `usage` and `timings` objects it finds there (OpenAI's
+usage chunk, llama.cpp's timings). A stream that carries neither gets its tokens counted from
+its content events, and the record says so (`estimated`).
+
+`ActivityLog` owns the records: a bounded ring, live subscribers (`/api/activity/stream`) and,
+optionally, a SQLite file under stateDir with a retention. Writes to SQLite are batched in a
+worker thread once a second, off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("swapd.activity")
+
+# How many of the last response chunks are kept for the usage scan. OpenAI's usage chunk and
+# llama.cpp's final chunk come last, before `[DONE]`, and `usage`/`timings` close a JSON answer
+# (OpenAI, vLLM, llama.cpp, Ollama, Anthropic); a read may split one across two chunks.
+TAIL_CHUNKS = 4
+# A first token: `"content": "x`, a reasoning model's `"reasoning_content": "x`, a completion's
+# or an Anthropic delta's `"text": "x`, a tool call's `"arguments": "x`.
+_FIRST_TOKEN = re.compile(rb'"(?:reasoning_content|content|text|arguments)"\s*:\s*"[^"]')
+_DECODER = json.JSONDecoder()
+SQLITE_FLUSH_SECONDS = 1.0
+# Subscribers that read slower than records come lose the oldest ones, never slow the proxy.
+SUBSCRIBER_BACKLOG = 256
+
+
+@dataclass(slots=True)
+class Record:
+    id: int
+    time: float  # wall clock, request received
+    model: str
+    path: str
+    status: int
+    stream: bool
+    duration: float  # seconds, request received → last byte
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    ttft: float | None = None  # seconds to the first content token (streams)
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    estimated: bool = False  # tokens counted from content events, not reported by the engine
+    session: str | None = None
+    captured: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = tuple(f.name for f in fields(Record))
+
+
+def find_object(data: bytes, key: bytes) -> dict[str, Any] | None:
+    """The JSON object value of the last `"key":` in `data`, decoding only that object."""
+    at = data.rfind(b'"' + key + b'"')
+    while at >= 0:
+        start = data.find(b"{", at + len(key) + 2, at + len(key) + 16)
+        if start >= 0:
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                value, _ = _DECODER.raw_decode(data[start:].decode("utf-8", "replace"))
+                if isinstance(value, dict):
+                    return value
+        at = data.rfind(b'"' + key + b'"', 0, at)
+    return None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+class Tracker:
+    """What one response tells about its tokens and speed; fed every chunk the proxy relays."""
+
+    __slots__ = (
+        "_content_events",
+        "_later_reads",
+        "_scanning",
+        "_strip_usage",
+        "_tail",
+        "first_token_at",
+        "stream",
+        "t0",
+    )
+
+    def __init__(self, t0: float, stream: bool, *, strip_usage: bool = False) -> None:
+        self.t0 = t0
+        self.stream = stream
+        self.first_token_at: float | None = None
+        self._tail: list[bytes] = []
+        self._content_events = 0
+        self._later_reads = 0  # reads after the first token's: tokens spread over time
+        self._strip_usage = strip_usage
+        self._scanning = stream  # looking for the first token
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Look at one chunk on its way to the client; returns what the client gets (the
+        chunk itself, or without the usage event swapd asked for on the client's behalf)."""
+        tail = self._tail
+        tail.append(chunk)
+        if len(tail) > 2 * TAIL_CHUNKS:
+            del tail[:-TAIL_CHUNKS]  # amortised: cheaper than a deque per request
+        if self._scanning:
+            match = _FIRST_TOKEN.search(chunk)
+            if match is not None:
+                self.first_token_at = time.monotonic()
+                self._scanning = False
+                event = max(0, chunk.rfind(b"data:", 0, match.start()))
+                self._content_events = chunk.count(b"data:", event)
+        elif self.stream:
+            self._content_events += chunk.count(b"data:")
+            self._later_reads += 1
+        if self._strip_usage and b'"usage"' in chunk:
+            return _without_usage_event(chunk)
+        return chunk
+
+    def finish(self, record: Record, now: float) -> None:
+        """Fill `record`'s tokens and speeds from what was seen."""
+        # Engines put usage and timings last in a JSON answer as in a stream.
+        data = b"".join(self._tail[-TAIL_CHUNKS:])
+        usage = find_object(data, b"usage") if b'"usage"' in data else None
+        timings = find_object(data, b"timings") if b'"timings"' in data else None
+        if usage is not None:
+            record.prompt_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+            record.completion_tokens = _int(
+                usage.get("completion_tokens", usage.get("output_tokens"))
+            )
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                record.cached_tokens = _int(details.get("cached_tokens"))
+            if record.cached_tokens is None:
+                record.cached_tokens = _int(usage.get("cache_read_input_tokens"))
+        if timings is not None:
+            if record.prompt_tokens is None:
+                record.prompt_tokens = _int(timings.get("prompt_n"))
+            if record.completion_tokens is None:
+                record.completion_tokens = _int(timings.get("predicted_n"))
+            if record.cached_tokens is None:
+                record.cached_tokens = _int(timings.get("cache_n"))
+            record.prefill_tps = _positive(timings.get("prompt_per_second"))
+            record.decode_tps = _positive(timings.get("predicted_per_second"))
+        if self.first_token_at is not None:
+            record.ttft = self.first_token_at - self.t0
+            if record.completion_tokens is None:
+                # The role-only first event and the finish event carry no token.
+                record.completion_tokens = max(1, self._content_events - 2)
+                record.estimated = True
+            # Tokens that all came in the first token's read say nothing about decode speed.
+            if record.decode_tps is None and record.completion_tokens > 1 and self._later_reads:
+                decode = now - self.first_token_at
+                if decode > 0:
+                    record.decode_tps = (record.completion_tokens - 1) / decode
+            if record.prefill_tps is None and record.prompt_tokens and record.ttft > 0:
+                record.prefill_tps = record.prompt_tokens / record.ttft
+
+
+def _without_usage_event(chunk: bytes) -> bytes:
+    """`chunk` without the SSE event that carries only usage (`"choices":[]`), which swapd
+    asked for with stream_options.include_usage and the client did not. The event is left in
+    when it is not whole in this chunk: an extra chunk beats a broken stream."""
+    events = chunk.split(b"\n\n")
+    kept = [
+        e
+        for e in events
+        if not (b'"usage"' in e and re.search(rb'"choices"\s*:\s*\[\s*\]', e) is not None)
+    ]
+    if len(kept) == len(events):
+        return chunk
+    return b"\n\n".join(kept)
+
+
+class ActivityLog:
+    """The records of the last `size` requests, their live subscribers and their SQLite copy."""
+
+    def __init__(
+        self, size: int = 1000, *, db_path: Path | None = None, retention_days: float = 7.0
+    ) -> None:
+        self.size = size
+        self._ring: collections.deque[Record] = collections.deque(maxlen=max(1, size))
+        self._next_id = 1
+        self._subscribers: set[asyncio.Queue[Record | None]] = set()
+        self._db_path = db_path
+        self._retention = retention_days * 86400
+        self._pending: list[Record] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def load(self) -> None:
+        """Fill the ring from SQLite (after a restart); call once logging is set up."""
+        if self._db_path is not None:
+            self._load(self._db_path)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
+    def next_id(self) -> int:
+        value = self._next_id
+        self._next_id += 1
+        return value
+
+    def add(self, record: Record) -> None:
+        self._ring.append(record)
+        for queue in self._subscribers:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(record)
+        if self._db_path is not None:
+            self._pending.append(record)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    def since(self, after: int = 0, limit: int | None = None) -> list[Record]:
+        out = [r for r in self._ring if r.id > after]
+        return out[-limit:] if limit else out
+
+    def get(self, record_id: int) -> Record | None:
+        for record in reversed(self._ring):
+            if record.id == record_id:
+                return record
+        return None
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Record | None]]:
+        queue: asyncio.Queue[Record | None] = asyncio.Queue(SUBSCRIBER_BACKLOG)
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    async def close(self) -> None:
+        """End the live subscribers and write what is pending to SQLite."""
+        self._closed = True
+        for queue in self._subscribers:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self._flush()
+
+    # -- SQLite ------------------------------------------------------------------------
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(SQLITE_FLUSH_SECONDS)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch and self._db_path is not None:
+            try:
+                await asyncio.to_thread(_write, self._db_path, batch, self._retention)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("activity store write failed", error=str(exc))
+
+    def _load(self, path: Path) -> None:
+        try:
+            rows = _read(path, self._ring.maxlen or 1, self._retention)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("activity store unreadable; starting empty", error=str(exc))
+            return
+        self._ring.extend(rows)
+        if rows:
+            self._next_id = rows[-1].id + 1
+
+
+_CREATE = (
+    "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY, time REAL, model TEXT, "
+    "path TEXT, status INTEGER, stream INTEGER, duration REAL, prompt_tokens INTEGER, "
+    "completion_tokens INTEGER, cached_tokens INTEGER, ttft REAL, prefill_tps REAL, "
+    "decode_tps REAL, estimated INTEGER, session TEXT, captured INTEGER)"
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=5)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(_CREATE)
+    return db
+
+
+def _write(path: Path, records: Iterable[Record], retention: float) -> None:
+    db = _connect(path)
+    try:
+        with db:
+            db.executemany(
+                f"INSERT OR REPLACE INTO activity ({', '.join(_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
+                [tuple(getattr(r, c) for c in _COLUMNS) for r in records],
+            )
+            db.execute("DELETE FROM activity WHERE time < ?", (time.time() - retention,))
+    finally:
+        db.close()
+
+
+def _read(path: Path, limit: int, retention: float) -> list[Record]:
+    if not path.exists():
+        return []
+    db = _connect(path)
+    try:
+        rows = db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM activity WHERE time >= ? "
+            "ORDER BY id DESC LIMIT ?",
+            (time.time() - retention, limit),
+        ).fetchall()
+    finally:
+        db.close()
+    out = []
+    for row in reversed(rows):
+        values = dict(zip(_COLUMNS, row, strict=True))
+        for flag in ("stream", "estimated", "captured"):
+            values[flag] = bool(values[flag])
+        out.append(Record(**values))
+    return out

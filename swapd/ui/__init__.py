@@ -1,0 +1,165 @@
+"""The status page (`/ui`, files in this package) and the JSON/SSE routes it reads (`/api/*`).
+
+The page is plain HTML, CSS and JavaScript shipped with the package: no CDN, no build step, it
+works offline. Everything it shows comes from routes that also serve curl and scripts: `/status`,
+`/v1/models`, `/logs/stream`, `/api/activity`, `/api/gpu`. Who may read them is the auth
+middleware's business (`swapd.app`); the page only sends the key it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from importlib import resources
+
+from aiohttp import web
+
+from swapd.activity import ActivityLog
+from swapd.capture import CaptureBuffer
+from swapd.errors import ApiError
+from swapd.metrics import SampleSource
+
+_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+# Same-origin only: nothing is fetched from elsewhere, the page cannot be framed.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+# An idle event stream sends a comment this often (proxies close silent connections) and
+# notices a client that went away.
+KEEPALIVE_SECONDS = 15.0
+
+
+def _asset(name: str) -> bytes | None:
+    if "/" in name or name.startswith(".") or not name:
+        return None
+    try:
+        return resources.files(__package__).joinpath(name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def ui_routes() -> list[web.RouteDef]:
+    async def index(request: web.Request) -> web.StreamResponse:
+        return _file("index.html")
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        return _file(request.match_info["name"])
+
+    async def root(request: web.Request) -> web.StreamResponse:
+        # A browser opening swapd's address lands on the page; API clients of `/` get the
+        # same 404 as before the page existed.
+        if "text/html" in request.headers.get("Accept", ""):
+            return web.Response(status=302, headers={"Location": "/ui"})
+        raise ApiError("no route for /", code="not_found", status=404)
+
+    return [
+        web.get("/", root),
+        web.get("/ui", index),
+        web.get("/ui/", index),
+        web.get("/ui/{name}", asset),
+    ]
+
+
+def _file(name: str) -> web.Response:
+    data = _asset(name)
+    suffix = "." + name.rpartition(".")[2]
+    if data is None or suffix not in _TYPES:
+        raise ApiError(f"no file {name!r} in the page", code="not_found", status=404)
+    return web.Response(body=data, content_type=_TYPES[suffix], headers=_PAGE_HEADERS)
+
+
+def api_routes(
+    activity: ActivityLog, capture: CaptureBuffer, sampler: SampleSource
+) -> list[web.RouteDef]:
+    async def list_activity(request: web.Request) -> web.Response:
+        try:
+            since = int(request.query.get("since", "0"))
+            limit = int(request.query.get("limit", "0")) or None
+        except ValueError:
+            raise ApiError(
+                "since and limit must be integers", status=400, code="bad_query"
+            ) from None
+        records = activity.since(since, limit)
+        return web.json_response(
+            {
+                "enabled": activity.enabled,
+                "capture": capture.enabled,
+                "data": [r.to_json() for r in records],
+            }
+        )
+
+    async def stream_activity(request: web.Request) -> web.StreamResponse:
+        try:
+            since = int(request.query.get("since", request.headers.get("Last-Event-ID", "0")))
+        except ValueError:
+            raise ApiError("since must be an integer", status=400, code="bad_query") from None
+        resp = web.StreamResponse(headers=_STREAM_HEADERS)
+        async with activity.subscribe() as queue:
+            # History and subscription in one loop iteration: nothing lost or repeated.
+            history = activity.since(since)
+            try:
+                await resp.prepare(request)
+                for record in history:
+                    await resp.write(_event(record.id, record.to_json()))
+                while True:
+                    try:
+                        async with asyncio.timeout(KEEPALIVE_SECONDS):
+                            item = await queue.get()
+                    except TimeoutError:
+                        await resp.write(b": keep-alive\n\n")
+                        continue
+                    if item is None:
+                        break
+                    await resp.write(_event(item.id, item.to_json()))
+            except ConnectionError:
+                pass
+        return resp
+
+    async def get_capture(request: web.Request) -> web.Response:
+        if not capture.enabled:
+            raise ApiError(
+                "captures are off (set captureBuffer in the config)", status=404, code="capture_off"
+            )
+        try:
+            record_id = int(request.match_info["id"])
+        except ValueError:
+            raise ApiError("activity id must be an integer", status=400, code="bad_query") from None
+        found = capture.get(record_id)
+        if found is None:
+            raise ApiError(
+                f"no capture for activity {record_id} (not kept or already dropped)",
+                status=404,
+                code="capture_not_found",
+            )
+        return web.json_response({"id": record_id, **found.to_json()})
+
+    async def gpu(request: web.Request) -> web.Response:
+        sample = sampler.latest()
+        return web.json_response(dataclasses.asdict(sample))
+
+    return [
+        web.get("/api/activity", list_activity),
+        web.get("/api/activity/stream", stream_activity),
+        web.get("/api/activity/{id}/capture", get_capture),
+        web.get("/api/gpu", gpu),
+    ]
+
+
+def _event(event_id: int, data: object) -> bytes:
+    return f"id: {event_id}\ndata: {json.dumps(data)}\n\n".encode()

@@ -1,0 +1,141 @@
+"""The /ui page in a real headless browser (Debian's chromium, driven by Playwright).
+
+A real swapd, real fake engines, a real browser: the page shows every model and its state, its
+buttons start and stop engines (checked through /running, not through the page), a chat from the
+page shows up in the activity list with its tokens, engine log lines arrive live, and with
+adminKeys set the page asks for the key and sends it as a header, never in a URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import fake_cmd, model, wait_until
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = os.environ.get("SWAPD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("no chromium (apt-get install chromium; .ci/run does)", allow_module_level=True)
+
+TIMEOUT_MS = 15_000
+expect = sync_api.expect
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    pg.errors = errors
+    yield pg
+    context.close()
+
+
+def two_models() -> dict[str, Any]:
+    return {
+        "models": {
+            "alpha": model(fake_cmd("--timings", "--stream-tokens", "6", name="alpha"),
+                           name="Alpha 7B", description="the first"),
+            "beta": model(fake_cmd(name="beta")),
+        }
+    }
+
+
+def running(daemon: Any) -> list[str]:
+    code, doc = daemon.get("/running")
+    assert code == 200, doc
+    return [r["model"] for r in doc["running"] if r["state"] == "ready"]
+
+
+def card(page: Any, model_id: str) -> str:
+    return f".model[data-model='{model_id}']"
+
+
+def test_the_page_shows_every_model_and_its_buttons_start_and_stop_engines(
+    start_swapd, page,
+) -> None:
+    daemon = start_swapd(two_models())
+    page.goto(daemon.url + "/")  # a browser at the root lands on the page
+    assert page.url.endswith("/ui")
+    for model_id in ("alpha", "beta"):
+        page.wait_for_selector(card(page, model_id) + "[data-state='stopped']")
+    assert "Alpha 7B" in page.inner_text(card(page, "alpha"))
+    page.click(card(page, "alpha") + " button.load")
+    wait_until(lambda: running(daemon) == ["alpha"], message="alpha running")
+    page.wait_for_selector(card(page, "alpha") + "[data-state='ready']")
+    assert page.inner_text("#tenant") == "alpha"
+    page.click(card(page, "alpha") + " button.unload")
+    wait_until(lambda: running(daemon) == [], message="nothing running")
+    page.wait_for_selector(card(page, "alpha") + "[data-state='stopped']")
+    expect(page.locator(card(page, "alpha"))).to_contain_text("unload")  # last exit's reason
+    assert page.errors == []
+
+
+def test_a_chat_from_the_page_shows_in_activity_with_tokens_and_logs_arrive_live(
+    start_swapd, page,
+) -> None:
+    daemon = start_swapd(two_models())
+    page.goto(daemon.url + "/ui")
+    page.wait_for_selector(card(page, "alpha"))
+    expect(page.locator("#log-lines")).to_contain_text("swapd listening")
+    page.select_option("#chat-model", "alpha")
+    page.fill("#chat-input", "hello")
+    page.press("#chat-input", "Enter")
+    expect(page.locator(".msg.assistant")).to_contain_text("tok0 tok1 tok2 tok3 tok4 tok5")
+    row = page.wait_for_selector("#activity-rows tr[data-model='alpha']")
+    cells = [c.inner_text() for c in row.query_selector_all("td")]
+    # time, model, status, in, out, cached, TTFT, prefill, decode, duration, session
+    assert cells[1:6] == ["alpha", "200", "3", "6", "2"]
+    assert cells[7:9] == ["240.0", "50.0"]
+    assert cells[10].startswith("ui-")  # the page's own X-Session-ID
+    # The engine's lines came live, after the page opened: its start and the request.
+    expect(page.locator("#log-lines")).to_contain_text(
+        "[alpha] request POST /v1/chat/completions"
+    )
+    # A request from elsewhere shows up too, without reloading.
+    daemon.post("/v1/chat/completions", {"model": "beta", "messages": []})
+    page.wait_for_selector("#activity-rows tr[data-model='beta']")
+    assert page.errors == []
+
+
+def test_with_admin_keys_the_page_asks_for_the_key_and_sends_it_as_a_header(
+    start_swapd, page,
+) -> None:
+    daemon = start_swapd({**two_models(), "adminKeys": ["s3cret-admin"]})
+    urls: list[str] = []
+    sent: list[str] = []
+    page.on("request", lambda r: (urls.append(r.url),
+                                  sent.append(r.headers.get("authorization", ""))))
+    page.goto(daemon.url + "/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "wrong")
+    page.click("#key-save")
+    page.wait_for_selector("#key-dialog[open]")
+    expect(page.locator("#key-error")).to_contain_text("refused")
+    page.fill("#key-input", "s3cret-admin")
+    page.click("#key-save")
+    page.wait_for_selector(card(page, "beta") + "[data-state='stopped']")
+    page.click(card(page, "beta") + " button.load")
+    wait_until(lambda: daemon.get("/running", {"Authorization": "Bearer s3cret-admin"})[1]
+               ["running"], message="beta running")
+    assert page.evaluate("sessionStorage.getItem('swapd.adminKey')") == "s3cret-admin"
+    assert "Bearer s3cret-admin" in sent
+    assert not any("s3cret" in url for url in urls)
