@@ -19,8 +19,10 @@ from aiohttp import web
 from swapd import __version__
 from swapd.appstate import config_of
 from swapd.config import Config, ConfigError, load_model_entry
+from swapd.config_routing import Router
 from swapd.errors import ApiError
 from swapd.files import write_atomic
+from swapd.memwatch import MemoryWatch
 from swapd.naming import Profiles
 from swapd.proxy import parse_json, read_body
 from swapd.recipes import (
@@ -57,15 +59,44 @@ def failure_document(view: EngineView, now: float) -> dict[str, Any] | None:
 Details = Callable[[str], dict[str, Any]]
 
 
+def memory_document(memory: MemoryWatch, config: Config) -> dict[str, Any]:
+    """The `memory` part of /status: MemAvailable, the router, the guard and its last events."""
+    info = memory.guard.latest()
+    guard = config.memory_guard
+    return {
+        "available": info.available if info else None,
+        "total": info.total if info else None,
+        "router": str(config.router),
+        "reserve": config.memory_reserve if config.router == Router.MEMORY else None,
+        "guard": {
+            "enabled": guard.enabled,
+            "floor": str(guard.floor),
+            "floor_bytes": guard.floor.resolve(info.total) if info else None,
+            "events": [
+                {"at": e.at, "model": e.model, "available": e.available, "floor": e.floor,
+                 "why": e.why, "message": e.message()}
+                for e in memory.guard.events()
+            ],
+        },
+    }
+
+
 def status_document(scheduler: Scheduler, config: Config,
                     profiles: Profiles | None = None,
-                    details: Details | None = None) -> dict[str, Any]:
+                    details: Details | None = None,
+                    memory: MemoryWatch | None = None) -> dict[str, Any]:
     """What `GET /status` answers: enough to see what swapd is doing right now."""
     now = time.time()
     models: dict[str, Any] = {}
     for view in scheduler.views():
         exit_info = view.last_exit
         models[view.id] = {
+            "memory": {
+                "used": memory.used(view.id) if memory is not None else None,
+                "peak": memory.peak(view.id) if memory is not None else None,
+                "footprint": memory.footprint(view.cfg) if memory else view.cfg.memory,
+                "footprint_source": memory.footprint_source(view.cfg) if memory else None,
+            },
             "state": view.state,
             "phase": str(view.phase),
             "pid": view.pid,
@@ -90,7 +121,7 @@ def status_document(scheduler: Scheduler, config: Config,
         }
         if details is not None:
             models[view.id].update(details(view.id))
-    return {
+    doc: dict[str, Any] = {
         "version": __version__,
         "listen": config.listen,
         "tenant": scheduler.tenant(),
@@ -102,6 +133,9 @@ def status_document(scheduler: Scheduler, config: Config,
             "available": list(config.profiles),
         },
     }
+    if memory is not None:
+        doc["memory"] = memory_document(memory, config)
+    return doc
 
 
 class Admin:
@@ -109,9 +143,11 @@ class Admin:
     active one) are the daemon's."""
 
     def __init__(self, scheduler: Scheduler, reload: Reload,
-                 profiles: Profiles | None = None, *, details: Details | None = None) -> None:
+                 profiles: Profiles | None = None, *, details: Details | None = None,
+                 memory: MemoryWatch | None = None) -> None:
         self._scheduler = scheduler
         self._reload = reload
+        self._memory = memory
         # One recipe write at a time: check, write and reload must not interleave.
         self._recipe_lock = asyncio.Lock()
         self._profiles = profiles or Profiles()
@@ -160,7 +196,7 @@ class Admin:
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(
             status_document(self._scheduler, config_of(request), self._profiles,
-                            self._details))
+                            self._details, self._memory))
 
     # -- profiles --------------------------------------------------------------------
 

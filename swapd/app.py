@@ -39,6 +39,8 @@ from swapd.config import (
 from swapd.errors import ApiError, answer
 from swapd.gpu import Sampler
 from swapd.logs import LogHub, configure_logging, log_routes
+from swapd.memguard import GuardEvent, Watched
+from swapd.memwatch import MemoryWatch
 from swapd.metrics import Metrics
 from swapd.naming import Profiles
 from swapd.orphans import OwnedGroups, reap_leftovers
@@ -127,6 +129,9 @@ class _Observer:
         self._counts: dict[str, tuple[int, int]] = {}
 
     def engine_state(self, model: str, state: str) -> None:
+        view = self._daemon.scheduler.view(model)
+        if view is not None:
+            self._daemon.memory.engine_state(view.cfg, state)
         self._daemon.metrics.set_engine_state(model, state)
         tenant = ", ".join(self._daemon.scheduler.tenant()) or "none"
         systemd.status(f"tenant: {tenant}")
@@ -159,6 +164,9 @@ class _Observer:
             series.inflight.set(inflight)
         if last is None or last[1] != queued:
             series.queued.set(queued)
+
+    def evicted(self, model: str, reason: str) -> None:
+        self._daemon.metrics.placement_evictions.labels(model, reason).inc()
 
 
 class Daemon:
@@ -205,12 +213,17 @@ class Daemon:
         )
         self.capture = CaptureBuffer(self.config.capture_buffer_mb)
         self._observer = _Observer(self)
+        self.memory = MemoryWatch(
+            lambda: self.config, self.state_dir, sample=lambda: self.sampler.latest()
+        )
         self.scheduler = Scheduler(
-            self.config, observer=self._observer, sink=self.hub, record=self.owned
+            self.config, observer=self._observer, sink=self.hub, record=self.owned,
+            memory=self.memory,
         )
         self.sampler = Sampler(self.scheduler.process_groups)
         # llama-swap's profiles: none active at startup, none after a reload.
         self.profiles = Profiles()
+        self.memory.bind(self._watched, self._guard_kill)
 
     @property
     def config(self) -> Config:
@@ -224,6 +237,23 @@ class Daemon:
         if self._listen_override:
             return dataclasses.replace(config, listen=self._listen_override)
         return config
+
+    # -- memory ----------------------------------------------------------------------
+
+    def _watched(self) -> list[Watched]:
+        """The running engines' process trees, for the memory guard."""
+        out = []
+        for model, tree in self.scheduler.process_groups().items():
+            view = self.scheduler.view(model)
+            if view is not None:
+                out.append(Watched(model, tree, view.state == "starting"))
+        return out
+
+    def _guard_kill(self, model: str, event: GuardEvent) -> bool:
+        killed = self.scheduler.guard_kill(model, event)
+        if killed:
+            self.metrics.memory_guard_kills.labels(model).inc()
+        return killed
 
     # -- the web app -----------------------------------------------------------------
 
@@ -245,9 +275,9 @@ class Daemon:
             starts=self.starts,
         )
         app.on_cleanup.append(lambda _: proxy.close())  # sessions made for `timeouts`
-        app.add_routes(
-            Admin(self.scheduler, self.reload, self.profiles, details=self._details).routes()
-        )
+        admin = Admin(self.scheduler, self.reload, self.profiles, details=self._details,
+                      memory=self.memory)
+        app.add_routes(admin.routes())
         app.add_routes(proxy.routes())
         app.add_routes(ui_routes())
         app.add_routes(api_routes(self.activity, self.capture, self.sampler))
@@ -517,11 +547,14 @@ class Daemon:
         resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
         self.metrics.attach_sampler(self.sampler)
+        self.metrics.attach_memory(self.memory)
         if self.config.gpu_sampling:  # performance.disabled: true turns it off
             self.sampler.start()
             resources.callback(self.sampler.stop)
         else:
             log.info("GPU sampling off (performance.disabled)")
+        self.memory.start()
+        resources.callback(self.memory.stop)
         runner = web.AppRunner(
             self.build_app(),
             handler_cancellation=True,

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 from swapd import __version__
 from swapd.config import ConfigError, LoadResult, load_config, spell, split_host_port
-from swapd.config_routing import check_lines
+from swapd.config_routing import Router, check_lines
+from swapd.memory import format_size
 from swapd.redact import redact_argv, redact_text
 
 EXIT_OK = 0
@@ -160,6 +161,7 @@ def format_check(result: LoadResult) -> str:
             f"    ttl:      {spell(m.ttl) + 's' if m.ttl else '0 (never unloaded)'}",
             f"    engine:   {m.engine.value + ' (preset defaults)' if m.engine else '-'}",
             f"    gpu:      {'yes' if m.gpu else 'no'}",
+            f"    memory:   {format_size(m.memory) if m.memory else 'learned while it runs'}",
             f"    start:    ready within {spell(m.health_check_timeout)}s (healthCheckTimeout)",
         ]
         stop = "cmdStop" if m.cmd_stop else "SIGTERM to the process group"
@@ -177,6 +179,10 @@ def format_check(result: LoadResult) -> str:
             dropped = [name for name in m.env_remove if name not in names]
             lines.append(f"    env:      {', '.join(names) or '-'}" + (
                 f" (not inherited: {', '.join(dropped)})" if dropped else ""))
+    if config.router == Router.MEMORY:
+        lines.append(f"router: memory (reserve {format_size(config.memory_reserve)})")
+    guard = config.memory_guard
+    lines.append(f"memoryGuard: floor {guard.floor}" if guard.enabled else "memoryGuard: off")
     lines.append(f"groups: {len(config.groups)}")
     for g in config.groups:
         lines.append(

@@ -24,6 +24,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapd.memory import (
+    DEFAULT_FLOOR,
+    Floor,
+    GiB,
+    SizeError,
+    parse_floor,
+    parse_size,
+)
+
 # EngineKind and the precedence of recipe, preset and file live in swapd.presets.
 from swapd.presets import EngineKind, FileWide, Recipe, engine_kind, settle
 
@@ -105,6 +114,9 @@ class ModelConfig:
     # requested id → params set after setParams (filters.setParamsByID); its keys other
     # than the model id are aliases too.
     set_params_by_id: Any = None
+    # The engine's footprint in bytes (`memory: "70GiB"`); None: learned (swapd/footprints.py).
+    # A placement hint, not how the engine runs: changing it does not restart the engine.
+    memory: int | None = field(default=None, compare=False)
 
     @property
     def port(self) -> int | None:
@@ -121,9 +133,20 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class MemoryGuardConfig:
+    """`memoryGuard`: kill the engine that pushes MemAvailable below `floor`."""
+
+    enabled: bool = True
+    floor: Floor = DEFAULT_FLOOR
+
+
+@dataclass(frozen=True)
 class Config:
     models: dict[str, ModelConfig]
     groups: tuple[GroupConfig, ...] = ()
+    # routing.router.settings.memory.reserve: kept free for the OS by the memory router.
+    memory_reserve: int = 8 * GiB
+    memory_guard: MemoryGuardConfig = field(default_factory=MemoryGuardConfig)
     listen: str = "127.0.0.1:28080"
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
@@ -210,13 +233,13 @@ _TOP_KEYS = frozenset(
     "bodyTimeout "
     # llama-swap's, loaded by swapd/config_routing.py
     "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
-    "performance logRequests store activity captureBuffer ui".split()
+    "performance logRequests store activity captureBuffer ui memoryGuard".split()
 )
 _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
     "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth timeouts capabilities "
-    "compat".split()
+    "compat memory".split()
 )
 
 
@@ -765,7 +788,31 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         timeouts=config_routing.model_timeouts(node),
         capabilities=config_routing.capabilities(node),
         set_params_by_id=by_id,
+        memory=_size(node, "memory"),
     )
+
+
+def _size(node: _Node, key: str) -> int | None:
+    value = node.get(key)
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        node.ctx.fail(node.key(key), str(exc))
+
+
+def _memory_guard(top: _Node) -> MemoryGuardConfig:
+    node = top.child("memoryGuard", frozenset({"enabled", "floor"}))
+    if node is None:
+        return MemoryGuardConfig()
+    floor = DEFAULT_FLOOR
+    if (value := node.get("floor")) is not None:
+        try:
+            floor = parse_floor(value)
+        except SizeError as exc:
+            node.ctx.fail(node.key("floor"), f"{exc} (or a percentage of MemTotal, \"3%\")")
+    return MemoryGuardConfig(enabled=node.flag("enabled", True), floor=floor)
 
 
 def _env(ctx: _Ctx, node: _Node, texts: dict[str, str]) -> dict[str, str]:
@@ -862,9 +909,9 @@ def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[G
     routing = top.child("routing", frozenset({"router", "scheduler"}))
     if router := routing.child("router", frozenset({"use", "settings"})) if routing else None:
         use = (router.text("use") or "group").strip().lower()
-        if use not in ("group", "matrix"):
-            ctx.fail(router.key("use"), f"must be group or matrix, got {_show(use)}")
-        if settings := router.child("settings", frozenset({"groups", "matrix"})):
+        if use not in ("group", "matrix", "memory"):
+            ctx.fail(router.key("use"), f"must be group, matrix or memory, got {_show(use)}")
+        if settings := router.child("settings", frozenset({"groups", "matrix", "memory"})):
             if use == "matrix" and settings.data.get("groups") is not None:
                 ctx.warn(settings.key("groups"), "not used: routing.router.use is matrix")
             else:
@@ -976,6 +1023,7 @@ def _settings(top: _Node, source: str) -> Config:
         allowed_hosts=_hosts(top),
         cors_allow_origins=_origins(top),
         body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
+        memory_guard=_memory_guard(top),
         source=source,
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
         capture_buffer_mb=float(top.number("captureBuffer", 0.0, maximum=4096)),

@@ -28,6 +28,7 @@ from swapd.config import (
     _show,
 )
 from swapd.matrix import MatrixError, Program, can_run_together, compile_sets, expand
+from swapd.memory import GiB, SizeError, parse_size
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class PeerConfig:
 class Router(StrEnum):
     GROUP = "group"
     MATRIX = "matrix"
+    MEMORY = "memory"  # placement by measured memory (docs/memory.md)
 
 
 class LogToStdout(StrEnum):
@@ -203,6 +205,7 @@ class Routing:
 
     router: Router = Router.GROUP
     matrix: Program | None = None
+    memory_reserve: int = 8 * GiB  # routing.router.settings.memory.reserve
     priority: Mapping[str, int] = field(default_factory=dict)
     selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
     profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
@@ -233,6 +236,7 @@ def load(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig],
          groups: tuple[GroupConfig, ...]) -> Routing:
     names = _Names(models)
     router, matrix = _router(ctx, top, models)
+    reserve = _memory_reserve(top)
     peers, routes = _peers(ctx, top, names)
     names.peer_routes = routes
     selectors = _selectors(ctx, top, names, router, matrix, groups)
@@ -240,6 +244,7 @@ def load(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig],
     return Routing(
         router=router,
         matrix=matrix,
+        memory_reserve=reserve,
         priority=_priority(ctx, top, names),
         selectors=selectors,
         profiles=_profiles(ctx, top, names),
@@ -265,17 +270,33 @@ def _router(ctx: _Ctx, top: _Node,
             ctx.fail("matrix", "use routing.router.settings.matrix or the top-level matrix, "
                      "not both")
         raw, where, use = top.data["matrix"], "matrix", "matrix"
-    if use not in ("", "group", "matrix"):
-        ctx.fail("routing.router.use", f"must be group or matrix, got {_show(use)}")
+    if use not in ("", "group", "matrix", "memory"):
+        ctx.fail("routing.router.use", f"must be group, matrix or memory, got {_show(use)}")
     if use != "matrix":
         if raw is not None:
-            ctx.warn(where, "not used: routing.router.use is group (set it to matrix)")
-        return Router.GROUP, None
+            ctx.warn(where, f"not used: routing.router.use is {use or 'group'} "
+                     "(set it to matrix)")
+        return (Router.MEMORY if use == "memory" else Router.GROUP), None
     if raw is None:
         ctx.fail("routing.router.settings.matrix",
                  "required when routing.router.use is matrix")
     return Router.MATRIX, _matrix(_Node(ctx, raw, where,
                                         frozenset({"vars", "evict_costs", "sets"})), models)
+
+
+def _memory_reserve(top: _Node) -> int:
+    """routing.router.settings.memory.reserve: what the memory router keeps free."""
+    routing = top.child("routing", None)
+    router = routing.child("router", None) if routing else None
+    settings = router.child("settings", None) if router else None
+    memory = settings.child("memory", frozenset({"reserve"})) if settings else None
+    value = memory.get("reserve") if memory else None
+    if memory is None or value is None:
+        return 8 * GiB
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        memory.ctx.fail(memory.key("reserve"), str(exc))
 
 
 def _matrix(node: _Node, models: Mapping[str, ModelConfig]) -> Program:

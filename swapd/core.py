@@ -73,6 +73,8 @@ class Refusal(StrEnum):
     QUEUE_TIMEOUT = "queue_timeout"  # 504
     START_FAILED = "engine_start_failed"  # 503
     SHUTTING_DOWN = "shutting_down"  # 503
+    MEMORY_GUARD = "memory_guard"  # 503: the memory guard killed the engine
+    WONT_FIT = "insufficient_memory"  # 503: the router says it can never be placed here
 
 
 # -- effects ---------------------------------------------------------------------------
@@ -188,8 +190,16 @@ class Wait:
     until: float | None = None
 
 
-Decision = tuple[str, ...] | Wait
-# Pure: (Placement) -> the running models to evict (maybe none), or Wait.
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """A router's answer: the target can never be placed (larger than the machine); its
+    requests are answered at once instead of waiting for queueTimeout."""
+
+    reason: str
+
+
+Decision = tuple[str, ...] | Wait | Refuse
+# Pure: (Placement) -> the running models to evict (maybe none), Wait, or Refuse.
 Router = Callable[[Placement], Decision]
 
 
@@ -383,8 +393,11 @@ class Core:
         return self._finish(now, fx)
 
     def start_finished(
-        self, model: str, now: float, *, ok: bool, error: str | None = None
+        self, model: str, now: float, *, ok: bool, error: str | None = None,
+        refusal: Refusal = Refusal.START_FAILED,
     ) -> list[Effect]:
+        """A start ended. A failed one answers the model's queue with `refusal` (the memory
+        guard's kill: MEMORY_GUARD) and counts as a failure for the backoff."""
         m = self._models.get(model)
         fx: list[Effect] = []
         if m is None or m.phase != Phase.STARTING:
@@ -401,10 +414,22 @@ class Core:
             self._record_failure(m, now, error or "failed to start")
             m.start_failed = True
             retry = m.retry_at - now
-            self._fail_waiters(model, fx, Refusal.START_FAILED, m.last_error or "", retry)
+            self._fail_waiters(model, fx, refusal, m.last_error or "", retry)
             if m.successor is not None or m.removed:
                 self._replace(model, m, fx)
         self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def engine_killed(self, model: str, now: float, message: str) -> list[Effect]:
+        """The memory guard is killing the model's engine: its queued requests are answered
+        now (503 memory_guard); the start's end or the engine's exit follows as usual."""
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None:
+            return fx
+        restart = m.cfg.restart
+        retry = policy.backoff(m.failures + 1, restart.backoff_initial, restart.backoff_max)
+        self._fail_waiters(model, fx, Refusal.MEMORY_GUARD, message, retry)
         return self._finish(now, fx)
 
     def engine_exited(self, model: str, now: float, error: str) -> list[Effect]:
@@ -676,6 +701,9 @@ class Core:
             # Cannot be placed now: backpressure, asked again on the next event.
             if decision.until is not None:
                 self._ask_again = min(self._ask_again or decision.until, decision.until)
+            return
+        if isinstance(decision, Refuse):
+            self._fail_waiters(model, fx, Refusal.WONT_FIT, decision.reason, None)
             return
         victims = tuple(v for v in decision if v != model and v in self._models)
         if m.start_failed:

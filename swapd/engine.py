@@ -447,6 +447,19 @@ class Engine:
         # an idle, swap or reload stop under way) must not leave the engine STOPPING forever.
         return await asyncio.shield(self._stop_and_mark(grace))
 
+    def kill_now(self) -> bool:
+        """SIGKILL the engine's whole process tree at once: the memory guard's stop, which
+        cannot wait for a grace period. The group first (one syscall), then its cgroup and
+        the members that left the group. The usual exit handling follows (a start fails with
+        StartError, a ready engine's exit is noticed as a crash). False: nothing to kill."""
+        if self.pid is None or self.tree is None or not self.running:
+            return False
+        sent = procgroup.signal_group(self.tree.pgid, signal.SIGKILL)
+        sent = procgroup.signal_tree(self.tree, signal.SIGKILL) > 0 or sent
+        log.warning("engine killed at once (SIGKILL to its process tree)", model=self.id,
+                    pid=self.pid)
+        return sent
+
     async def _stop_and_mark(self, grace: float) -> bool:
         killed = await self._stop_group(grace)
         self._set_state(EngineState.STOPPED)

@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from swapd import __version__
 from swapd.gpu import Sample
+from swapd.memrouter import EVICTION_REASONS
 
 # The `*_created` series double the series count and no dashboard uses them. (A process-wide
 # switch of prometheus-client; swapd is the only exporter in its process.)
@@ -44,7 +45,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ENGINE_STATES: Final = ("stopped", "starting", "ready", "stopping", "failed")
 START_RESULTS: Final = ("success", "failure")
-STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload")
+STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload", "memory_guard")
 # The codes swapd itself answers a routed request with: 200 (relayed), 429 concurrencyLimit,
 # 499 client gone, 502 engine failed, 503 start failed / queue full / shutting down, 504 queue
 # timeout. Each configured model has these at zero. (An engine's own 4xx/5xx are relayed and
@@ -90,6 +91,47 @@ class SampleSource(Protocol):
     """What the collector reads: `swapd.gpu.Sampler`, or a stand-in in tests."""
 
     def latest(self) -> Sample: ...
+
+
+class MemorySource(Protocol):
+    """What the memory collector reads: `swapd.memwatch.MemoryWatch`, or a stand-in."""
+
+    def available_bytes(self) -> int | None: ...
+
+    def peaks(self) -> dict[str, int]: ...
+
+
+class _MemoryCollector(Collector):
+    """MemAvailable as the guard last read it, and each engine's peak memory."""
+
+    def __init__(self) -> None:
+        self.source: MemorySource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        source = self.source
+        if source is None:
+            return []
+        out: list[Metric] = []
+        available = source.available_bytes()
+        if available is not None:
+            out.append(GaugeMetricFamily(
+                "swapd_memory_available_bytes",
+                "MemAvailable from /proc/meminfo (on GB10, what the GPU can still have).",
+                value=available,
+            ))
+        peak = GaugeMetricFamily(
+            "swapd_engine_memory_peak_bytes",
+            "Peak of an engine run's process-tree RSS plus NVML GPU memory (current or last run).",
+            labels=["model"],
+        )
+        for model, value in sorted(source.peaks().items()):
+            peak.add_metric([model], value)
+        if peak.samples:
+            out.append(peak)
+        return out
 
 
 class _SampleCollector(Collector):
@@ -337,6 +379,19 @@ class Metrics:
             buckets=PREFILL_TPS_BUCKETS,
             registry=r,
         )
+        self.placement_evictions = Counter(
+            "swapd_placement_evictions_total",
+            "Idle engines the memory router stopped to make room, by reason "
+            "(make_room: for a known footprint; unknown_footprint: the next one's is unknown).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.memory_guard_kills = Counter(
+            "swapd_memory_guard_kills_total",
+            "Engines the memory guard killed because MemAvailable fell below its floor.",
+            ["model"],
+            registry=r,
+        )
         self.build_info = Info("swapd_build", "swapd build information.", registry=r)
         self.build_info.info({"version": version})
         self._collector = _SampleCollector()
@@ -346,6 +401,8 @@ class Metrics:
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(standard)
         self._unrouted = {code: self.requests_total.labels("", code) for code in UNROUTED_CODES}
+        self._memory = _MemoryCollector()
+        r.register(self._memory)
         self._models: set[str] = set()
         self._active: set[str] = set()
         self._series: dict[str, ModelSeries] = {}
@@ -371,6 +428,9 @@ class Metrics:
         for reason in STOP_REASONS:
             self.engine_stops.labels(model, reason)
         self.engine_kills.labels(model)
+        for reason in EVICTION_REASONS:
+            self.placement_evictions.labels(model, reason)
+        self.memory_guard_kills.labels(model)
         self.engine_start_seconds.labels(model)
         for kind in TOKEN_KINDS:
             self.tokens_total.labels(model, kind)
@@ -412,6 +472,8 @@ class Metrics:
             self.ttft,
             self.decode_tps,
             self.prefill_tps,
+            self.placement_evictions,
+            self.memory_guard_kills,
         ):
             metric.remove_by_labels({"model": model})
 
@@ -431,6 +493,10 @@ class Metrics:
     def attach_sampler(self, sampler: SampleSource | None) -> None:
         """Export the GPU and engine-memory series of `sampler.latest()` from now on."""
         self._collector.sampler = sampler
+
+    def attach_memory(self, source: MemorySource | None) -> None:
+        """Export MemAvailable and engine peak memory from `source` from now on."""
+        self._memory.source = source
 
     # -- exposition --------------------------------------------------------------------
 

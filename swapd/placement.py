@@ -17,17 +17,24 @@ is built and on every reload.
 
 from __future__ import annotations
 
-from swapd import matrix
+from collections.abc import Callable
+
+from swapd import matrix, memrouter
 from swapd.config import Config
+from swapd.config_routing import Router as RouterKind
 from swapd.core import Decision, Placement, Queued, QueueKey, Router, fifo_key, groups_router
 from swapd.matrix import Program
 
 ROUTERS: dict[str, Router] = {"groups": groups_router}
 
 
-def router_for(config: Config) -> Router:
-    """The eviction policy the config selects: llama-swap's groups (the default), or its
-    matrix (`routing.router.use: matrix`)."""
+def router_for(config: Config, memory: memrouter.MemorySource | None = None,
+               evicted: Callable[[str, str], None] | None = None) -> Router:
+    """The eviction policy the config selects: llama-swap's groups (the default), or
+    placement by measured memory (`routing.router.use: memory`, docs/memory.md), which
+    needs `memory` (what it measures; `evicted(model, reason)` counts its evictions)."""
+    if config.router == RouterKind.MEMORY and memory is not None:
+        return memrouter.memory_router(memory, config, evicted)
     if config.matrix is not None:
         return matrix_router(config.matrix)
     return ROUTERS["groups"]

@@ -91,12 +91,3 @@ def backoff(failures: int, initial: float, cap: float) -> float:
         return 0.0
     return float(min(cap, initial * (2 ** (failures - 1))))
 
-
-def memory_released(baseline_available: int, available: int, total: int) -> bool:
-    """Has unified memory come back after a GPU tenant stopped?
-
-    `baseline_available` is MemAvailable just before that tenant was spawned. Allow
-    2% of the total for noise (page cache, other processes) so a busy box does not
-    stall every swap for the whole memoryReleaseTimeout (vLLM #48140).
-    """
-    return available >= baseline_available - total * 0.02

@@ -12,6 +12,7 @@ frozen `EngineView` snapshots; nothing outside this module touches an `Engine`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from swapd import gpu, placement, policy, procgroup
+from swapd import gpu, memrouter, placement, procgroup
 from swapd.config import Config, ModelConfig
 from swapd.core import (
     RUNNING,
@@ -33,12 +34,16 @@ from swapd.core import (
     Grant,
     Phase,
     Refusal,
+    Router,
     Start,
     Stop,
     StopReason,
 )
 from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
 from swapd.errors import ApiError
+from swapd.memguard import GuardEvent
+from swapd.memory import MemInfo
+from swapd.memwatch import MemoryWatch
 
 log = structlog.get_logger("swapd.scheduler")
 
@@ -91,6 +96,18 @@ class NotLoaded(SchedulerError):
     code = "model_not_loaded"
 
 
+class MemoryGuardKilled(SchedulerError):
+    """The memory guard killed the engine (MemAvailable fell below its floor)."""
+
+    code = "memory_guard"
+
+
+class InsufficientMemory(SchedulerError):
+    """The memory router can never place the model on this machine."""
+
+    code = "insufficient_memory"
+
+
 ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.UNKNOWN_MODEL: UnknownModel,
     Refusal.CONCURRENCY: ConcurrencyLimited,
@@ -98,7 +115,19 @@ ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.QUEUE_TIMEOUT: QueueTimeout,
     Refusal.START_FAILED: StartFailed,
     Refusal.SHUTTING_DOWN: ShuttingDown,
+    Refusal.MEMORY_GUARD: MemoryGuardKilled,
+    Refusal.WONT_FIT: InsufficientMemory,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """MemAvailable and what the engine held, just before it was stopped."""
+
+    available: int
+    expected: int | None  # what the engine held (None: never measured)
+    baseline: int | None  # MemAvailable before it was spawned
+    timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +179,8 @@ class Observer(Protocol):
 
     def counts(self, model: str, inflight: int, queued: int) -> None: ...
 
+    def evicted(self, model: str, reason: str) -> None: ...
+
 
 class NullObserver:
     def engine_state(self, model: str, state: str) -> None:
@@ -162,6 +193,9 @@ class NullObserver:
         pass
 
     def counts(self, model: str, inflight: int, queued: int) -> None:
+        pass
+
+    def evicted(self, model: str, reason: str) -> None:
         pass
 
 
@@ -203,6 +237,7 @@ class Scheduler:
         record: GroupRecord | None = None,
         meminfo: Callable[[], tuple[int, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        memory: MemoryWatch | None = None,
     ) -> None:
         self.config = config
         self._observer: Observer = observer if observer is not None else NullObserver()
@@ -211,13 +246,15 @@ class Scheduler:
         self._sink = sink
         self._meminfo = meminfo if meminfo is not None else read_meminfo
         self._clock = clock
-        self._core = Core(
-            config, placement.router_for(config), placement.queue_key_for(config)
-        )
+        self._memory = memory
+        self._core = Core(config, self._router_for(config), placement.queue_key_for(config))
         self._engines: dict[str, Engine] = {}
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._starts: dict[str, asyncio.Task[None]] = {}
         self._mem_baseline: dict[str, int | None] = {}
+        # MemAvailable and what the engine held, read just before a GPU engine's stop.
+        self._release_before: dict[str, _Release] = {}
+        self._guard_events: dict[str, GuardEvent] = {}  # the memory guard killed this run
         self._stops: dict[str, int] = {}  # stop_finished count per model (unload waits on it)
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -408,20 +445,28 @@ class Scheduler:
         if engine is None or engine.cfg != e.cfg:
             engine = self._engines[model] = self._factory(e.cfg, self._engine_state)
         if e.after:
-            await self._wait_memory(e.after)
+            await self._wait_memory(e.after, model)
         try:
-            self._mem_baseline[model] = self._meminfo()[1] if e.cfg.gpu else None
-        except OSError:
+            self._mem_baseline[model] = self._read_memory().available if e.cfg.gpu else None
+        except (OSError, ValueError):
             self._mem_baseline[model] = None
+        self._guard_events.pop(model, None)
         try:
             seconds = await engine.start()
         except StartError as exc:
             self._observer.engine_started(model, False, 0.0)
-            log.error("engine start failed", model=model, error=str(exc), exit_code=exc.exit_code)
-            self._apply(
-                self._core.start_finished(model, self._clock(), ok=False, error=str(exc)),
-                notify=True,
-            )
+            event = self._guard_events.pop(model, None)
+            if event is None:
+                log.error("engine start failed", model=model, error=str(exc),
+                          exit_code=exc.exit_code)
+                fx = self._core.start_finished(model, self._clock(), ok=False, error=str(exc))
+            else:
+                log.error("engine start failed: killed by the memory guard", model=model,
+                          available=event.available, floor=event.floor)
+                fx = self._core.start_finished(model, self._clock(), ok=False,
+                                               error=event.message(),
+                                               refusal=Refusal.MEMORY_GUARD)
+            self._apply(fx, notify=True)
             self._report_failed(model)
             return
         finally:
@@ -437,12 +482,16 @@ class Scheduler:
             return  # an exit we caused (a stop), handled there
         code = info.code if info else None
         tail = list(info.tail[-5:]) if info else []
+        event = self._guard_events.get(model)
         error = f"model {model!r} crashed: exited with code {code}"
-        if tail:
+        if event is not None:
+            error = event.message()
+        elif tail:
             error += "; last output: " + " | ".join(tail)
         fx = self._core.engine_exited(model, self._clock(), error)
         if fx:
-            log.error("engine crashed", model=model, exit_code=code, last_lines=tail)
+            log.error("engine crashed" if event is None else "engine killed by the memory guard",
+                      model=model, exit_code=code, last_lines=tail)
         self._apply(fx)
 
     async def _stop(self, model: str, reason: StopReason) -> None:
@@ -452,9 +501,11 @@ class Scheduler:
             await asyncio.gather(start, return_exceptions=True)
         engine = self._engines.get(model)
         if engine is not None and engine.running:
-            log.info("stopping engine", model=model, reason=str(reason), pid=engine.pid)
-            killed = await engine.stop(reason=str(reason))
-            self._observer.engine_stopped(model, str(reason), killed)
+            self._release_start(model, engine)
+            label = "memory_guard" if self._guard_events.pop(model, None) else str(reason)
+            log.info("stopping engine", model=model, reason=label, pid=engine.pid)
+            killed = await engine.stop(reason=label)
+            self._observer.engine_stopped(model, label, killed)
         self._stops[model] = self._stops.get(model, 0) + 1
         self._apply(self._core.stop_finished(model, self._clock()), notify=True)
         self._report_failed(model)
@@ -467,30 +518,108 @@ class Scheduler:
                       retry_in=round(view.retry_at - self._clock(), 3))
             self._observer.engine_state(model, "failed")
 
-    async def _wait_memory(self, stopped: Iterable[str]) -> None:
-        """After a GPU tenant stops, wait for unified memory to come back."""
-        for model in stopped:
-            baseline = self._mem_baseline.get(model)
-            engine = self._engines.get(model)
-            if baseline is None or engine is None or not engine.cfg.gpu:
+    def _release_start(self, model: str, engine: Engine) -> None:
+        """Note, just before a GPU engine stops, what the release wait compares against."""
+        if not engine.cfg.gpu:
+            return
+        try:
+            info = self._read_memory()
+        except (OSError, ValueError):
+            return
+        self._release_before[model] = _Release(
+            available=info.available,
+            expected=self._memory.used(model) if self._memory is not None else None,
+            baseline=self._mem_baseline.get(model),
+            timeout=engine.cfg.memory_release_timeout,
+        )
+
+    async def _wait_memory(self, stopped: Iterable[str], target: str) -> None:
+        """After GPU tenants stop, wait until their own memory is back or `target` fits.
+
+        Not "until MemAvailable is back where it was": anything else that allocated meanwhile
+        would stall every swap for the whole memoryReleaseTimeout (swapd/memrouter.py).
+        """
+        before = [r for m in stopped if (r := self._release_before.pop(m, None)) is not None]
+        if not before:
+            return
+        start = min(r.available for r in before)
+        expected = (None if any(r.expected is None for r in before)
+                    else sum(r.expected or 0 for r in before))
+        baselines = [r.baseline for r in before if r.baseline is not None]
+        baseline = min(baselines) if baselines else None
+        cfg = self._core.cfg(target)
+        need = self._footprint(cfg) if cfg is not None else None
+        stopped_at = self._clock()
+        deadline = stopped_at + max(r.timeout for r in before)
+        readings: collections.deque[tuple[float, int]] = collections.deque()
+        while True:
+            try:
+                info = self._read_memory()
+            except (OSError, ValueError):
+                return
+            now = self._clock()
+            readings.append((now, info.available))
+            while readings[0][0] < now - memrouter.PLATEAU - MEMORY_POLL / 2:
+                readings.popleft()
+            rising = None
+            if now - stopped_at >= memrouter.PLATEAU:
+                rising = info.available - min(a for _, a in readings)
+            room = memrouter.Room(info.available, info.total, self.config.memory_reserve)
+            if memrouter.released(freed=info.available - start, expected=expected, need=need,
+                                  room=room, baseline=baseline, to_come=self._to_come(target),
+                                  rising=rising):
+                return
+            if now >= deadline:
+                log.warning("memory not released in time; starting anyway", model=target,
+                            stopped=sorted(stopped), available=info.available,
+                            freed=info.available - start, expected=expected, need=need)
+                return
+            await asyncio.sleep(MEMORY_POLL)
+
+    def _read_memory(self) -> MemInfo:
+        if self._memory is not None:
+            return self._memory.meminfo()
+        total, available = self._meminfo()
+        return MemInfo(total=total, available=available)
+
+    def _footprint(self, cfg: ModelConfig) -> int | None:
+        return self._memory.footprint(cfg) if self._memory is not None else cfg.memory
+
+    def _to_come(self, target: str) -> int:
+        """What engines still starting (other than `target`) will take on top of what they
+        hold."""
+        total = 0
+        for view in self._core.views().values():
+            if view.phase != Phase.STARTING or view.id == target:
                 continue
-            deadline = self._clock() + engine.cfg.memory_release_timeout
-            while True:
-                try:
-                    total, available = self._meminfo()
-                except OSError:
-                    break
-                if policy.memory_released(baseline, available, total):
-                    break
-                if self._clock() >= deadline:
-                    log.warning(
-                        "memory not released in time; starting anyway",
-                        model=model,
-                        available=available,
-                        baseline=baseline,
-                    )
-                    break
-                await asyncio.sleep(MEMORY_POLL)
+            cfg = self._core.cfg(view.id)
+            footprint = self._footprint(cfg) if cfg is not None else None
+            used = self._memory.used(view.id) if self._memory is not None else None
+            if footprint is not None:
+                total += max(0, footprint - (used or 0))
+        return total
+
+    def _router_for(self, config: Config) -> Router:
+        return placement.router_for(config, self._memory, self._observer.evicted)
+
+    # -- the memory guard ------------------------------------------------------------
+
+    def guard_kill(self, model: str, event: GuardEvent) -> bool:
+        """Kill `model`'s engine now (SIGKILL, no grace): the memory guard's verdict.
+
+        Its queued requests get 503 `memory_guard` at once; a start under way fails with the
+        same answer; a ready engine's exit is handled as a crash (backoff), logged and counted
+        as what it was. False when the engine is not running (nothing to kill).
+        """
+        engine = self._engines.get(model)
+        if engine is None or not engine.running:
+            return False
+        self._guard_events[model] = event
+        if not engine.kill_now():
+            self._guard_events.pop(model, None)
+            return False
+        self._apply(self._core.engine_killed(model, self._clock(), event.message()))
+        return True
 
     # -- operations ------------------------------------------------------------------
 
@@ -531,7 +660,7 @@ class Scheduler:
     def apply_config(self, config: Config) -> dict[str, list[str]]:
         """Adopt a reloaded config. Engines whose recipe is unchanged keep running."""
         self.config = config
-        self._core.router = placement.router_for(config)
+        self._core.router = self._router_for(config)
         self._core.queue_key = placement.queue_key_for(config)
         changes, fx = self._core.apply_config(config, self._clock())
         for model in changes["added"]:

@@ -37,6 +37,12 @@ can play each of their awkward behaviours:
 --reply TEXT            streamed chat tokens are TEXT's words, in turn, instead of "tok{i} "
 --timings               add llama.cpp's `timings` (cache_n 2, prompt_n 3, 240 prompt tok/s, 50
                         tok/s) to chat answers: the last chunk of a stream, the JSON body
+--alloc-mb N            while loading (before the port opens), allocate N MiB of RAM and touch
+                        every page, so RSS and MemAvailable really move (an engine's weights)
+--grow-mb-per-s R       from --grow-after S seconds after start, allocate R MiB a second more (in
+                        10 steps a second), up to --grow-max-mb M (default 1024): a KV cache or
+                        a leak. Growth during --boot-delay is growth while starting. Never below
+                        2.25 GiB MemAvailable: it stops growing there and prints "growth capped"
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
@@ -59,6 +65,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -106,6 +113,39 @@ def spawn_escapee(mode: str, ignore_sigterm: bool = False) -> int:
         pid = int(f.read())
     os.waitpid(middle, 0)
     return pid
+
+
+MiB = 1024 * 1024
+# The test machine is shared: growth stops before MemAvailable gets this low.
+GROW_FLOOR = 2 * 1024 * MiB + 256 * MiB
+HELD: list[bytes] = []  # memory held for --alloc-mb / --grow-mb-per-s
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def hold(mib: float) -> None:
+    """Allocate `mib` MiB and touch every page (bytes * n writes them all)."""
+    HELD.append(b"\x5a" * int(mib * MiB))
+
+
+def grow(rate: float, after: float, cap: float) -> None:
+    time.sleep(after)
+    step = rate / 10
+    grown = 0.0
+    while grown + step <= cap:
+        if mem_available() - step * MiB < GROW_FLOOR:
+            say("growth capped: MemAvailable too low")
+            return
+        hold(step)
+        grown += step
+        time.sleep(0.1)
+    say(f"grew {grown:g} MiB")
 
 
 def say(msg: str, *, err: bool = False) -> None:
@@ -715,6 +755,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chatty", type=int, default=0)
     p.add_argument("--timings", action="store_true")
     p.add_argument("--reply", default="")
+    p.add_argument("--alloc-mb", type=float, default=0.0)
+    p.add_argument("--grow-mb-per-s", type=float, default=0.0)
+    p.add_argument("--grow-after", type=float, default=0.0)
+    p.add_argument("--grow-max-mb", type=float, default=1024.0)
     return p.parse_args(argv)
 
 
@@ -750,7 +794,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"escapee ({mode}) pid {pid}")
         eng.record("escapee", child=pid, mode=mode)
 
+
+    if opts.grow_mb_per_s > 0:
+        threading.Thread(
+            target=grow, args=(opts.grow_mb_per_s, opts.grow_after, opts.grow_max_mb), daemon=True
+        ).start()
+
     say(f"loading model {opts.model_name}...")
+    if opts.alloc_mb > 0:
+        hold(opts.alloc_mb)
+        say(f"holding {opts.alloc_mb:g} MiB")
     if opts.crash_after == 0:
         say("fatal: simulated crash", err=True)
         return 3

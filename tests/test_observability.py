@@ -376,7 +376,8 @@ def test_scrape_after_a_swap_shows_every_spec_metric_with_sane_values(start_swap
     stops = {(lbl["model"], lbl["reason"]): v for lbl, v in samples["swapd_engine_stops_total"]}
     assert stops[("alpha", "swap")] == 1
     assert sum(stops.values()) == 1, stops
-    assert {r for (_, r) in stops} == {"idle", "swap", "unload", "crash", "shutdown", "reload"}
+    assert {r for (_, r) in stops} == {"idle", "swap", "unload", "crash", "shutdown", "reload",
+                                       "memory_guard"}
 
     # resident memory: the running engine only (a stopped one has no process group)
     assert value(samples, "swapd_engine_resident_memory_bytes", model="alpha") in (None, 0)

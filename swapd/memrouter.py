@@ -1,0 +1,260 @@
+"""Placement by measured memory: does a model fit, whom to stop so it does, when memory is back.
+
+Pure functions of their inputs (no processes, no clocks, no /proc): tests/test_memrouter.py
+drives every rule as a table. The scheduler feeds them MemAvailable, each engine's footprint
+(configured `memory:` or learned) and what it measures each engine using right now.
+
+The rules (docs/memory.md):
+- A model fits when its footprint ≤ MemAvailable − reserve − what the engines still starting
+  will take on top of what they hold already (a vLLM at 10% of its load has 90% to go).
+- Otherwise idle engines (ready, nothing in flight, nothing queued, not in a persistent group)
+  are stopped, least recently used first, until it fits; memory that engines being stopped will
+  give back counts as coming. When even stopping all of them cannot make it fit, nothing is
+  stopped: the request waits (backpressure) until something changes.
+- A footprint larger than the whole machine (MemTotal − reserve) can never fit: say so at once.
+- A model whose footprint is not known yet (no `memory:`, not learned) behaves like the one-
+  tenant default: every idle engine is stopped and it starts; the guard is the safety net, and
+  what it measures is used the next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol
+
+from swapd import policy
+from swapd.config import Config, ModelConfig
+from swapd.core import Decision, Refuse, Router, Wait, groups_router
+from swapd.core import Phase as CorePhase
+from swapd.core import Placement as CorePlacement
+from swapd.memory import MemInfo, MiB, format_size
+
+# Reasons for swapd_placement_evictions_total{reason}.
+MAKE_ROOM: Final = "make_room"
+UNKNOWN_FOOTPRINT: Final = "unknown_footprint"
+EVICTION_REASONS: Final = (MAKE_ROOM, UNKNOWN_FOOTPRINT)
+
+# Memory that comes back after a stop is counted with this much slack: the last pages of a
+# process tree (page tables, a driver's bookkeeping) and page-cache noise.
+RELEASE_SLACK_RATIO: Final = 0.05
+RELEASE_SLACK_MIN: Final = 64 * MiB
+# The old rule, kept for an engine swapd never measured and a target of unknown size: come
+# back to within 2% of MemTotal of the level before the engine started (vLLM #48140).
+BASELINE_SLACK_RATIO: Final = 0.02
+# MemAvailable that rose less than RELEASE_SLACK_MIN over this long has stopped rising.
+PLATEAU: Final = 0.5
+
+
+class Phase(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A running engine as placement sees it."""
+
+    model: str
+    phase: Phase
+    footprint: int | None  # bytes it needs when loaded (configured or learned); None: unknown
+    used: int | None  # bytes it holds now (process tree RSS + GPU); None: not measured yet
+    inflight: int = 0
+    queued: int = 0
+    last_used: float = 0.0  # any monotonic clock: only the order matters
+    persistent: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.inflight > 0 or self.queued > 0
+
+    @property
+    def holds(self) -> int:
+        """What stopping it gives back: what it was measured holding, else its footprint."""
+        if self.used is not None:
+            return self.used
+        return self.footprint or 0
+
+    @property
+    def to_come(self) -> int:
+        """What a starting engine will still take on top of what it holds."""
+        if self.phase != Phase.STARTING or self.footprint is None:
+            return 0
+        return max(0, self.footprint - (self.used or 0))
+
+
+@dataclass(frozen=True)
+class Room:
+    available: int  # MemAvailable now
+    total: int  # MemTotal
+    reserve: int  # kept free for the OS (settings.memory.reserve)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The answer: start now after stopping `evict` (maybe none), wait, or never."""
+
+    evict: tuple[str, ...] = ()
+    wait: str | None = None  # why it cannot start now; retried when anything changes
+    never: str | None = None  # why it can never start on this machine
+    reason: str = MAKE_ROOM  # why `evict` is stopped (metric label)
+    # Stopped engines still giving memory back: the start waits for them (release wait).
+    releasing: tuple[str, ...] = ()
+
+    @property
+    def start(self) -> bool:
+        return self.wait is None and self.never is None
+
+
+def free_room(room: Room, others: Sequence[Tenant]) -> int:
+    """MemAvailable − reserve − what engines still starting will take."""
+    return room.available - room.reserve - sum(t.to_come for t in others)
+
+
+def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) -> Placement:
+    """Where `target` (footprint `need`, None: unknown) goes, given the running `tenants`."""
+    others = [t for t in tenants if t.model != target]
+    unknown_starting = sorted(
+        t.model for t in others if t.phase == Phase.STARTING and t.footprint is None
+    )
+    if unknown_starting:
+        # Its growth cannot be accounted for: one unknown at a time, then it is known.
+        return Placement(wait=f"{', '.join(unknown_starting)} is starting and its memory "
+                         "footprint is not known yet")
+    stopping = [t for t in others if t.phase == Phase.STOPPING]
+    releasing = tuple(sorted(t.model for t in stopping))
+    idle = sorted(
+        (t for t in others if t.phase == Phase.READY and not t.busy and not t.persistent),
+        key=lambda t: (t.last_used, t.model),
+    )
+    if need is None:
+        return Placement(evict=tuple(t.model for t in idle), reason=UNKNOWN_FOOTPRINT,
+                         releasing=releasing)
+    machine = room.total - room.reserve
+    if need > machine:
+        return Placement(never=f"{target} needs {format_size(need)}, more than this machine "
+                         f"can give it ({format_size(room.total)} MemTotal − "
+                         f"{format_size(room.reserve)} reserve)")
+    free = free_room(room, others)
+    if need <= free:
+        return Placement()
+    coming = sum(t.holds for t in stopping)
+    if need <= free + coming:
+        # It fits once engines already stopping have given their memory back: wait for
+        # that rather than stop more, or start into memory that is not free yet.
+        return Placement(wait=f"{target} fits once {', '.join(releasing)} "
+                         "gave back its memory", releasing=releasing)
+    chosen: list[str] = []
+    for tenant in idle:
+        if need <= free + coming:
+            break
+        chosen.append(tenant.model)
+        coming += tenant.holds
+    if need <= free + coming:
+        return Placement(evict=tuple(chosen), releasing=releasing)
+    busy = sorted(t.model for t in others if t.phase != Phase.STOPPING and t not in idle)
+    held = f"; held by {', '.join(busy)}" if busy else ""
+    return Placement(wait=f"{target} needs {format_size(need)}; {format_size(max(free, 0))} "
+                     f"free after the {format_size(room.reserve)} reserve, "
+                     f"{format_size(coming)} more if every idle engine stopped{held}")
+
+
+def released(
+    *,
+    freed: int,
+    expected: int | None,
+    need: int | None,
+    room: Room,
+    baseline: int | None = None,
+    to_come: int = 0,
+    rising: int | None = None,
+) -> bool:
+    """Has enough memory come back after stopping engines to start the next one?
+
+    `freed`: how much MemAvailable rose since the stop began; `expected`: what the stopped
+    engines were measured holding (None: never measured); `need`: the next model's footprint
+    (None: unknown); `baseline`: MemAvailable before the stopped engine was spawned (the old
+    rule, used only when neither of the others is known); `to_come`: what engines still
+    starting will take; `rising`: how much MemAvailable rose over the last PLATEAU seconds
+    (None: the stop ended less than that ago).
+
+    Other processes allocating meanwhile do not stall the swap: either the engines' own memory
+    is back, or the next model fits anyway, or MemAvailable has stopped rising (what the
+    engines' exit gives back has come back; a shortfall is someone else's allocation).
+    """
+    if need is not None and need <= room.available - room.reserve - to_come:
+        return True
+    if expected is not None:
+        slack = max(expected * RELEASE_SLACK_RATIO, RELEASE_SLACK_MIN)
+        if freed >= expected - slack:
+            return True
+    elif need is None and baseline is not None:
+        if room.available >= baseline - room.total * BASELINE_SLACK_RATIO:
+            return True
+    elif need is None:
+        return True  # nothing known to wait for
+    return rising is not None and rising < RELEASE_SLACK_MIN
+
+
+# -- the router the scheduler's core asks (swapd/core.py) -----------------------------------
+
+# A Wait is asked again this soon: MemAvailable growing has no event of its own.
+RETRY: Final = 0.5
+
+_PHASES: Final = {
+    CorePhase.STARTING: Phase.STARTING,
+    CorePhase.READY: Phase.READY,
+    CorePhase.DRAINING: Phase.STOPPING,
+    CorePhase.STOPPING: Phase.STOPPING,
+}
+
+
+class MemorySource(Protocol):
+    """What the memory router measures: `swapd.memwatch.MemoryWatch`, or a stand-in."""
+
+    def meminfo(self) -> MemInfo: ...
+
+    def footprint(self, cfg: ModelConfig) -> int | None: ...
+
+    def used(self, model: str) -> int | None: ...
+
+
+def memory_router(source: MemorySource, config: Config,
+                  evicted: Callable[[str, str], None] | None = None) -> Router:
+    """`routing.router.use: memory` as the core's Router: `place` over what `source`
+    measures now. MemAvailable unreadable: the one-tenant rule (groups)."""
+
+    def route(p: CorePlacement) -> Decision:
+        try:
+            info = source.meminfo()
+        except (OSError, ValueError):
+            return groups_router(p)
+        tenants = []
+        for v in p.models.values():
+            phase = _PHASES.get(v.phase)
+            if phase is None or v.id == p.target:
+                continue
+            cfg = config.models.get(v.id)
+            tenants.append(Tenant(
+                model=v.id, phase=phase,
+                footprint=source.footprint(cfg) if cfg is not None else None,
+                used=source.used(v.id), inflight=v.inflight, queued=v.queued,
+                last_used=v.last_used,
+                persistent=policy.group_of(v.id, p.groups).persistent,
+            ))
+        target = config.models.get(p.target)
+        need = source.footprint(target) if target is not None else None
+        result = place(p.target, need, tenants,
+                       Room(info.available, info.total, config.memory_reserve))
+        if result.never is not None:
+            return Refuse(result.never)
+        if result.wait is not None:
+            return Wait(result.wait, until=p.now + RETRY)
+        if evicted is not None:
+            for model in result.evict:
+                evicted(model, result.reason)
+        return result.evict
+
+    return route

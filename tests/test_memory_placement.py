@@ -1,0 +1,100 @@
+"""Memory end to end under a real swapd: the release wait, footprint learning, the memory router.
+
+Engines are fake engines that allocate real RAM (`--alloc-mb`, pages touched). The machine is
+shared with other test runs, so allocations stay at a few hundred MiB and the decisions are
+forced with `memory:` sizes and a `reserve` computed from MemAvailable when the test starts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from swapd.memory import MemReader, MiB
+from tests.conftest import Swapd, fake_cmd, model, pid_alive, wait_until
+
+HOG = """
+import sys, time
+held = b"\\x5a" * int(sys.argv[1])
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def available() -> int:
+    reader = MemReader()
+    try:
+        return reader.read().available
+    finally:
+        reader.close()
+
+
+def total() -> int:
+    reader = MemReader()
+    try:
+        return reader.read().total
+    finally:
+        reader.close()
+
+
+def chat(daemon: Swapd, name: str, timeout: float = 60) -> tuple[int, Any]:
+    return daemon.post("/v1/chat/completions",
+                       {"model": name, "messages": [{"role": "user", "content": "hi"}]},
+                       timeout=timeout)
+
+
+def measured(daemon: Swapd, name: str, at_least: int) -> int:
+    def used() -> int | None:
+        value = daemon.status()["models"][name]["memory"]["used"]
+        return value if value is not None and value >= at_least else None
+    return int(wait_until(used, timeout=10, interval=0.1, message=f"{name}'s memory measured"))
+
+
+def test_the_release_wait_measures_the_engine_not_the_room(start_swapd) -> None:
+    # Something else allocates while the tenant runs: more than the old rule's 2% of MemTotal.
+    hog_bytes = int(total() * 0.02) + 300 * MiB
+    daemon = start_swapd({
+        "models": {
+            "a": model(fake_cmd("--alloc-mb", "300", name="a"), memoryReleaseTimeout=20),
+            "b": model(fake_cmd(name="b")),
+        },
+    })
+    assert chat(daemon, "a")[0] == 200
+    measured(daemon, "a", 300 * MiB)
+    hog = subprocess.Popen([sys.executable, "-c", HOG, str(hog_bytes)], stdout=subprocess.PIPE)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == b"holding"
+        t0 = time.monotonic()
+        code, doc = chat(daemon, "b")
+        swap = time.monotonic() - t0
+    finally:
+        hog.kill()
+        hog.wait()
+    assert code == 200, doc
+    # The old rule (MemAvailable back to its level before `a` started, within 2%) would have
+    # waited the whole memoryReleaseTimeout for the hog's memory.
+    assert "memory not released in time" not in daemon.log()
+    assert swap < 10, f"the swap took {swap:.1f}s"
+
+
+def test_a_footprint_is_learned_kept_and_used_on_the_next_start(start_swapd,
+                                                                tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    config = {"models": {"a": model(fake_cmd("--alloc-mb", "200", name="a"))}}
+    daemon = start_swapd(config, state_dir=state)
+    assert daemon.status()["models"]["a"]["memory"]["footprint"] is None
+    assert chat(daemon, "a")[0] == 200
+    measured(daemon, "a", 200 * MiB)
+    assert daemon.post("/models/a/unload")[0] == 200
+    saved = json.loads((state / "footprints.json").read_text())["models"]["a"]["bytes"]
+    assert 200 * MiB <= saved < 400 * MiB
+    daemon.stop()
+    # A new swapd reads it back and places with it.
+    again = start_swapd(config, state_dir=state)
+    doc = again.status()["models"]["a"]["memory"]
+    assert doc["footprint"] == saved and doc["footprint_source"] == "learned"
+    assert not pid_alive(daemon.proc.pid)
