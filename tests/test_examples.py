@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swapd.config import load_config
+from swapd.config import Router, load_config
+from swapd.memory import GiB
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -28,7 +29,16 @@ def test_the_stacks_are_all_there() -> None:
     names = {p.stem for p in EXAMPLES}
     assert {"trtllm-gpt-oss-120b", "trtllm-gpt-oss-20b", "trtllm-brain-and-sprinter",
             "vllm-nemotron-3-nano", "llamacpp-gpt-oss-120b", "sglang-qwen3",
-            "ollama-lane"} <= names
+            "ollama-lane", "vllm-brain-and-sprinter-memory"} <= names
+
+
+def test_brain_and_sprinter_are_placed_by_memory_without_groups() -> None:
+    config = load_config(ROOT / "examples" / "vllm-brain-and-sprinter-memory.yaml").config
+    assert config.router == Router.MEMORY and config.groups == ()
+    assert config.memory_reserve == 8 * GiB and config.memory_guard.enabled
+    assert config.models["gpt-oss-120b"].memory == 70 * GiB
+    assert config.models["gpt-oss-20b"].memory == 16 * GiB
+    assert config.models["qwen3-coder-30b"].memory is None  # learned on its first run
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

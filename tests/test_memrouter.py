@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from swapd.memory import GiB, MiB
+from swapd.config import Config, ModelConfig
+from swapd.config import Router as RouterKind
+from swapd.core import (
+    ArmTimer,
+    Core,
+    Fail,
+    Grant,
+    Refusal,
+    Start,
+    Stop,
+    StopReason,
+    groups_router,
+)
+from swapd.memory import GiB, MemInfo, MiB
 from swapd.memrouter import (
     MAKE_ROOM,
+    RETRY,
     UNKNOWN_FOOTPRINT,
     Phase,
-    Placement,
     Room,
     Tenant,
     place,
     released,
 )
+from swapd.placement import router_for
 
 R, S, X = Phase.READY, Phase.STARTING, Phase.STOPPING
 
@@ -69,7 +85,7 @@ CASES = [
     ("a starting engine of unknown size: wait for it", 1, [t("loading", S, used=1)], 100,
      (), True, False),
     ("memory coming back from a stop: wait, stop nothing more",
-     30, [t("going", X, used=30), t("idle", used=30)], 20, (), False, False),
+     30, [t("going", X, used=30), t("idle", used=30)], 20, (), True, False),
     ("bigger than the machine", 200, [], 110, (), False, True),
     ("a starting engine is never evicted", 30, [t("loading", S, used=5, footprint=10)], 20,
      (), True, False),
@@ -91,7 +107,8 @@ def test_place(name: str, need: float, tenants: list[Tenant], avail: float,
 
 def test_stopping_tenants_are_named_as_releasing() -> None:
     got = place("target", 30 * GiB, [t("going", X, used=30), t("idle", used=30)], room(20))
-    assert got == Placement(releasing=("going",))
+    assert got.releasing == ("going",) and got.evict == ()
+    assert got.wait == "target fits once going gave back its memory"
 
 
 def test_unknown_footprint_stops_every_idle_engine_like_one_tenant() -> None:
@@ -164,3 +181,136 @@ def test_released_counts_what_starting_engines_will_take() -> None:
     r = Room(available=40 * GiB, **SPARK)
     assert released(freed=0, expected=30 * GiB, need=16 * GiB, room=r, to_come=0)
     assert not released(freed=0, expected=30 * GiB, need=16 * GiB, room=r, to_come=20 * GiB)
+
+
+# -- the memory router inside the scheduler's core (events in, effects out) ---------------
+
+
+class Measured:
+    """A MemorySource with figures the test sets: MemAvailable and per-engine use."""
+
+    def __init__(self, available_gib: float, total_gib: float = 119) -> None:
+        self.available = int(available_gib * GiB)
+        self.total = int(total_gib * GiB)
+        self.use: dict[str, int] = {}
+        self.fail = False
+
+    def meminfo(self) -> MemInfo:
+        if self.fail:
+            raise OSError("no /proc/meminfo")
+        return MemInfo(total=self.total, available=self.available)
+
+    def footprint(self, cfg: ModelConfig) -> int | None:
+        return cfg.memory
+
+    def used(self, model: str) -> int | None:
+        return self.use.get(model)
+
+
+def mem_core(source: Measured, *models: ModelConfig,
+             evicted: list[tuple[str, str]] | None = None, **kw: Any) -> Core:
+    config = Config(models={m.id: m for m in models}, router=RouterKind.MEMORY,
+                    memory_reserve=8 * GiB, **kw)
+    sink = evicted if evicted is not None else []
+    return Core(config, router_for(config, source, lambda m, r: sink.append((m, r))))
+
+
+def gib_model(name: str, gib: float | None) -> ModelConfig:
+    return ModelConfig(id=name, cmd=("engine", name),
+                       memory=None if gib is None else int(gib * GiB))
+
+
+def bring_up(c: Core, source: Measured, model: str, now: float, used_gib: float) -> None:
+    t, fx = c.request(model, now)
+    assert [e.model for e in fx if isinstance(e, Start)] == [model], fx
+    source.use[model] = int(used_gib * GiB)
+    source.available -= int(used_gib * GiB)
+    fx = c.start_finished(model, now + 1, ok=True)
+    assert [e.ticket for e in fx if isinstance(e, Grant)] == [t]
+    c.release(model, now + 1)
+
+
+def test_core_places_the_brain_and_the_sprinter_side_by_side() -> None:
+    source = Measured(available_gib=118)
+    c = mem_core(source, gib_model("brain", 70), gib_model("sprinter", 16))
+    bring_up(c, source, "brain", 0, 70)
+    bring_up(c, source, "sprinter", 10, 16)
+    assert c.tenant() == ["brain", "sprinter"]
+
+
+def test_core_a_start_counts_what_a_loading_engine_still_takes() -> None:
+    source = Measured(available_gib=118)
+    c = mem_core(source, gib_model("brain", 70), gib_model("coder", 45))
+    c.request("brain", 0)  # starting, holds nothing yet: 70 GiB to come
+    _, fx = c.request("coder", 1)  # 45 > 118 - 8 - 70: must wait, nothing to stop
+    assert not [e for e in fx if isinstance(e, Start | Stop)]
+    source.use["brain"] = 70 * GiB
+    source.available -= 70 * GiB
+    fx = c.start_finished("brain", 2, ok=True)  # brain ready: 40 GiB left, coder still waits
+    assert [e.model for e in fx if isinstance(e, Start)] == []
+
+
+def test_core_stops_the_least_recently_used_idle_engine_and_counts_it() -> None:
+    source = Measured(available_gib=118)
+    evicted: list[tuple[str, str]] = []
+    c = mem_core(source, gib_model("a", 40), gib_model("b", 40), gib_model("c", 40),
+                 evicted=evicted)
+    bring_up(c, source, "a", 0, 40)
+    bring_up(c, source, "b", 10, 40)
+    _, fx = c.request("c", 20)  # 38 - 8 = 30 < 40: a (used longest ago) goes
+    assert [(e.model, e.reason) for e in fx if isinstance(e, Stop)] == [("a", StopReason.SWAP)]
+    assert evicted == [("a", "make_room")]
+    source.available += 40 * GiB
+    fx = c.stop_finished("a", 21)
+    start = [e for e in fx if isinstance(e, Start)]
+    assert [(e.model, e.after) for e in start] == [("c", ("a",))]
+
+
+def test_core_never_stops_a_busy_engine_and_waits_with_a_retry_time() -> None:
+    source = Measured(available_gib=118)
+    c = mem_core(source, gib_model("a", 40), gib_model("b", 40), gib_model("c", 40))
+    bring_up(c, source, "a", 0, 40)
+    bring_up(c, source, "b", 10, 40)
+    c.request("a", 15)  # a busy again (granted, in flight)
+    c.request("b", 16)  # b busy too
+    _, fx = c.request("c", 20)
+    assert not [e for e in fx if isinstance(e, Stop | Start)]
+    assert any(isinstance(e, ArmTimer) and e.at is not None and e.at <= 20 + RETRY
+               for e in fx)  # MemAvailable has no event: asked again soon
+    fx = c.release("b", 30)  # b idle now: it goes, a (busy) stays
+    assert [e.model for e in fx if isinstance(e, Stop)] == ["b"]
+
+
+def test_core_refuses_at_once_what_can_never_fit() -> None:
+    source = Measured(available_gib=118)
+    c = mem_core(source, gib_model("huge", 200))
+    _, fx = c.request("huge", 0)
+    fail = [e for e in fx if isinstance(e, Fail)]
+    assert [f.refusal for f in fail] == [Refusal.WONT_FIT]
+    assert "200GiB" in fail[0].message and fail[0].retry_after is None
+
+
+def test_core_unknown_footprint_stops_every_idle_engine() -> None:
+    source = Measured(available_gib=118)
+    evicted: list[tuple[str, str]] = []
+    c = mem_core(source, gib_model("a", 10), gib_model("b", 10), gib_model("new", None),
+                 evicted=evicted)
+    bring_up(c, source, "a", 0, 10)
+    bring_up(c, source, "b", 5, 10)
+    _, fx = c.request("new", 10)
+    assert sorted(e.model for e in fx if isinstance(e, Stop)) == ["a", "b"]
+    assert sorted(evicted) == [("a", "unknown_footprint"), ("b", "unknown_footprint")]
+
+
+def test_core_falls_back_to_one_tenant_when_memory_cannot_be_read() -> None:
+    source = Measured(available_gib=118)
+    c = mem_core(source, gib_model("a", 10), gib_model("b", 10))
+    bring_up(c, source, "a", 0, 10)
+    source.fail = True
+    _, fx = c.request("b", 5)
+    assert [e.model for e in fx if isinstance(e, Stop)] == ["a"]
+
+
+def test_the_default_router_is_unchanged_without_use_memory() -> None:
+    config = Config(models={"a": gib_model("a", 1), "b": gib_model("b", 1)})
+    assert router_for(config, Measured(118)) is groups_router
