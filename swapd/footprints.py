@@ -19,8 +19,10 @@ The file is JSON, written atomically (a reader sees the old file or the new, nev
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -106,6 +108,9 @@ class FootprintStore:
     def __init__(self, state_dir: Path | None) -> None:
         self._path = state_dir / FILE_NAME if state_dir is not None else None
         self._entries: dict[str, Footprint] = {}
+        self._lock = threading.Lock()
+        self._queued = 0  # saves asked for
+        self._written = 0  # the latest save on disk
         self._load()
 
     @property
@@ -159,6 +164,8 @@ class FootprintStore:
                 self._entries[str(model)] = Footprint(size, fp, updated)
 
     def _save(self) -> None:
+        """Write the figures: in a worker thread when on the event loop (an fsync must not
+        stall requests), in order (a stale write never overwrites a newer one)."""
         if self._path is None:
             return
         doc = {
@@ -168,10 +175,27 @@ class FootprintStore:
                 for model, e in sorted(self._entries.items())
             },
         }
+        data = (json.dumps(doc, indent=1) + "\n").encode()
+        self._queued += 1
+        seq = self._queued
         try:
-            write_atomic(self._path, (json.dumps(doc, indent=1) + "\n").encode())
-        except OSError as exc:
-            log.warning("cannot save learned footprints", path=str(self._path), error=str(exc))
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(seq, data)
+            return
+        loop.run_in_executor(None, self._write, seq, data)
+
+    def _write(self, seq: int, data: bytes) -> None:
+        assert self._path is not None
+        with self._lock:
+            if seq <= self._written:
+                return
+            try:
+                write_atomic(self._path, data)
+            except OSError as exc:
+                log.warning("cannot save learned footprints", path=str(self._path),
+                            error=str(exc))
+            self._written = seq
 
 
 @dataclass

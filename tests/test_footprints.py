@@ -11,6 +11,7 @@ import pytest
 from swapd.config import ModelConfig
 from swapd.footprints import FILE_NAME, FootprintStore, Learner, Run, fingerprint, learn
 from swapd.memory import GiB
+from tests.conftest import wait_until_async
 
 CFG = ModelConfig(id="brain", cmd=("vllm", "serve", "openai/gpt-oss-120b"))
 
@@ -119,3 +120,20 @@ def test_learner_guard_kill() -> None:
     learner.spawned("brain", available=110 * GiB)
     learner.observed("brain", 40 * GiB)
     assert learner.ended(CFG, guard_killed=True) == 50 * GiB
+
+
+async def test_on_the_event_loop_the_write_goes_to_a_thread_and_the_last_one_wins(
+    tmp_path: Path,
+) -> None:
+    store = FootprintStore(tmp_path)
+    other = ModelConfig(id="sprinter", cmd=("vllm", "serve", "openai/gpt-oss-20b"))
+    store.record(CFG, Run(peak=70 * GiB, ready=True))
+    store.record(other, Run(peak=16 * GiB, ready=True))
+    store.record(CFG, Run(peak=60 * GiB, ready=True))
+    path = tmp_path / FILE_NAME
+    await wait_until_async(
+        lambda: path.exists()
+        and json.loads(path.read_text())["models"]["brain"]["bytes"] == 60 * GiB,
+        message="the last figure on disk")
+    again = FootprintStore(tmp_path)
+    assert again.get(CFG) == 60 * GiB and again.get(other) == 16 * GiB

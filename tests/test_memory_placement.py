@@ -90,7 +90,9 @@ def test_a_footprint_is_learned_kept_and_used_on_the_next_start(start_swapd,
     assert chat(daemon, "a")[0] == 200
     measured(daemon, "a", 200 * MiB)
     assert daemon.post("/models/a/unload")[0] == 200
-    saved = json.loads((state / "footprints.json").read_text())["models"]["a"]["bytes"]
+    path = state / "footprints.json"
+    wait_until(path.exists, message="footprints.json written")  # off the event loop
+    saved = json.loads(path.read_text())["models"]["a"]["bytes"]
     assert 200 * MiB <= saved < 400 * MiB
     daemon.stop()
     # A new swapd reads it back and places with it.
