@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swapd.config import Router, load_config
+from swapd.config import load_config
+from swapd.config_routing import Router
 from swapd.memory import GiB
 
 ROOT = Path(__file__).resolve().parent.parent

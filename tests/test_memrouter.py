@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from swapd.config import Config, ModelConfig
-from swapd.config import Router as RouterKind
+from swapd.config_routing import Router as RouterKind
 from swapd.core import (
     ArmTimer,
     Core,
