@@ -227,6 +227,9 @@ def memory_router(source: MemorySource, config: Config,
     measures now. MemAvailable unreadable: the one-tenant rule (groups)."""
 
     def route(p: CorePlacement) -> Decision:
+        target = config.models.get(p.target)
+        if target is not None and not target.gpu:
+            return ()  # no GPU tenant (a CPU helper): starts beside anything, as with groups
         try:
             info = source.meminfo()
         except (OSError, ValueError):
@@ -242,9 +245,9 @@ def memory_router(source: MemorySource, config: Config,
                 footprint=source.footprint(cfg) if cfg is not None else None,
                 used=source.used(v.id), inflight=v.inflight, queued=v.queued,
                 last_used=v.last_used,
-                persistent=policy.group_of(v.id, p.groups).persistent,
+                # gpu: false engines are never stopped for room (their memory still counts)
+                persistent=policy.group_of(v.id, p.groups).persistent or not v.gpu,
             ))
-        target = config.models.get(p.target)
         need = source.footprint(target) if target is not None else None
         result = place(p.target, need, tenants,
                        Room(info.available, info.total, config.memory_reserve))

@@ -82,7 +82,7 @@ def test_groups_are_unused_under_matrix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "path", "message"), [
     ("routing: {router: {use: matrix}}", "routing.router.settings.matrix", "required"),
-    ("routing: {router: {use: magic}}", "routing.router.use", "must be group or matrix"),
+    ("routing: {router: {use: magic}}", "routing.router.use", "must be group, matrix or memory"),
     ("routing: {router: {use: matrix, settings: {matrix: {sets: {s: 'big & ghost'}}}}}",
      "routing.router.settings.matrix.sets", "unknown var or model 'ghost'"),
     ("routing: {router: {use: matrix, settings: {matrix: {sets: {s: 'big &'}}}}}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -309,6 +310,20 @@ def test_core_falls_back_to_one_tenant_when_memory_cannot_be_read() -> None:
     source.fail = True
     _, fx = c.request("b", 5)
     assert [e.model for e in fx if isinstance(e, Stop)] == ["a"]
+
+
+def test_core_gpu_false_helpers_are_never_stopped_and_start_beside_anything() -> None:
+    source = Measured(available_gib=20)
+    helper = dataclasses.replace(gib_model("helper", 4), gpu=False)
+    c = mem_core(source, gib_model("a", 4), helper, gib_model("big", 7))
+    bring_up(c, source, "helper", 0, 4)
+    bring_up(c, source, "a", 5, 4)
+    _, fx = c.request("big", 10)  # 12 - 8 = 4 < 7: only a may go, not the older helper
+    assert [e.model for e in fx if isinstance(e, Stop)] == ["a"]
+    source.available = 9 * GiB  # below the reserve: a CPU helper still starts
+    c2 = mem_core(source, dataclasses.replace(helper, id="h2"))
+    _, fx = c2.request("h2", 0)
+    assert [e.model for e in fx if isinstance(e, Start)] == ["h2"]
 
 
 def test_the_default_router_is_unchanged_without_use_memory() -> None:
