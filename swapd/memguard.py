@@ -38,6 +38,8 @@ GROWTH_WINDOW: Final = 10.0  # "grew most in the last 10 s"
 MIN_GROWTH: Final = 128 * MiB
 # Outside pressure is logged at most this often.
 WARN_EVERY: Final = 10.0
+# Closer than this (or than the floor itself, if larger) to the floor: read fast.
+NEAR_FLOOR: Final = 1024 * MiB
 # The fall rate is measured over this long: allocators grow in steps (a reading between two
 # steps sees no change), and one flat interval must not slow the guard down to once a second.
 RATE_WINDOW: Final = 1.0
@@ -78,11 +80,13 @@ def decide(available: int, floor: int, suspects: Sequence[Suspect],
 def next_interval(available: int, floor: int, falling: float, starting: bool) -> float:
     """Seconds to the next read: fast while an engine starts, and as the floor comes near.
 
-    `falling`: bytes per second MemAvailable fell since the last read (≤ 0: not falling).
+    `falling`: bytes per second MemAvailable fell over the last second (≤ 0: not falling).
     Reading again at a quarter of the projected time to the floor keeps the crossing found
-    within one FAST_INTERVAL of happening.
+    within one FAST_INTERVAL of happening. Within the floor's own size of it (at least
+    NEAR_FLOOR) the pace is fast whatever the trend: other processes freeing memory can hide
+    an engine's growth from the rate, and a single large allocation has no trend.
     """
-    if starting or available < floor:
+    if starting or available < floor + max(floor, NEAR_FLOOR):
         return FAST_INTERVAL
     if falling <= 0:
         return SLOW_INTERVAL

@@ -53,8 +53,10 @@ def test_decide(available: int, suspects: list[Suspect], verdict: Verdict) -> No
     (50 * GiB, 0.0, False, SLOW_INTERVAL),  # nothing moves: once a second
     (50 * GiB, -GiB, False, SLOW_INTERVAL),  # rising
     (50 * GiB, 1 * GiB, False, SLOW_INTERVAL),  # 48 s from the floor
+    (8 * GiB, 1 * GiB, False, 1.0),  # 6 s from the floor
     (6 * GiB, 1 * GiB, False, 1.0),  # 4 s from the floor
-    (4 * GiB, 1 * GiB, False, 0.5),  # 2 s from the floor: read at a quarter of it
+    (5 * GiB, 2 * GiB, False, 0.375),  # 1.5 s from the floor: read at a quarter of it
+    (4 * GiB - 1, 0.0, False, FAST_INTERVAL),  # within the floor's size of it: fast anyway
     (2 * GiB + 50 * MiB, 1 * GiB, False, FAST_INTERVAL),  # about to cross
     (GiB, 0.0, False, FAST_INTERVAL),  # below: keep watching closely
 ])
