@@ -94,6 +94,7 @@ class NotLoaded(SchedulerError):
 
     status = 409
     code = "model_not_loaded"
+    type = "invalid_request_error"
 
 
 class MemoryGuardKilled(SchedulerError):

@@ -318,6 +318,7 @@ def test_ignore_paths_never_start_a_model(start_swapd):
     })
     code, body = daemon.get("/upstream/alpha/static/app.json")
     assert code == 409 and body["error"]["code"] == "model_not_loaded"
+    assert body["error"]["type"] == "invalid_request_error"
     assert daemon.get("/upstream/alpha/ws")[0] == 409
     assert state(daemon, "alpha") == "stopped"
     assert daemon.post("/upstream/alpha/v1/start", {})[0] == 200  # not ignored: starts it
