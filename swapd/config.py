@@ -1131,6 +1131,10 @@ def _activity(top: _Node) -> dict[str, Any]:
             top.ctx.fail("activity.store", f"must be memory or sqlite, got {_show(store)}")
         out["activity_store"] = store == "sqlite"
         out["activity_retention_days"] = float(node.number("retentionDays", 7.0, strict=True))
+    if "activity_size" not in out and top.data.get("metricsMaxInMemory") is not None:
+        # llama-swap's name for the same thing: request records kept in memory.
+        out["activity_size"] = top.number("metricsMaxInMemory", 1000, minimum=1, integer=True,
+                                          maximum=1_000_000)
     ui = top.child("ui", frozenset({"activity"}))
     ui_activity = ui.child("activity", frozenset({"session_id"})) if ui else None
     if ui_activity is not None and ui_activity.data.get("session_id") is not None:

@@ -619,14 +619,17 @@ NO_EFFECT = {
                      "(journald adds its own); this format is not used",
     "logRequests": "swapd counts every request in /metrics and logs failed ones; it writes "
                    "no line per request",
-    "metricsMaxInMemory": "swapd keeps activity.size request records (default 1000); set "
-                          "that instead",
     "store": "swapd's activity records persist with activity.store: sqlite under stateDir; "
              "store.path is not used",
 }
 
 
 def no_effect(top: _Node) -> None:
+    activity = top.data.get("activity")
+    if top.data.get("metricsMaxInMemory") is not None and isinstance(activity, dict) and \
+            activity.get("size") is not None:
+        top.ctx.warn("metricsMaxInMemory", "activity.size is set too and wins (both say how "
+                     "many request records are kept)")
     for key, why in NO_EFFECT.items():
         value = top.data.get(key)
         if value is None or (key == "logTimeFormat" and value == ""):

@@ -174,8 +174,8 @@ def test_compat_aider_and_docker_load() -> None:
     assert set(docker.config.models) == {"qwen2.5", "smollm2", "z-image"}
     assert docker.config.models["z-image"].check_endpoint == "/"
     assert len(docker.config.models["z-image"].aliases) == 5
-    assert [w.split(":")[0] for w in docker.warnings if "PORT" not in w] == [
-        "logRequests", "metricsMaxInMemory"]
+    assert [w.split(":")[0] for w in docker.warnings if "PORT" not in w] == ["logRequests"]
+    assert docker.config.activity_size == 1000  # metricsMaxInMemory: 1000
     assert not any("not supported" in w for w in docker.warnings)
 
 

@@ -251,8 +251,12 @@ def test_no_effect_keys_say_why(tmp_path: Path) -> None:
         performance: {disabled: true, every: 1m}
         """)
     keys = [w.split(":")[0] for w in result.warnings]
-    assert keys == ["logToStdout", "performance.every", "logTimeFormat", "logRequests",
-                    "metricsMaxInMemory", "store"]
+    assert keys == ["logToStdout", "performance.every", "logTimeFormat", "logRequests", "store"]
+    # metricsMaxInMemory is llama-swap's name for activity.size (request records kept)
+    assert result.config.activity_size == 500
+    both = load(tmp_path, "metricsMaxInMemory: 500\nactivity: {size: 20}\n")
+    assert both.config.activity_size == 20
+    assert [w.split(":")[0] for w in both.warnings] == ["metricsMaxInMemory"]
     assert not any("not supported" in w for w in result.warnings)
     assert not result.config.gpu_sampling and str(result.config.log_to_stdout) == "none"
     quiet = load(tmp_path, "logTimeFormat: ''\nlogToStdout: proxy\n")
