@@ -12,9 +12,10 @@ import collections
 import contextlib
 import ipaddress
 import os
+import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -128,6 +129,21 @@ def local_port(proxy: str) -> int | None:
     return port if str(addr) in own else None
 
 
+def engine_port(cmd: Sequence[str], env: Iterable[tuple[str, str]], proxy: str) -> int | None:
+    """The port this engine is told to listen on: `proxy`'s, when it is on this machine and
+    the engine's argv or environment names it (`--port ${PORT}`, `PORT=…`). A recipe that
+    never names it fronts a server something else runs (a placeholder `cmd` before an
+    always-on server, as some llama-swap configs do): that port is not the engine's, so
+    neither its being free nor who answers on it is checked."""
+    port = local_port(proxy)
+    if port is None:
+        return None
+    number = re.compile(rf"(?<![0-9]){port}(?![0-9])")
+    if any(number.search(text) for text in (*cmd, *(value for _, value in env))):
+        return port
+    return None
+
+
 class Engine:
     """A supervised engine process. Not thread-safe; lives on the event loop."""
 
@@ -207,7 +223,7 @@ class Engine:
         self._stop_reason = CRASH
         self._squatter = None
         self._set_state(EngineState.STARTING)
-        port = local_port(self.cfg.proxy)
+        port = engine_port(self.cfg.cmd, self.cfg.env, self.cfg.proxy)
         holder = None if port is None else await asyncio.to_thread(procgroup.port_holder, port)
         if holder is not None:
             # The engine could not bind it, and the holder would answer the readiness probe
@@ -373,7 +389,7 @@ class Engine:
 
     def _owns_port(self) -> bool:
         """Does the socket that answered belong to this engine's process tree?"""
-        port = local_port(self.cfg.proxy)
+        port = engine_port(self.cfg.cmd, self.cfg.env, self.cfg.proxy)
         if port is None or self.tree is None:
             return True
         if os.path.basename(self.cfg.cmd[0]) in CONTAINER_CLIS:

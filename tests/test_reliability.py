@@ -297,6 +297,22 @@ def test_port_already_taken(start_swapd, tmp_path):
         answering.close()
 
 
+def test_a_recipe_that_never_names_its_port_fronts_a_server_it_does_not_run(start_swapd):
+    """A placeholder `cmd` in front of an always-on server (a llama-swap pattern): the port
+    is not the engine's, since the engine is never told it, so the server already on it is
+    the upstream, not a squatter. A recipe that names the port still gets the check above."""
+    server = Squatter(answers=True)
+    try:
+        daemon = start_swapd({"models": {"ext": {
+            "cmd": f"{PY} -c 'import time; time.sleep(600)'",
+            "proxy": f"http://127.0.0.1:{server.port}"}}})
+        code, doc = daemon.post(CHAT, {"model": "ext", "messages": []})
+        assert code == 200 and doc == {"squatter": True}, doc
+        assert server.served == 1
+    finally:
+        server.close()
+
+
 def test_squatter_that_binds_while_the_engine_loads_gets_no_prompt(start_swapd, tmp_path):
     """The port was free when the engine was spawned, but a squatter binds it while the engine
     loads (vLLM opens its port only after loading): the squatter answers the readiness probe,
