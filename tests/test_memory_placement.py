@@ -8,6 +8,7 @@ forced with `memory:` sizes and a `reserve` computed from MemAvailable when the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,10 @@ def test_a_footprint_is_learned_kept_and_used_on_the_next_start(start_swapd,
     assert daemon.status()["models"]["a"]["memory"]["footprint"] is None
     assert chat(daemon, "a")[0] == 200
     measured(daemon, "a", 200 * MiB)
+    # Prometheus sees the same peak the status shows.
+    peak = re.search(r'^swapd_engine_memory_peak_bytes\{model="a"\} (\S+)$',
+                     daemon.get("/metrics")[1], re.M)
+    assert peak is not None and float(peak.group(1)) >= 200 * MiB
     assert daemon.post("/models/a/unload")[0] == 200
     path = state / "footprints.json"
     wait_until(path.exists, message="footprints.json written")  # off the event loop
