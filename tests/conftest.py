@@ -195,6 +195,19 @@ def write_config(tmp_path: Path, config: dict[str, Any], name: str = "config.yam
     return path
 
 
+
+def wait_healthy(daemon: Swapd, timeout: float = 20) -> None:
+    """Wait until a swapd just spawned answers /health; its log if it exited instead."""
+    def up() -> bool:
+        if daemon.proc.poll() is not None:
+            raise AssertionError(f"swapd exited {daemon.proc.returncode}:\n{daemon.log()}")
+        try:
+            return http("GET", daemon.url + "/health", timeout=1)[0] == 200
+        except OSError:
+            return False
+    wait_until(up, timeout=timeout, message="swapd /health")
+
+
 @pytest.fixture
 def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
     """Start swapd on a config dict; every daemon started is stopped at teardown."""
@@ -220,14 +233,7 @@ def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
         daemon = Swapd(path, port, proc, log_path, state)
         started.append(daemon)
         if wait:
-            def up() -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"swapd exited {proc.returncode}:\n{daemon.log()}")
-                try:
-                    return http("GET", daemon.url + "/health", timeout=1)[0] == 200
-                except OSError:
-                    return False
-            wait_until(up, timeout=20, message="swapd /health")
+            wait_healthy(daemon)
         return daemon
 
     yield start

@@ -30,6 +30,7 @@ from tests.conftest import (
     read_records,
     wait_until,
 )
+from tests.test_memory_placement import available
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux")
 
@@ -93,14 +94,6 @@ class Watch(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
-
-
-def available() -> int:
-    reader = MemReader()
-    try:
-        return reader.read().available
-    finally:
-        reader.close()
 
 
 def spawned_pid(record: Path) -> Callable[[], int | None]:

@@ -27,10 +27,10 @@ from tests.conftest import (
     Swapd,
     fake_cmd,
     free_port,
-    http,
     model,
     port_block,
     read_records,
+    wait_healthy,
     wait_until,
     write_config,
 )
@@ -211,16 +211,7 @@ def start_in_cgroup(tmp_path: Path, config: dict[str, Any], cgroup: str, port: i
     finally:
         os.close(procs_file)
     daemon = Swapd(path, port, proc, log_path, state)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"swapd exited {proc.returncode}:\n{daemon.log()}")
-        try:
-            return http("GET", daemon.url + "/health", timeout=1)[0] == 200
-        except OSError:
-            return False
-
-    wait_until(up, timeout=20, message="swapd /health")
+    wait_healthy(daemon)
     return daemon
 
 
