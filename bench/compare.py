@@ -25,6 +25,13 @@ def main() -> None:
     p.add_argument("ref", help="git revision to compare with (e.g. HEAD, a commit)")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--proxy-host",
+        default="",
+        help="a name of this machine for the old swapd's proxy URL (e.g. one /etc/hosts maps to "
+        "127.0.0.1): revisions from bf2e9c3 to a03e862 refuse a placeholder cmd in front of a "
+        "server on a loopback address, and do not resolve names",
+    )
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="swapd-compare-"))
     old_tree = workdir / "tree"
@@ -41,6 +48,7 @@ def main() -> None:
         relay = procs.relay(workdir, up.url, "asyncio").start().wait_http("/health")
         started.append(relay)
         old = {}
+        old_url = up.url.replace("127.0.0.1", args.proxy_host) if args.proxy_host else up.url
         for loop in ("asyncio", "uvloop"):
             sw = procs.Swapd(
                 f"old-{loop}",
@@ -48,7 +56,7 @@ def main() -> None:
                 {
                     "logLevel": "info",
                     "apiKeys": [procs.API_KEY],
-                    "models": {"m": {"cmd": "sleep 86400", "proxy": up.url, "ttl": 0}},
+                    "models": {"m": {"cmd": "sleep 86400", "proxy": old_url, "ttl": 0}},
                     "hooks": {"on_startup": {"preload": ["m"]}},
                 },
                 loop=loop,
