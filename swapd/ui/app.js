@@ -97,6 +97,24 @@ async function json(path, options) {
   return body;
 }
 
+// Hand each line of a streamed response body to onLine, as it arrives.
+async function readLines(resp, onLine) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let nl;
+    while ((nl = buf.indexOf("\n")) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      onLine(line);
+    }
+  }
+}
+
 // Read a streamed response line by line; reconnect after an error.
 async function follow(path, onLine, { signal, onOpen } = {}) {
   let delay = 500;
@@ -106,19 +124,7 @@ async function follow(path, onLine, { signal, onOpen } = {}) {
       if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
       if (onOpen) onOpen();
       delay = 500;
-      const reader = resp.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += decoder.decode(value, { stream: true });
-        let nl;
-        while ((nl = buf.indexOf("\n")) >= 0) {
-          onLine(buf.slice(0, nl));
-          buf = buf.slice(nl + 1);
-        }
-      }
+      await readLines(resp, onLine);
     } catch (err) {
       if (signal && signal.aborted) return;
     }
@@ -476,32 +482,22 @@ async function sendChat(ev) {
       const body = await resp.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || resp.statusText);
     }
-    const reader = resp.body.getReader();
-    const decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, { stream: true });
-      let nl;
-      while ((nl = buf.indexOf("\n")) >= 0) {
-        const line = buf.slice(0, nl).trim();
-        buf = buf.slice(nl + 1);
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") continue;
-        let chunk;
-        try { chunk = JSON.parse(data); } catch (e) { continue; }
-        if (chunk.error) throw new Error(chunk.error.message || "engine error");
-        const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta) || {};
-        if (delta.reasoning_content) thinking.textContent = delta.reasoning_content.trim();
-        if (delta.content) {
-          if (thinking.textContent && !answer.data) thinking.remove();
-          answer.data += delta.content;
-        }
-        $("#chat-log").scrollTop = $("#chat-log").scrollHeight;
+    await readLines(resp, (raw) => {
+      const line = raw.trim();
+      if (!line.startsWith("data:")) return;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return;
+      let chunk;
+      try { chunk = JSON.parse(data); } catch (e) { return; }
+      if (chunk.error) throw new Error(chunk.error.message || "engine error");
+      const delta = (chunk.choices && chunk.choices[0] && chunk.choices[0].delta) || {};
+      if (delta.reasoning_content) thinking.textContent = delta.reasoning_content.trim();
+      if (delta.content) {
+        if (thinking.textContent && !answer.data) thinking.remove();
+        answer.data += delta.content;
       }
-    }
+      $("#chat-log").scrollTop = $("#chat-log").scrollHeight;
+    });
     chatHistory.push({ role: "assistant", content: answer.data });
   } catch (err) {
     chatMessage("note", "error: " + (err.message || err));
