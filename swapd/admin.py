@@ -321,11 +321,7 @@ class Admin:
                     status=507 if exc.errno == 28 else 500,
                     code="recipe_write_failed",
                 ) from None
-            try:
-                changes = await self._reload(f"recipe {recipe_id} written")
-            except ConfigError as exc:
-                self._restore(path, previous)
-                raise _invalid(exc) from None
+            changes = await self._reload_or_restore(path, previous, f"recipe {recipe_id} written")
             if recipe_id not in config_of(request).models:
                 # The glob did not load it after all: take the file back rather than leave
                 # a recipe that looks written and never runs.
@@ -365,12 +361,19 @@ class Admin:
                     status=500,
                     code="recipe_write_failed",
                 ) from None
-            try:
-                changes = await self._reload(f"recipe {recipe_id} deleted")
-            except ConfigError as exc:
-                self._restore(path, previous)
-                raise _invalid(exc) from None
+            changes = await self._reload_or_restore(path, previous, f"recipe {recipe_id} deleted")
         return web.json_response({"id": recipe_id, "deleted": True, "changes": changes})
+
+    async def _reload_or_restore(
+        self, path: Path, previous: bytes | None, why: str
+    ) -> dict[str, list[str]]:
+        """Apply a recipe change; a config the change made invalid puts the file back as it
+        was and answers 400, so a bad recipe never outlives its request."""
+        try:
+            return await self._reload(why)
+        except ConfigError as exc:
+            self._restore(path, previous)
+            raise _invalid(exc) from None
 
     @staticmethod
     def _restore(path: Path, previous: bytes | None) -> None:
