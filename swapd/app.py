@@ -307,20 +307,20 @@ class Daemon:
         error response (swapd.errors). One middleware, not two: each is a layer of calls on
         every request (docs/benchmarks.md)."""
         try:
-            preflight = self._refused(request)
+            config = self.live.config
+            preflight = self._refused(request, config)
             if preflight is not None:
                 return preflight
-            self._authorize(request)
+            self._authorize(request, config)
             return await handler(request)
         except Exception as exc:
             return await answer(request, exc)
 
-    def _refused(self, request: web.Request) -> web.Response | None:
+    def _refused(self, request: web.Request, config: Config) -> web.Response | None:
         """Raise the refusal of a request a browser was tricked into sending
         (docs/security.md): a Host that is not ours (DNS rebinding), a page of another origin
         on a route that changes state. A CORS preflight's answer; None for every other
         request."""
-        config = self.config
         host = request.headers.get("Host")
         if host is not None:
             ok = self._host_ok.get(host)
@@ -409,10 +409,9 @@ class Daemon:
             if allow != "*":
                 response.headers.add("Vary", "Origin")
 
-    def _authorize(self, request: web.Request) -> None:
+    def _authorize(self, request: web.Request, config: Config) -> None:
         """Raise the 401/403 for a request without the key its route needs."""
         path = request.path
-        config = self.config
         if path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES):
             return
         if path == "/" and "text/html" in request.headers.get("Accept", ""):

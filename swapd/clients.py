@@ -61,10 +61,13 @@ class Clients:
     def __init__(self) -> None:
         self._sessions: dict[tuple[float, float], aiohttp.ClientSession] = {}
 
-    def session(self, timeouts: Timeouts | None,
-                default: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    def for_request(
+        self, timeouts: Timeouts | None, url: str, default: aiohttp.ClientSession
+    ) -> tuple[aiohttp.ClientSession, aiohttp.ClientTimeout]:
+        """The session and the `timeout=` of one request to `url`: `default` (the app's own)
+        and its own timeout without `timeouts`."""
         if timeouts is None:
-            return default
+            return default, default.timeout
         key = (timeouts.keepalive, timeouts.idle_conn)
         found = self._sessions.get(key)
         if found is None or found.closed:
@@ -78,14 +81,7 @@ class Clients:
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=False,
             )
-        return found
-
-    def timeout(self, timeouts: Timeouts | None, url: str,
-                default: aiohttp.ClientSession) -> Any:
-        """The `timeout=` of one request: the default session's own without `timeouts`."""
-        if timeouts is None:
-            return default.timeout
-        return request_timeout(timeouts, url.startswith("https:"))
+        return found, request_timeout(timeouts, url.startswith("https:"))
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}

@@ -346,12 +346,11 @@ class Proxy:
 
         try:
             return naming.resolve(config, self._profiles.active, name,
-                                  pick if selectors else None)
+                                  pick if selectors and config.selectors else None)
         except Unroutable as exc:
             raise ApiError(exc.message, status=exc.status, code=exc.code) from None
 
-    async def _route(self, request: web.Request) -> Routed | PeerRouted:
-        config = config_of(request)
+    async def _route(self, request: web.Request, config: Config) -> Routed | PeerRouted:
         data: dict[str, Any] | None = None
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
         ctype = request.headers.get("Content-Type", "")
@@ -390,15 +389,16 @@ class Proxy:
 
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
+        config = config_of(request)  # the config in force when the request arrived
         try:
-            routed = await self._route(request)
+            routed = await self._route(request, config)
         except ApiError as exc:
             self._metrics.unrouted(exc.status)
             raise
         try:
             if isinstance(routed, PeerRouted):
                 return await self._serve_peer(request, routed, request.path_qs, t0)
-            return await self._serve(request, routed, request.path_qs, t0, record=True)
+            return await self._serve(request, config, routed, request.path_qs, t0, record=True)
         finally:
             if routed.chosen is not None:
                 self._spillover.release(routed.chosen)
@@ -441,8 +441,8 @@ class Proxy:
             return await self._serve_peer(
                 request, PeerRouted(target, body, False), path + query, t0)
         ignored = any(p.search(path) for p in config.ignore_paths)
-        return await self._serve(request, Routed(target.model, body, False), path + query, t0,
-                                 ready_only=ignored)
+        return await self._serve(request, config, Routed(target.model, body, False), path + query,
+                                 t0, ready_only=ignored)
 
     async def handle_models(self, request: web.Request) -> web.Response:
         """Configured models (with their state), then aliases (includeAliasesInList), peer
@@ -520,7 +520,7 @@ class Proxy:
     # -- relay -----------------------------------------------------------------------
 
     async def _serve(
-        self, request: web.Request, routed: Routed, path: str, t0: float,
+        self, request: web.Request, config: Config, routed: Routed, path: str, t0: float,
         ready_only: bool = False, *, record: bool = False,
     ) -> web.StreamResponse:
         """Relay to a local engine, with a lease from the scheduler (waiting for a start
@@ -560,7 +560,7 @@ class Proxy:
                 resp, outcome[0] = await self._relay(
                     request, model, routed.body, lease.upstream + path, t0, loading, outcome,
                     who=f"engine for model {model!r}", timeouts=routed.model.timeouts,
-                    strip_auth=_strip_auth(config_of(request), routed.model),
+                    strip_auth=_strip_auth(config, routed.model),
                     tracker=tracker, capture=capture,
                 )
                 return resp
@@ -581,7 +581,7 @@ class Proxy:
         finally:
             self._count(model, outcome[0] or 499, t0)
             if tracker is not None:
-                self._record(request, routed, tracker, outcome[0] or 499, capture)
+                self._record(request, config, routed, tracker, outcome[0] or 499, capture)
 
     async def _loading_progress(
         self, resp: web.StreamResponse, model: str, waited: float
@@ -595,6 +595,7 @@ class Proxy:
     def _record(
         self,
         request: web.Request,
+        config: Config,
         routed: Routed,
         tracker: Tracker,
         status: int,
@@ -606,7 +607,7 @@ class Proxy:
         now = time.monotonic()
         duration = now - tracker.t0
         session = None
-        for name in config_of(request).session_headers:
+        for name in config.session_headers:
             session = request.headers.get(name) or None
             if session:
                 break
@@ -694,13 +695,14 @@ class Proxy:
                 # engine reads, and a client's Authorization cannot go along with them.
                 headers.popall("Authorization", None)
         try:
-            call = self._clients.session(timeouts, request.app[UPSTREAM]).request(
+            session, timeout = self._clients.for_request(timeouts, url, request.app[UPSTREAM])
+            call = session.request(
                 request.method,
                 url,
                 headers=headers,
                 data=body if body else None,
                 allow_redirects=False,
-                timeout=self._clients.timeout(timeouts, url, request.app[UPSTREAM]),
+                timeout=timeout,
             )
             if timeouts is not None and timeouts.response_header > 0:
                 async with asyncio.timeout(timeouts.response_header):

@@ -43,10 +43,13 @@ async def test_one_session_per_pool_setting_and_the_default_for_none() -> None:
     clients = Clients()
     default = aiohttp.ClientSession()
     try:
-        assert clients.session(None, default) is default
-        a = clients.session(Timeouts(idle_conn=5), default)
-        assert clients.session(Timeouts(idle_conn=5, connect=1), default) is a  # same pool
-        b = clients.session(Timeouts(idle_conn=0), default)
+        url = "http://127.0.0.1:1/v1/models"
+        assert clients.for_request(None, url, default) == (default, default.timeout)
+        a, timeout = clients.for_request(Timeouts(idle_conn=5), url, default)
+        assert timeout.total is None
+        same, timeout = clients.for_request(Timeouts(idle_conn=5, connect=1), url, default)
+        assert same is a and timeout.sock_connect == 1  # same pool, the request's own limit
+        b, _ = clients.for_request(Timeouts(idle_conn=0), url, default)
         assert b is not a
         assert b.connector is not None and b.connector._keepalive_timeout is None  # kept
         assert a.connector is not None and a.connector._keepalive_timeout == 5
