@@ -126,7 +126,6 @@ class _Observer:
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
-        self._counts: dict[str, tuple[int, int]] = {}
 
     def engine_state(self, model: str, state: str) -> None:
         view = self._daemon.scheduler.view(model)
@@ -149,21 +148,6 @@ class _Observer:
         self._daemon.last_stops[model] = (reason, killed, time.time())
         if killed:
             metrics.engine_kills.labels(model).inc()
-
-    def forget(self, model: str) -> None:
-        self._counts.pop(model, None)
-
-    def counts(self, model: str, inflight: int, queued: int) -> None:
-        # Called twice per request: set only the gauge that changed.
-        last = self._counts.get(model)
-        if last == (inflight, queued):
-            return
-        self._counts[model] = (inflight, queued)
-        series = self._daemon.metrics.series(model)
-        if last is None or last[0] != inflight:
-            series.inflight.set(inflight)
-        if last is None or last[1] != queued:
-            series.queued.set(queued)
 
     def evicted(self, model: str, reason: str) -> None:
         self._daemon.metrics.placement_evictions.labels(model, reason).inc()
@@ -452,7 +436,6 @@ class Daemon:
             self.metrics.register_models(list(self.config.models))
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
-                self._observer.forget(model)
             log.info("config reloaded", why=why, **changes)
             return changes
 
@@ -547,6 +530,7 @@ class Daemon:
         self.metrics.register_models(list(self.config.models))
         self.metrics.attach_sampler(self.sampler)
         self.metrics.attach_memory(self.memory)
+        self.metrics.attach_counts(self.scheduler.counts)
         if self.config.gpu_sampling:  # performance.disabled: true turns it off
             self.sampler.start()
             resources.callback(self.sampler.stop)

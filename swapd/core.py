@@ -127,16 +127,7 @@ class Forget:
     model: str
 
 
-@dataclass(frozen=True, slots=True)
-class Counts:
-    """In-flight or queued count of a model changed (for gauges)."""
-
-    model: str
-    inflight: int
-    queued: int
-
-
-Effect = Start | Stop | Grant | Fail | ArmTimer | Forget | Counts
+Effect = Start | Stop | Grant | Fail | ArmTimer | Forget
 
 
 # -- what pluggable policies see ---------------------------------------------------------
@@ -297,6 +288,11 @@ class Core:
     def views(self) -> dict[str, ModelView]:
         return {k: self._view(k, m) for k, m in self._models.items()}
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(in flight, queued) of each model: what the gauges show, read when scraped (the
+        request path does not update a gauge twice per request)."""
+        return {k: (m.inflight, m.queued) for k, m in self._models.items()}
+
     def phase(self, model: str) -> Phase | None:
         m = self._models.get(model)
         return None if m is None else m.phase
@@ -339,7 +335,7 @@ class Core:
         # Fast path: the ready tenant, nobody queued ahead who could be overtaken.
         if not self._queue and m.phase == Phase.READY and not self._victim(model):
             m.inflight += 1
-            return ticket, [Grant(ticket, model), Counts(model, m.inflight, m.queued)]
+            return ticket, [Grant(ticket, model)]
         if len(self._queue) >= self.config.max_queue:
             return ticket, [
                 Fail(ticket, model, Refusal.QUEUE_FULL,
@@ -352,7 +348,6 @@ class Core:
         self._keys.insert(i, key)
         self._queue.insert(i, waiter)
         m.queued += 1
-        fx.append(Counts(model, m.inflight, m.queued))
         self._dispatch(now, fx)
         return ticket, self._finish(now, fx)
 
@@ -367,7 +362,7 @@ class Core:
         if m.cfg.concurrency_limit and m.inflight >= m.cfg.concurrency_limit:
             return self._seq, []
         m.inflight += 1
-        return self._seq, [Grant(self._seq, model), Counts(model, m.inflight, m.queued)]
+        return self._seq, [Grant(self._seq, model)]
 
     def release(self, model: str, now: float) -> list[Effect]:
         """A granted request ended (whatever happened to it)."""
@@ -376,7 +371,7 @@ class Core:
             return []
         m.inflight -= 1
         m.last_used = now
-        fx: list[Effect] = [Counts(model, m.inflight, m.queued)]
+        fx: list[Effect] = []
         if m.inflight:
             return fx
         if self._queue or self._swap is not None or m.phase != Phase.READY:
@@ -617,7 +612,6 @@ class Core:
                     m.inflight += 1
                     m.queued -= 1
                     fx.append(Grant(w.ticket, w.model))
-                    fx.append(Counts(w.model, m.inflight, m.queued))
                 else:
                     keep.append(w)
                     keys.append(key)
@@ -811,7 +805,6 @@ class Core:
                 m = self._models.get(w.model)
                 if m is not None:
                     m.queued -= 1
-                    fx.append(Counts(w.model, m.inflight, m.queued))
                 return w
         return None
 

@@ -15,7 +15,7 @@ stays small with a thousand configured recipes (docs/benchmarks.md, "/metrics").
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Protocol
 
 from aiohttp import web
@@ -406,6 +406,7 @@ class Metrics:
         self._models: set[str] = set()
         self._active: set[str] = set()
         self._series: dict[str, ModelSeries] = {}
+        self._counts: Callable[[], Mapping[str, tuple[int, int]]] | None = None
 
     # -- models ------------------------------------------------------------------------
 
@@ -498,10 +499,28 @@ class Metrics:
         """Export MemAvailable and engine peak memory from `source` from now on."""
         self._memory.source = source
 
+    def attach_counts(self, source: Callable[[], Mapping[str, tuple[int, int]]] | None) -> None:
+        """Set the in-flight and queued gauges from `source()` (model -> (in flight, queued),
+        the scheduler's own counts) at each scrape, not twice on every request."""
+        self._counts = source
+
+    def _refresh_counts(self) -> None:
+        if self._counts is None:
+            return
+        counts = self._counts()
+        for model, (inflight, queued) in counts.items():
+            if (inflight or queued) and model in self._models:
+                self.series(model)  # a model's first request, still waiting or in flight
+        for model, series in self._series.items():
+            inflight, queued = counts.get(model, (0, 0))
+            series.inflight.set(inflight)
+            series.queued.set(queued)
+
     # -- exposition --------------------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of the registry, and its content type."""
+        self._refresh_counts()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def handle(self, request: web.Request) -> web.Response:

@@ -27,7 +27,6 @@ from swapd.core import (
     RUNNING,
     ArmTimer,
     Core,
-    Counts,
     Effect,
     Fail,
     Forget,
@@ -178,8 +177,6 @@ class Observer(Protocol):
 
     def engine_stopped(self, model: str, reason: str, killed: bool) -> None: ...
 
-    def counts(self, model: str, inflight: int, queued: int) -> None: ...
-
     def evicted(self, model: str, reason: str) -> None: ...
 
 
@@ -191,9 +188,6 @@ class NullObserver:
         pass
 
     def engine_stopped(self, model: str, reason: str, killed: bool) -> None:
-        pass
-
-    def counts(self, model: str, inflight: int, queued: int) -> None:
         pass
 
     def evicted(self, model: str, reason: str) -> None:
@@ -268,6 +262,10 @@ class Scheduler:
     def views(self) -> list[EngineView]:
         return [v for m in self._core.views() if (v := self.view(m)) is not None]
 
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """(in flight, queued) of each model, now."""
+        return self._core.counts()
+
     def view(self, model: str) -> EngineView | None:
         core = self._core.view(model)
         engine = self._engines.get(model)
@@ -338,11 +336,7 @@ class Scheduler:
         ticket, fx = self._core.request(model, self._clock(), priority)
         first = fx[0] if fx else None
         if type(first) is Grant and first.ticket == ticket:
-            # The fast path (ready, nobody queued): [Grant, Counts].
-            for e in fx:
-                if type(e) is Counts:
-                    self._observer.counts(e.model, e.inflight, e.queued)
-            return self._engines[model].upstream
+            return self._engines[model].upstream  # the fast path: ready, nobody queued
         if type(first) is Fail and first.ticket == ticket:
             raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
         return await self._wait(model, ticket, fx)
@@ -369,7 +363,6 @@ class Scheduler:
         if not fx:
             raise NotLoaded(f"model {model!r} is not loaded, and this request may not "
                             "start or swap one (upstream.ignorePaths)")
-        self._apply(fx[1:])
         return self._engines[model].upstream
 
     async def _acquire_with_progress(
@@ -389,10 +382,7 @@ class Scheduler:
 
     def _release(self, model: str) -> None:
         fx = self._core.release(model, self._clock())
-        if len(fx) == 1 and type(fx[0]) is Counts:  # the usual: only a count changed
-            e = fx[0]
-            self._observer.counts(e.model, e.inflight, e.queued)
-        else:
+        if fx:  # the usual release changes nothing but a count: no effects
             self._apply(fx)
 
     # -- carrying out effects ------------------------------------------------------------
@@ -402,9 +392,6 @@ class Scheduler:
         (or `notify`: the event itself was a change, e.g. a stop that finished)."""
         changed = notify
         for e in fx:
-            if isinstance(e, Counts):
-                self._observer.counts(e.model, e.inflight, e.queued)
-                continue
             changed = True
             if isinstance(e, Grant):
                 future = self._waiting.pop(e.ticket, None)
@@ -751,11 +738,8 @@ class _LeaseContext:
             # _acquire, inlined: one coroutine less on every request.
             model = self._model
             ticket, fx = s._core.request(model, s._clock(), self._priority)
-            first = fx[0]
+            first = fx[0] if fx else None
             if type(first) is Grant and first.ticket == ticket:
-                for e in fx:
-                    if type(e) is Counts:
-                        s._observer.counts(e.model, e.inflight, e.queued)
                 upstream = s._engines[model].upstream
             elif type(first) is Fail and first.ticket == ticket:
                 raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)

@@ -14,7 +14,6 @@ from swapd.config import Config, GroupConfig, ModelConfig, RestartPolicy
 from swapd.core import (
     ArmTimer,
     Core,
-    Counts,
     Effect,
     Fail,
     Forget,
@@ -43,8 +42,8 @@ def core(*models: ModelConfig, **kw: Any) -> Core:
 
 
 def kinds(fx: list[Effect]) -> list[Effect]:
-    """The effects that matter to a reader (counts and timers left out)."""
-    return [e for e in fx if not isinstance(e, Counts | ArmTimer)]
+    """The effects that matter to a reader (timers left out)."""
+    return [e for e in fx if not isinstance(e, ArmTimer)]
 
 
 def grants(fx: list[Effect]) -> list[int]:

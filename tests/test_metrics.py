@@ -245,6 +245,20 @@ def test_requests_and_histograms(metrics: Metrics) -> None:
     assert value(s, "swapd_queued_requests", model="qwen") == 7
 
 
+def test_inflight_and_queued_are_the_schedulers_counts_at_the_scrape(metrics: Metrics) -> None:
+    counts = {"qwen": (2, 0), "gemma": (0, 3), "idle": (0, 0)}
+    metrics.register_models(["qwen", "gemma", "idle", "gone"])
+    metrics.series("idle").inflight.set(5)  # a stale value: the scrape reads the scheduler's
+    metrics.attach_counts(lambda: counts)
+    s = scrape(metrics)
+    assert value(s, "swapd_inflight_requests", model="qwen") == 2
+    # gemma's first request still waits for its engine: its series exist already.
+    assert value(s, "swapd_queued_requests", model="gemma") == 3
+    assert value(s, "swapd_inflight_requests", model="idle") == 0
+    counts["qwen"] = (0, 0)
+    assert value(scrape(metrics), "swapd_inflight_requests", model="qwen") == 0
+
+
 def test_buckets_reach_llm_timescales(metrics: Metrics) -> None:
     metrics.register_models(["qwen"])
     metrics.series("qwen")
