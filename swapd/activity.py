@@ -40,6 +40,9 @@ _DECODER = json.JSONDecoder()
 SQLITE_FLUSH_SECONDS = 1.0
 # Subscribers that read slower than records come lose the oldest ones, never slow the proxy.
 SUBSCRIBER_BACKLOG = 256
+# Bytes of a stream kept (by reference) after its first token before the older chunks are
+# counted and let go: a long stream holds at most this much, plus its last TAIL_CHUNKS.
+KEEP_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -74,10 +77,12 @@ def find_object(data: bytes, key: bytes) -> dict[str, Any] | None:
     while at >= 0:
         start = data.find(b"{", at + len(key) + 2, at + len(key) + 16)
         if start >= 0:
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
+            try:
                 value, _ = _DECODER.raw_decode(data[start:].decode("utf-8", "replace"))
-                if isinstance(value, dict):
-                    return value
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
         at = data.rfind(b'"' + key + b'"', 0, at)
     return None
 
@@ -93,14 +98,23 @@ def _positive(value: Any) -> float | None:
 
 
 class Tracker:
-    """What one response tells about its tokens and speed; fed every chunk the proxy relays."""
+    """What one response tells about its tokens and speed; fed every chunk the proxy relays.
+
+    Per chunk it only keeps a reference (and, until the first token, looks for one): the
+    bytes are scanned once, at the end, and only as far as needed. `usage` and `timings`
+    are found from the end (they close an answer); the `data:` events are counted only when
+    the engine reported no token count. Past `KEEP_BYTES` the older chunks are counted and
+    let go, so a long stream holds a bounded tail (docs/benchmarks.md).
+    """
 
     __slots__ = (
-        "_content_events",
-        "_later_reads",
+        "_counted_events",
+        "_counted_reads",
+        "_kept",
+        "_kept_size",
         "_scanning",
+        "_skip_events",
         "_strip_usage",
-        "_tail",
         "first_token_at",
         "stream",
         "t0",
@@ -110,39 +124,61 @@ class Tracker:
         self.t0 = t0
         self.stream = stream
         self.first_token_at: float | None = None
-        self._tail: list[bytes] = []
-        self._content_events = 0
-        self._later_reads = 0  # reads after the first token's: tokens spread over time
+        # From the first token's chunk on, every chunk not counted yet (before it, the last
+        # few: a response without a token still has its usage at the end).
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self._counted_events = 0  # `data:` events of the chunks let go
+        self._counted_reads = 0  # and how many chunks they were
+        self._skip_events = 0  # events before the first token's, in its chunk
         self._strip_usage = strip_usage
         self._scanning = stream  # looking for the first token
 
     def feed(self, chunk: bytes) -> bytes:
         """Look at one chunk on its way to the client; returns what the client gets (the
         chunk itself, or without the usage event swapd asked for on the client's behalf)."""
-        tail = self._tail
-        tail.append(chunk)
-        if len(tail) > 2 * TAIL_CHUNKS:
-            del tail[:-TAIL_CHUNKS]  # amortised: cheaper than a deque per request
+        self._kept.append(chunk)
         if self._scanning:
-            match = _FIRST_TOKEN.search(chunk)
-            if match is not None:
-                self.first_token_at = time.monotonic()
-                self._scanning = False
-                event = max(0, chunk.rfind(b"data:", 0, match.start()))
-                self._content_events = chunk.count(b"data:", event)
-        elif self.stream:
-            self._content_events += chunk.count(b"data:")
-            self._later_reads += 1
+            self._scan(chunk)
+        else:
+            self._kept_size += len(chunk)
+            if self._kept_size > KEEP_BYTES:
+                self._let_go()
         if self._strip_usage and b'"usage"' in chunk:
             return _without_usage_event(chunk)
         return chunk
 
+    def _scan(self, chunk: bytes) -> None:
+        match = _FIRST_TOKEN.search(chunk)
+        if match is None:
+            if len(self._kept) > 2 * TAIL_CHUNKS:
+                del self._kept[:-TAIL_CHUNKS]
+            return
+        self.first_token_at = time.monotonic()
+        self._scanning = False
+        # Counted from the first token's event on. The chunk stays kept: a short answer's
+        # usage may be in it.
+        event = max(0, chunk.rfind(b"data:", 0, match.start()))
+        self._skip_events = chunk.count(b"data:", 0, event)
+        self._kept = [chunk]
+        self._kept_size = len(chunk)
+
+    def _let_go(self) -> None:
+        """Count the events of all kept chunks but the last TAIL_CHUNKS, and drop them."""
+        kept = self._kept
+        done = kept[:-TAIL_CHUNKS]
+        if self.first_token_at is not None:
+            self._counted_reads += len(done)
+            self._counted_events += b"".join(done).count(b"data:")
+        self._kept = kept = kept[-TAIL_CHUNKS:]
+        self._kept_size = sum(map(len, kept))
+
     def finish(self, record: Record, now: float) -> None:
         """Fill `record`'s tokens and speeds from what was seen."""
         # Engines put usage and timings last in a JSON answer as in a stream.
-        data = b"".join(self._tail[-TAIL_CHUNKS:])
-        usage = find_object(data, b"usage") if b'"usage"' in data else None
-        timings = find_object(data, b"timings") if b'"timings"' in data else None
+        data = b"".join(self._kept[-TAIL_CHUNKS:])
+        usage = find_object(data, b"usage")
+        timings = find_object(data, b"timings")
         if usage is not None:
             record.prompt_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
             record.completion_tokens = _int(
@@ -165,11 +201,13 @@ class Tracker:
         if self.first_token_at is not None:
             record.ttft = self.first_token_at - self.t0
             if record.completion_tokens is None:
+                events = self._counted_events + b"".join(self._kept).count(b"data:")
                 # The role-only first event and the finish event carry no token.
-                record.completion_tokens = max(1, self._content_events - 2)
+                record.completion_tokens = max(1, events - self._skip_events - 2)
                 record.estimated = True
             # Tokens that all came in the first token's read say nothing about decode speed.
-            if record.decode_tps is None and record.completion_tokens > 1 and self._later_reads:
+            later_reads = self._counted_reads + len(self._kept) - 1
+            if record.decode_tps is None and record.completion_tokens > 1 and later_reads:
                 decode = now - self.first_token_at
                 if decode > 0:
                     record.decode_tps = (record.completion_tokens - 1) / decode

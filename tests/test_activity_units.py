@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapd.activity import ActivityLog, Record, Tracker, find_object
+from swapd.activity import KEEP_BYTES, ActivityLog, Record, Tracker, find_object
 from swapd.capture import CaptureBuffer
 from swapd.redact import MASK, redact_headers, redact_text
 from swapd.starts import KEEP, StartTimes, estimate, remaining
@@ -87,6 +87,26 @@ def test_a_stream_without_usage_counts_its_content_events_as_an_estimate() -> No
     assert record.estimated
     assert record.completion_tokens == 6
     assert record.prompt_tokens is None
+
+
+def test_a_long_stream_is_counted_exactly_while_its_tracker_holds_a_bounded_tail() -> None:
+    # 5000 tokens of about 100 bytes, some reads holding several events, one cut mid-event.
+    body = chunk({"role": "assistant"}) + b"".join(chunk({"content": f"t{i}"})
+                                                    for i in range(5000))
+    body += chunk({}, "stop") + b"data: [DONE]\n\n"
+    parts = [body[i:i + 700] for i in range(0, len(body), 700)]
+    tracker = Tracker(time.monotonic(), True)
+    held = 0
+    for part in parts:
+        tracker.feed(part)
+        held = max(held, sum(map(len, tracker._kept)))
+    record = Record(id=1, time=0, model="m", path="/v1/chat/completions", status=200,
+                    stream=True, duration=0)
+    tracker.finish(record, time.monotonic() + 1)
+    assert len(body) > 2 * KEEP_BYTES  # let go of twice
+    assert held <= KEEP_BYTES + 4 * 700
+    assert record.estimated and record.completion_tokens == 5000
+    assert record.decode_tps is not None
 
 
 def test_the_injected_usage_chunk_is_removed_for_the_client_and_counted() -> None:
