@@ -96,10 +96,20 @@ def new_marker(model: str) -> str:
 # -- /proc ---------------------------------------------------------------------------------
 
 
+def _read_proc(path: str, size: int) -> bytes:
+    """A /proc file in one read: open, read, close, and none of the fstat, isatty and lseek
+    calls of a Python file object (a scan reads one per process, each a GIL release the
+    serving thread pays for)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _stat(pid: int) -> _Proc | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
+        raw = _read_proc(f"/proc/{pid}/stat", 4096)
     except OSError:
         return None
     # comm may contain spaces and parentheses: the fields start after the last ')'.
