@@ -105,9 +105,20 @@ def test_descendants_die_on_unload_and_swap(start_swapd: Any, tmp_path: Path) ->
     assert again.alive() == []
     assert daemon.status()["models"]["a"]["state"] == "stopped"
     # The killed orphans were swapd's children: it collects them (no zombie left).
-    wait_until(lambda: not [c for c in psutil.Process(daemon.proc.pid).children()
-                            if c.status() == psutil.STATUS_ZOMBIE],
-               timeout=10, message="swapd reaped its adopted orphans")
+    wait_until(lambda: not zombies(daemon.proc.pid), timeout=10,
+               message="swapd reaped its adopted orphans")
+
+
+def zombies(pid: int) -> list[int]:
+    """The zombie children of `pid` now."""
+    out = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                out.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass  # reaped between the listing and the look: what the caller waits for
+    return out
 
 
 def test_descendants_that_ignore_sigterm_get_sigkill(start_swapd: Any, tmp_path: Path) -> None:
