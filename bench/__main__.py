@@ -89,17 +89,23 @@ def wait_for_quiet(limit: float, deadline_s: float) -> None:
         time.sleep(15)
 
 
-def swapd_for(upstream: procs.Server, workdir: Path, loop: str) -> procs.Swapd:
+def swapd_for(
+    upstream: procs.Server, workdir: Path, loop: str, extra: dict[str, Any] | None = None,
+    name: str = "",
+) -> procs.Swapd:
     """swapd as deployed: auth on, logging at info, metrics on; its model's `proxy:` is the
-    shared upstream and its `cmd` a placeholder process that swapd supervises."""
+    shared upstream and its `cmd` a placeholder process that swapd supervises. `extra`: more
+    top-level config keys."""
+    name = name or f"swapd-{loop}"
     sw = procs.Swapd(
-        f"swapd-{loop}",
-        workdir / f"swapd-{loop}",
+        name,
+        workdir / name,
         {
             "logLevel": "info",
             "apiKeys": [procs.API_KEY],
             "models": {"m": {"cmd": "sleep 86400", "proxy": upstream.url, "ttl": 0}},
             "hooks": {"on_startup": {"preload": ["m"]}},
+            **(extra or {}),
         },
         loop=loop,
     )

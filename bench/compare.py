@@ -32,6 +32,11 @@ def main() -> None:
         "127.0.0.1): revisions from bf2e9c3 to a03e862 refuse a placeholder cmd in front of a "
         "server on a loopback address, and do not resolve names",
     )
+    p.add_argument(
+        "--activity-off",
+        action="store_true",
+        help="also the working tree (uvloop) with activity.size: 0: what activity records cost",
+    )
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="swapd-compare-"))
     old_tree = workdir / "tree"
@@ -70,6 +75,9 @@ def main() -> None:
             old[loop] = sw
         new = {loop: swapd_for(up, workdir, loop) for loop in ("asyncio", "uvloop")}
         started += new.values()
+        if args.activity_off:
+            new["quiet"] = swapd_for(up, workdir, "uvloop", {"activity": {"size": 0}}, "quiet")
+            started.append(new["quiet"])
         cs = [
             contender("relay", relay),
             Contender(
@@ -83,6 +91,9 @@ def main() -> None:
             ),
             Contender("new-uvloop", "working tree, uvloop", new["uvloop"].url, new["uvloop"].tree),
         ]
+        if args.activity_off:
+            cs.append(Contender("new-quiet", "working tree, uvloop, activity off",
+                                new["quiet"].url, new["quiet"].tree))
         labels = {c.key: c.label for c in cs}
         res = datapath.run_saturation(
             cs, up.process(), datapath.SatSettings(seconds=args.seconds, rounds=args.rounds)
