@@ -50,6 +50,16 @@ def free_port() -> int:
     return port_block(1)
 
 
+# A stand-in for a long-lived process: it idles until a signal ends it, SIGALRM at the latest
+# (a safety net: a test that forgets it never leaves it running long).
+IDLE = "import signal; signal.alarm(120); signal.pause()"
+# The same, holding argv[1] bytes of memory and saying so first.
+HOG = (
+    "import signal, sys; held = b'\\x5a' * int(sys.argv[1]); print('holding', flush=True); "
+    "signal.alarm(120); signal.pause()"
+)
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> Any:
     """Poll `condition` until it returns something truthy (returned); fail after `timeout`.

@@ -22,6 +22,7 @@ import yaml
 
 from swapd.memory import MemReader, MiB
 from tests.conftest import (
+    HOG,
     Swapd,
     fake_cmd,
     metric_value,
@@ -220,14 +221,6 @@ def test_a_ready_engine_that_grows_most_is_the_one_killed(start_swapd, tmp_path:
     assert [(e["model"], e["why"]) for e in events if e["model"]] == [("grower", "grew")]
     wait_until(lambda: "engine killed by the memory guard" in daemon.log(),
                message="the kill logged as what it was")
-
-
-HOG = """
-import sys, time
-held = b"\\x5a" * int(sys.argv[1])
-print("holding", flush=True)
-time.sleep(60)
-"""
 
 
 def test_pressure_from_outside_the_engines_is_only_a_warning(start_swapd) -> None:

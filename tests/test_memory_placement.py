@@ -16,14 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from swapd.memory import MemReader, MiB
-from tests.conftest import Swapd, fake_cmd, model, pid_alive, wait_until
-
-HOG = """
-import sys, time
-held = b"\\x5a" * int(sys.argv[1])
-print("holding", flush=True)
-time.sleep(60)
-"""
+from tests.conftest import HOG, Swapd, fake_cmd, model, pid_alive, wait_until
 
 
 def available() -> int:

@@ -18,18 +18,17 @@ from structlog.testing import capture_logs
 
 from swapd import orphans, procgroup
 from swapd.orphans import OwnedGroups, is_same_process, reap_leftovers
-from tests.conftest import wait_until
+from tests.conftest import IDLE, wait_until
 
-SLEEPER = "import time; time.sleep(60)"
 # Ignores SIGTERM, and says so only once the handler is in place.
 STUBBORN = (
-    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-    "print('ready', flush=True); time.sleep(60)"
+    "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "print('ready', flush=True); signal.alarm(120); signal.pause()"
 )
 # Starts a grandchild in its own group, reports its pid, and exits when stdin closes.
 LEADER = (
     "import subprocess, sys; "
-    f"c = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], stdout=subprocess.DEVNULL); "
+    f"c = subprocess.Popen([sys.executable, '-c', {IDLE!r}], stdout=subprocess.DEVNULL); "
     "print(c.pid, flush=True); sys.stdin.readline()"
 )
 
@@ -105,7 +104,7 @@ def test_is_same_process() -> None:
 def test_records_are_written_atomically(tmp_path: Path, spawn: Spawner) -> None:
     state = tmp_path / "state"  # created on first write
     owned = OwnedGroups(state)
-    a, b = spawn(SLEEPER), spawn(SLEEPER)
+    a, b = spawn(IDLE), spawn(IDLE)
     owned.add("alpha", tree(a.pid))
     data = load(state)
     assert data["version"] == 2
@@ -127,7 +126,7 @@ def test_failed_write_keeps_previous_record(
     tmp_path: Path, spawn: Spawner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     owned = OwnedGroups(tmp_path)
-    a, b = spawn(SLEEPER), spawn(SLEEPER)
+    a, b = spawn(IDLE), spawn(IDLE)
     owned.add("alpha", tree(a.pid))
 
     def full_disk(src: object, dst: object) -> None:
@@ -145,7 +144,7 @@ def test_unwritable_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     owned = OwnedGroups(blocker / "state")  # mkdir fails even for root
-    proc = spawn(SLEEPER)
+    proc = spawn(IDLE)
     with capture_logs() as logs:
         owned.add("alpha", tree(proc.pid))  # must not raise
     # The failure is said once, and the group is still tracked in memory.
@@ -165,7 +164,7 @@ def test_read_only_state_dir_does_not_raise(tmp_path: Path, spawn: Spawner) -> N
     state.chmod(0o500)
     try:
         owned = OwnedGroups(state)
-        proc = spawn(SLEEPER)
+        proc = spawn(IDLE)
         with capture_logs() as logs:
             owned.add("alpha", tree(proc.pid))  # must not raise
         assert any(e["event"] == "cannot write engine record" for e in logs)
@@ -188,7 +187,7 @@ async def test_add_of_a_process_already_gone_reaps_nothing(tmp_path: Path, spawn
 
 
 async def test_reaps_left_over_groups(tmp_path: Path, spawn: Spawner) -> None:
-    a, b = spawn(SLEEPER), spawn(SLEEPER)
+    a, b = spawn(IDLE), spawn(IDLE)
     owned = OwnedGroups(tmp_path)
     owned.add("alpha", tree(a.pid))
     owned.add("beta", tree(b.pid))
@@ -235,7 +234,7 @@ async def test_sigkill_when_sigterm_is_ignored(tmp_path: Path, spawn: Spawner) -
 
 async def test_reused_pid_is_not_killed(tmp_path: Path, spawn: Spawner) -> None:
     # The pid is alive, but with another start time: a different process got the pid.
-    proc = spawn(SLEEPER)
+    proc = spawn(IDLE)
     OwnedGroups(tmp_path).add("alpha", tree(proc.pid))
     edit_records(tmp_path, shift_start=-1000.0)
 
@@ -261,7 +260,7 @@ async def test_group_older_than_its_record_is_not_killed(tmp_path: Path, spawn: 
 
 
 async def test_record_from_another_boot_is_ignored(tmp_path: Path, spawn: Spawner) -> None:
-    proc = spawn(SLEEPER)
+    proc = spawn(IDLE)
     OwnedGroups(tmp_path).add("alpha", tree(proc.pid))
     edit_records(tmp_path, boot_id="00000000-0000-0000-0000-000000000000")
 
@@ -270,7 +269,7 @@ async def test_record_from_another_boot_is_ignored(tmp_path: Path, spawn: Spawne
 
 
 async def test_groups_of_a_running_swapd_are_left_alone(tmp_path: Path, spawn: Spawner) -> None:
-    other_swapd, engine = spawn(SLEEPER), spawn(SLEEPER)
+    other_swapd, engine = spawn(IDLE), spawn(IDLE)
     OwnedGroups(tmp_path).add("alpha", tree(engine.pid))
     edit_records(
         tmp_path,

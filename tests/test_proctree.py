@@ -23,6 +23,7 @@ import pytest
 
 from swapd import procgroup
 from tests.conftest import (
+    IDLE,
     PY,
     Swapd,
     fake_cmd,
@@ -269,7 +270,7 @@ def test_adopted_orphans_go_to_the_engine_that_marked_them(monkeypatch: pytest.M
     now = procgroup.ticks_now()
     older = procgroup.Tree(leader=0x7FFFFFF0, start=now - 20, marker="t:older:1")
     newer = procgroup.Tree(leader=0x7FFFFFF1, start=now - 10, marker="t:newer:2")
-    sleeper = [PY, "-c", "import time; time.sleep(60)"]
+    sleeper = [PY, "-c", IDLE]
     env = {k: v for k, v in os.environ.items() if k != procgroup.MARKER_VAR}
     procgroup.track(older)
     procgroup.track(newer)

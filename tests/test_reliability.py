@@ -32,6 +32,7 @@ from swapd.errors import ApiError
 from swapd.proxy import multipart_field, rewrite, route_json
 from tests.conftest import (
     FAKE_ENGINE,
+    IDLE,
     PY,
     fake_cmd,
     free_port,
@@ -304,7 +305,7 @@ def test_a_recipe_that_never_names_its_port_fronts_a_server_it_does_not_run(star
     server = Squatter(answers=True)
     try:
         daemon = start_swapd({"models": {"ext": {
-            "cmd": f"{PY} -c 'import time; time.sleep(600)'",
+            "cmd": f"{PY} -c '{IDLE}'",
             "proxy": f"http://127.0.0.1:{server.port}"}}})
         code, doc = daemon.post(CHAT, {"model": "ext", "messages": []})
         assert code == 200 and doc == {"squatter": True}, doc

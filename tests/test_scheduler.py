@@ -117,14 +117,21 @@ async def test_request_during_idle_stop_restarts_the_engine(make):
     assert not pid_alive(first_pid)  # type: ignore[arg-type]
 
 
-async def test_ttl_counts_from_end_of_last_request(make):
-    sched = make(fake("a", ttl=0.3))
-    async with sched.lease("a"):
-        await asyncio.sleep(0.6)  # a long request: longer than the ttl
-        assert sched.view("a").state == "ready"  # type: ignore[union-attr]
-    t_end = time.monotonic()
-    await until(lambda: sched.view("a").state == "stopped")  # type: ignore[union-attr]
-    assert time.monotonic() - t_end >= 0.3
+async def test_ttl_counts_from_end_of_last_request():
+    # The scheduler's clock jumps a second while the request is in flight: a request longer
+    # than the ttl, without waiting one out (a tick during it is tests/test_decisions.py's).
+    offset = [0.0]
+    sched = Scheduler(Config(models={"a": fake("a", ttl=0.3)}),
+                      clock=lambda: time.monotonic() + offset[0])
+    try:
+        async with sched.lease("a"):
+            offset[0] += 1.0
+            assert sched.view("a").state == "ready"  # type: ignore[union-attr]
+        t_end = time.monotonic()
+        await until(lambda: sched.view("a").state == "stopped")  # type: ignore[union-attr]
+        assert time.monotonic() - t_end >= 0.3
+    finally:
+        await sched.close(drain=0)
 
 
 async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):

@@ -67,7 +67,7 @@ def test_rebinding_request_with_a_foreign_host_is_refused_before_routing(start, 
     and text/plain was answered 201 and the next request ran its cmd."""
     daemon = start(recipes_config(tmp_path))
     marker = tmp_path / "pwned"
-    evil = {"cmd": f"/bin/sh -c 'touch {marker}; sleep 30'", "gpu": False}
+    evil = {"cmd": f"/bin/sh -c 'touch {marker}'", "gpu": False}
     attack = {"Host": f"attacker.example:{daemon.port}", "Origin": "http://attacker.example",
               "Content-Type": "text/plain"}
     code, body = http("PUT", daemon.url + "/admin/recipes/x", yaml.safe_dump(evil), attack)
