@@ -346,7 +346,7 @@ class Proxy:
 
         try:
             return naming.resolve(config, self._profiles.active, name,
-                                  pick if selectors and config.selectors else None)
+                                  pick if selectors else None)
         except Unroutable as exc:
             raise ApiError(exc.message, status=exc.status, code=exc.code) from None
 

@@ -333,13 +333,19 @@ class Scheduler:
         return _LeaseContext(self, model, progress, priority, ready_only)
 
     async def _acquire(self, model: str, priority: int = 0) -> str:
+        got = self._request(model, priority)
+        return got if isinstance(got, str) else await self._wait(model, *got)
+
+    def _request(self, model: str, priority: int) -> str | tuple[int, list[Effect]]:
+        """A request arrives: the upstream when it is granted at once (the fast path: ready,
+        nobody queued), its refusal raised, or its ticket and effects to wait on."""
         ticket, fx = self._core.request(model, self._clock(), priority)
         first = fx[0] if fx else None
         if type(first) is Grant and first.ticket == ticket:
-            return self._engines[model].upstream  # the fast path: ready, nobody queued
+            return self._engines[model].upstream
         if type(first) is Fail and first.ticket == ticket:
             raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
-        return await self._wait(model, ticket, fx)
+        return ticket, fx
 
     async def _wait(self, model: str, ticket: int, fx: list[Effect]) -> str:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -388,8 +394,8 @@ class Scheduler:
     # -- carrying out effects ------------------------------------------------------------
 
     def _apply(self, fx: Iterable[Effect], notify: bool = False) -> None:
-        """Carry out the core's effects; wake `_wait_for` if anything but a count changed
-        (or `notify`: the event itself was a change, e.g. a stop that finished)."""
+        """Carry out the core's effects; wake `_wait_for` if there were any (or `notify`:
+        the event itself was a change, e.g. a stop that finished)."""
         changed = notify
         for e in fx:
             changed = True
@@ -735,16 +741,9 @@ class _LeaseContext:
         if self._ready_only:
             upstream = s._acquire_ready(self._model)
         elif self._progress is None:
-            # _acquire, inlined: one coroutine less on every request.
-            model = self._model
-            ticket, fx = s._core.request(model, s._clock(), self._priority)
-            first = fx[0] if fx else None
-            if type(first) is Grant and first.ticket == ticket:
-                upstream = s._engines[model].upstream
-            elif type(first) is Fail and first.ticket == ticket:
-                raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
-            else:
-                upstream = await s._wait(model, ticket, fx)
+            # _acquire without its coroutine: one less on every request.
+            got = s._request(self._model, self._priority)
+            upstream = got if isinstance(got, str) else await s._wait(self._model, *got)
         else:
             upstream = await s._acquire_with_progress(self._model, self._progress, self._priority)
         self._held = True
