@@ -243,6 +243,15 @@ _MODEL_KEYS = frozenset(
 )
 
 
+def is_http_url(text: str) -> bool:
+    """An http:// or https:// URL with a host and no port 0 (a model's or a peer's `proxy`)."""
+    try:
+        url = urlsplit(text)
+        return url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:
+        return False
+
+
 def _show(value: Any) -> str:
     """A value as the user wrote it, for `got …` in messages."""
     if isinstance(value, str):
@@ -690,12 +699,7 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     texts, trees, env_keys, strip_key = t.texts, t.trees, t.env_keys, t.strip_key
 
     proxy = texts["proxy"]
-    try:
-        url = urlsplit(proxy)
-        url_ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-    except ValueError:
-        url_ok = False
-    if not url_ok:
+    if not is_http_url(proxy):
         ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {_show(proxy)}")
     engine_name = node.text("engine")
     engine = engine_kind(engine_name) if engine_name else None

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 from swapd.config import (
     Config,
@@ -26,6 +25,7 @@ from swapd.config import (
     _Ctx,
     _Node,
     _show,
+    is_http_url,
 )
 from swapd.matrix import MatrixError, Program, can_run_together, compile_sets, expand
 from swapd.memory import GiB, SizeError, parse_size
@@ -395,12 +395,7 @@ def _peers(ctx: _Ctx, top: _Node,
         if not peer_id.strip():
             ctx.fail("peers", "a peer id must not be empty")
         proxy = (node.text("proxy") or "").strip()
-        try:
-            url = urlsplit(proxy)
-            ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-        except ValueError:
-            ok = False
-        if not ok:
+        if not is_http_url(proxy):
             ctx.fail(node.key("proxy"), f"required: an http:// or https:// URL, got {_show(proxy)}")
         models = tuple(dict.fromkeys(m.strip() for m in node.texts("models") if m.strip()))
         if not models:
