@@ -19,7 +19,7 @@ from aiohttp import web
 from swapd import __version__
 from swapd.appstate import config_of
 from swapd.config import Config, ConfigError, load_model_entry
-from swapd.config_routing import Router
+from swapd.config_routing import RouterKind
 from swapd.errors import ApiError
 from swapd.files import write_atomic
 from swapd.memwatch import MemoryWatch
@@ -67,7 +67,7 @@ def memory_document(memory: MemoryWatch, config: Config) -> dict[str, Any]:
         "available": info.available if info else None,
         "total": info.total if info else None,
         "router": str(config.router),
-        "reserve": config.memory_reserve if config.router == Router.MEMORY else None,
+        "reserve": config.memory_reserve if config.router == RouterKind.MEMORY else None,
         "guard": {
             "enabled": guard.enabled,
             "floor": str(guard.floor),
@@ -124,7 +124,7 @@ def status_document(scheduler: Scheduler, config: Config,
     doc: dict[str, Any] = {
         "version": __version__,
         "listen": config.listen,
-        "tenant": scheduler.tenant(),
+        "tenant": scheduler.live_gpu_engines(),
         "queue": scheduler.queued(),
         "models": models,
         # llama-swap's profiles: the active one (null: none) and those defined.

@@ -132,7 +132,7 @@ class _Observer:
         if view is not None:
             self._daemon.memory.engine_state(view.cfg, state)
         self._daemon.metrics.set_engine_state(model, state)
-        tenant = ", ".join(self._daemon.scheduler.tenant()) or "none"
+        tenant = ", ".join(self._daemon.scheduler.live_gpu_engines()) or "none"
         systemd.status(f"tenant: {tenant}")
 
     def engine_started(self, model: str, ok: bool, seconds: float) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from swapd import __version__
 from swapd.config import ConfigError, LoadResult, load_config, spell, split_host_port
-from swapd.config_routing import Router, check_lines
+from swapd.config_routing import RouterKind, check_lines
 from swapd.memory import format_size
 from swapd.redact import redact_argv, redact_text
 
@@ -179,7 +179,7 @@ def format_check(result: LoadResult) -> str:
             dropped = [name for name in m.env_remove if name not in names]
             lines.append(f"    env:      {', '.join(names) or '-'}" + (
                 f" (not inherited: {', '.join(dropped)})" if dropped else ""))
-    if config.router == Router.MEMORY:
+    if config.router == RouterKind.MEMORY:
         lines.append(f"router: memory (reserve {format_size(config.memory_reserve)})")
     guard = config.memory_guard
     lines.append(f"memoryGuard: floor {guard.floor}" if guard.enabled else "memoryGuard: off")

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         LogToStdout,
         PeerConfig,
         ProfileConfig,
-        Router,
+        RouterKind,
         SelectorConfig,
         Timeouts,
     )
@@ -187,7 +187,7 @@ class Config:
     # each model resolves them again with its own MODEL_ID, PORT and overrides.
     macros: tuple[tuple[str, Any], ...] = ()
     # llama-swap's routing keys (swapd/config_routing.py loads them).
-    router: Router | str = "group"
+    router: RouterKind | str = "group"
     matrix: Program | None = None
     priority: Mapping[str, int] = field(default_factory=dict)  # model id → fifo priority
     selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)

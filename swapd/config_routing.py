@@ -105,7 +105,7 @@ class PeerConfig:
     set_params_by_id: Any = None
 
 
-class Router(StrEnum):
+class RouterKind(StrEnum):
     GROUP = "group"
     MATRIX = "matrix"
     MEMORY = "memory"  # placement by measured memory (docs/memory.md)
@@ -203,7 +203,7 @@ def set_params_by_id(ctx: _Ctx, path: str, value: Any) -> dict[str, dict[str, An
 class Routing:
     """What `load_config` adds to `Config` from the keys above (field name → value)."""
 
-    router: Router = Router.GROUP
+    router: RouterKind = RouterKind.GROUP
     matrix: Program | None = None
     memory_reserve: int = 8 * GiB  # routing.router.settings.memory.reserve
     priority: Mapping[str, int] = field(default_factory=dict)
@@ -257,7 +257,7 @@ def load(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig],
 
 
 def _router(ctx: _Ctx, top: _Node,
-            models: Mapping[str, ModelConfig]) -> tuple[Router, Program | None]:
+            models: Mapping[str, ModelConfig]) -> tuple[RouterKind, Program | None]:
     # routing, router and settings had their keys checked by config._groups already.
     routing = top.child("routing", None)
     router = routing.child("router", None) if routing else None
@@ -276,11 +276,11 @@ def _router(ctx: _Ctx, top: _Node,
         if raw is not None:
             ctx.warn(where, f"not used: routing.router.use is {use or 'group'} "
                      "(set it to matrix)")
-        return (Router.MEMORY if use == "memory" else Router.GROUP), None
+        return (RouterKind.MEMORY if use == "memory" else RouterKind.GROUP), None
     if raw is None:
         ctx.fail("routing.router.settings.matrix",
                  "required when routing.router.use is matrix")
-    return Router.MATRIX, _matrix(_Node(ctx, raw, where,
+    return RouterKind.MATRIX, _matrix(_Node(ctx, raw, where,
                                         frozenset({"vars", "evict_costs", "sets"})), models)
 
 
@@ -439,7 +439,7 @@ def _peers(ctx: _Ctx, top: _Node,
     return peers, routes
 
 
-def _selectors(ctx: _Ctx, top: _Node, names: _Names, router: Router,
+def _selectors(ctx: _Ctx, top: _Node, names: _Names, router: RouterKind,
                matrix: Program | None,
                groups: tuple[GroupConfig, ...]) -> dict[str, SelectorConfig]:
     section = top.child("selectors", None)
@@ -499,11 +499,11 @@ def _selectors(ctx: _Ctx, top: _Node, names: _Names, router: Router,
     return out
 
 
-def _coexist(models: list[str], router: Router, matrix: Program | None,
+def _coexist(models: list[str], router: RouterKind, matrix: Program | None,
              groups: tuple[GroupConfig, ...]) -> bool:
     if len(models) <= 1:
         return True
-    if router == Router.MATRIX:
+    if router == RouterKind.MATRIX:
         return matrix is not None and can_run_together(matrix, models)
     owner = [next((g for g in groups if m in g.members), None) for m in models]
     first = owner[0]

@@ -26,7 +26,7 @@ Failure rules (issue 12):
 - After `restart.maxRetries` consecutive failures the model is `FAILED`: 503 until
   `restart.backoffMax` has passed, or until an admin load (`clear_failure`).
 
-Which running models a start evicts is the `Router`'s decision (see `Placement`), and
+Which running models a start evicts is the `Router`'s decision (see `RouteQuery`), and
 the queue order is `QueueKey`'s: both are pure functions chosen from the config by
 `swapd.placement`.
 """
@@ -161,7 +161,7 @@ class ModelView:
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class RouteQuery:
     """The input of a `Router`: start `target`; what must stop first?"""
 
     target: str
@@ -189,9 +189,9 @@ class Refuse:
     reason: str
 
 
-Decision = tuple[str, ...] | Wait | Refuse
-# Pure: (Placement) -> the running models to evict (maybe none), Wait, or Refuse.
-Router = Callable[[Placement], Decision]
+RouteAnswer = tuple[str, ...] | Wait | Refuse
+# Pure: (RouteQuery) -> the running models to evict (maybe none), Wait, or Refuse.
+Router = Callable[[RouteQuery], RouteAnswer]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +212,7 @@ def fifo_key(w: Queued) -> tuple[float, ...]:
     return (w.seq,)
 
 
-def groups_router(p: Placement) -> Decision:
+def groups_router(p: RouteQuery) -> RouteAnswer:
     """llama-swap's group rules (policy.evictions): the default router."""
     running = [m for m, v in p.models.items() if v.running]
     gpu = {m: v.gpu for m, v in p.models.items()}
@@ -304,7 +304,7 @@ class Core:
     def queue_length(self) -> int:
         return len(self._queue)
 
-    def tenant(self) -> list[str]:
+    def running_gpu(self) -> list[str]:
         """The running GPU models."""
         return [k for k, m in self._models.items() if m.phase in RUNNING and m.cfg.gpu]
 
@@ -690,7 +690,7 @@ class Core:
         if m.cfg.gpu and self._swap is not None:
             return  # one swap at a time; this request's turn comes next
         views = self.views()
-        decision = self.router(Placement(model, views, self.config.groups, now))
+        decision = self.router(RouteQuery(model, views, self.config.groups, now))
         if isinstance(decision, Wait):
             # Cannot be placed now: backpressure, asked again on the next event.
             if decision.until is not None:

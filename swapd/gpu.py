@@ -30,12 +30,12 @@ import psutil
 import structlog
 
 from swapd import procgroup
+from swapd.memory import PROC_MEMINFO, MemInfo, read_meminfo
 
 log = structlog.get_logger("swapd.gpu")
 
-MemorySource = Literal["nvml", "meminfo"]
+MemoryOrigin = Literal["nvml", "meminfo"]
 
-PROC_MEMINFO: Final = "/proc/meminfo"
 
 # NVML return codes (pynvml's constants, with the C header's values as fallbacks for fakes).
 _NOT_SUPPORTED: Final = 3
@@ -56,7 +56,7 @@ class GpuSample:
     driver: str
     memory_used_bytes: int
     memory_total_bytes: int
-    memory_source: MemorySource
+    memory_source: MemoryOrigin
     temperature_celsius: float | None = None
     power_watts: float | None = None
     energy_joules: float | None = None
@@ -78,22 +78,6 @@ class Sample:
 
 class _GpuUnavailable(Exception):
     """This GPU cannot be read right now (lost, reset, bad handle): drop it from the sample."""
-
-
-def read_meminfo(path: str = PROC_MEMINFO) -> tuple[int, int]:
-    """(used, total) bytes from a /proc/meminfo-style file: MemTotal - MemAvailable, MemTotal."""
-    values: dict[str, int] = {}
-    with open(path, encoding="ascii", errors="replace") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("MemTotal", "MemAvailable"):
-                parts = rest.split()
-                # Values are in kB (really KiB), e.g. "MemTotal:  127535624 kB".
-                scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
-                values[key] = int(parts[0]) * scale
-    total = values["MemTotal"]
-    available = values.get("MemAvailable", total)
-    return max(total - available, 0), total
 
 
 def group_rss(groups: Mapping[str, procgroup.Tree]) -> tuple[dict[str, int], dict[int, str]]:
@@ -200,7 +184,7 @@ class Sampler:
             gpus: list[GpuSample] = []
             per_pid_gpu: dict[int, int | None] | None = None
             if self._nvml_state == "ok":
-                meminfo: list[tuple[int, int]] = []  # read at most once per pass
+                meminfo: list[MemInfo] = []  # read at most once per pass
                 for index in range(self._count):
                     try:
                         gpu, procs = self._read_gpu(index, meminfo)
@@ -381,7 +365,7 @@ class Sampler:
                 # an older driver without the V entry point: the legacy call below
         return float(nvml.nvmlDeviceGetTemperature(handle, sensor))
 
-    def _memory(self, handle: Any, meminfo: list[tuple[int, int]]) -> tuple[int, int, MemorySource]:
+    def _memory(self, handle: Any, meminfo: list[MemInfo]) -> tuple[int, int, MemoryOrigin]:
         try:
             info = self._nvml.nvmlDeviceGetMemoryInfo(handle)
             used, total = int(info.used), int(info.total)
@@ -394,10 +378,10 @@ class Sampler:
         if not meminfo:
             try:
                 meminfo.append(read_meminfo(self._meminfo_path))
-            except (OSError, KeyError, ValueError, IndexError) as exc:
+            except (OSError, ValueError) as exc:
                 raise _GpuUnavailable(f"no NVML memory info and {exc!r}") from exc
-        used, total = meminfo[0]
-        return used, total, "meminfo"
+        info = meminfo[0]
+        return max(info.total - info.available, 0), info.total, "meminfo"
 
     def _processes(self, handle: Any) -> dict[int, int | None] | None:
         """pid -> usedGpuMemory of the GPU's compute processes (None: NVML withholds it);
@@ -419,7 +403,7 @@ class Sampler:
         return out
 
     def _read_gpu(
-        self, index: int, meminfo: list[tuple[int, int]]
+        self, index: int, meminfo: list[MemInfo]
     ) -> tuple[GpuSample, dict[int, int | None] | None]:
         nvml = self._nvml
         handle, name, uuid = self._handle(index)

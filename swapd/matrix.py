@@ -284,7 +284,7 @@ def _evaluate(node: _Node, relevant: frozenset[str],
 
 
 @dataclass(frozen=True)
-class Decision:
+class MatrixChoice:
     """What starting `target` takes: the running models to stop first, and why."""
 
     evict: tuple[str, ...]
@@ -293,7 +293,7 @@ class Decision:
     cost: int = 0
 
 
-def solve(program: Program, target: str, running: Iterable[str]) -> Decision:
+def solve(program: Program, target: str, running: Iterable[str]) -> MatrixChoice:
     """The set containing `target` whose running-but-outside models cost least to
     evict; ties go to the set defined first. A target in no set runs alone.
 
@@ -315,9 +315,9 @@ def solve(program: Program, target: str, running: Iterable[str]) -> Decision:
                 best = (cost, matrix_set, state)
     if best is None:
         cost = sum(program.cost(m) for m in running)
-        return Decision(evict=tuple(running), set_name=None, allowed=(target,), cost=cost)
+        return MatrixChoice(evict=tuple(running), set_name=None, allowed=(target,), cost=cost)
     cost, chosen, state = best
-    return Decision(
+    return MatrixChoice(
         evict=tuple(m for m in running if m not in state.mask),
         set_name=chosen.name,
         allowed=tuple(sorted(state.full)),

@@ -129,6 +129,12 @@ def _field(data: bytes, key: bytes) -> int | None:
     return int(parts[0]) * scale
 
 
+def read_meminfo(path: str = PROC_MEMINFO) -> MemInfo:
+    """MemTotal and MemAvailable now, in one read. Raises OSError or ValueError."""
+    with open(path, "rb") as f:
+        return parse_meminfo(f.read())
+
+
 class MemReader:
     """Reads /proc/meminfo through one open descriptor. Not thread-safe (one owner)."""
 

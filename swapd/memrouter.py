@@ -26,9 +26,7 @@ from typing import Final, Protocol
 
 from swapd import policy
 from swapd.config import Config, ModelConfig
-from swapd.core import Decision, Refuse, Router, Wait, groups_router
-from swapd.core import Phase as CorePhase
-from swapd.core import Placement as CorePlacement
+from swapd.core import Phase, Refuse, RouteAnswer, RouteQuery, Router, Wait, groups_router
 from swapd.memory import MemInfo, MiB, format_size
 
 # Reasons for swapd_placement_evictions_total{reason}.
@@ -47,7 +45,7 @@ BASELINE_SLACK_RATIO: Final = 0.02
 PLATEAU: Final = 0.5
 
 
-class Phase(StrEnum):
+class TenantPhase(StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
@@ -58,7 +56,7 @@ class Tenant:
     """A running engine as placement sees it."""
 
     model: str
-    phase: Phase
+    phase: TenantPhase
     footprint: int | None  # bytes it needs when loaded (configured or learned); None: unknown
     used: int | None  # bytes it holds now (process tree RSS + GPU); None: not measured yet
     inflight: int = 0
@@ -80,7 +78,7 @@ class Tenant:
     @property
     def to_come(self) -> int:
         """What a starting engine will still take on top of what it holds."""
-        if self.phase != Phase.STARTING or self.footprint is None:
+        if self.phase != TenantPhase.STARTING or self.footprint is None:
             return 0
         return max(0, self.footprint - (self.used or 0))
 
@@ -93,7 +91,7 @@ class Room:
 
 
 @dataclass(frozen=True)
-class Placement:
+class MemoryPlan:
     """The answer: start now after stopping `evict` (maybe none), wait, or never."""
 
     evict: tuple[str, ...] = ()
@@ -113,38 +111,38 @@ def free_room(room: Room, others: Sequence[Tenant]) -> int:
     return room.available - room.reserve - sum(t.to_come for t in others)
 
 
-def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) -> Placement:
+def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) -> MemoryPlan:
     """Where `target` (footprint `need`, None: unknown) goes, given the running `tenants`."""
     others = [t for t in tenants if t.model != target]
     unknown_starting = sorted(
-        t.model for t in others if t.phase == Phase.STARTING and t.footprint is None
+        t.model for t in others if t.phase == TenantPhase.STARTING and t.footprint is None
     )
     if unknown_starting:
         # Its growth cannot be accounted for: one unknown at a time, then it is known.
-        return Placement(wait=f"{', '.join(unknown_starting)} is starting and its memory "
+        return MemoryPlan(wait=f"{', '.join(unknown_starting)} is starting and its memory "
                          "footprint is not known yet")
-    stopping = [t for t in others if t.phase == Phase.STOPPING]
+    stopping = [t for t in others if t.phase == TenantPhase.STOPPING]
     releasing = tuple(sorted(t.model for t in stopping))
     idle = sorted(
-        (t for t in others if t.phase == Phase.READY and not t.busy and not t.persistent),
+        (t for t in others if t.phase == TenantPhase.READY and not t.busy and not t.persistent),
         key=lambda t: (t.last_used, t.model),
     )
     if need is None:
-        return Placement(evict=tuple(t.model for t in idle), reason=UNKNOWN_FOOTPRINT,
+        return MemoryPlan(evict=tuple(t.model for t in idle), reason=UNKNOWN_FOOTPRINT,
                          releasing=releasing)
     machine = room.total - room.reserve
     if need > machine:
-        return Placement(never=f"{target} needs {format_size(need)}, more than this machine "
+        return MemoryPlan(never=f"{target} needs {format_size(need)}, more than this machine "
                          f"can give it ({format_size(room.total)} MemTotal − "
                          f"{format_size(room.reserve)} reserve)")
     free = free_room(room, others)
     if need <= free:
-        return Placement()
+        return MemoryPlan()
     coming = sum(t.holds for t in stopping)
     if need <= free + coming:
         # It fits once engines already stopping have given their memory back: wait for
         # that rather than stop more, or start into memory that is not free yet.
-        return Placement(wait=f"{target} fits once {', '.join(releasing)} "
+        return MemoryPlan(wait=f"{target} fits once {', '.join(releasing)} "
                          "gave back its memory", releasing=releasing)
     chosen: list[str] = []
     for tenant in idle:
@@ -153,10 +151,10 @@ def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) 
         chosen.append(tenant.model)
         coming += tenant.holds
     if need <= free + coming:
-        return Placement(evict=tuple(chosen), releasing=releasing)
-    busy = sorted(t.model for t in others if t.phase != Phase.STOPPING and t not in idle)
+        return MemoryPlan(evict=tuple(chosen), releasing=releasing)
+    busy = sorted(t.model for t in others if t.phase != TenantPhase.STOPPING and t not in idle)
     held = f"; held by {', '.join(busy)}" if busy else ""
-    return Placement(wait=f"{target} needs {format_size(need)}; {format_size(max(free, 0))} "
+    return MemoryPlan(wait=f"{target} needs {format_size(need)}; {format_size(max(free, 0))} "
                      f"free after the {format_size(room.reserve)} reserve, "
                      f"{format_size(coming)} more if every idle engine stopped{held}")
 
@@ -204,14 +202,14 @@ def released(
 RETRY: Final = 0.5
 
 _PHASES: Final = {
-    CorePhase.STARTING: Phase.STARTING,
-    CorePhase.READY: Phase.READY,
-    CorePhase.DRAINING: Phase.STOPPING,
-    CorePhase.STOPPING: Phase.STOPPING,
+    Phase.STARTING: TenantPhase.STARTING,
+    Phase.READY: TenantPhase.READY,
+    Phase.DRAINING: TenantPhase.STOPPING,
+    Phase.STOPPING: TenantPhase.STOPPING,
 }
 
 
-class MemorySource(Protocol):
+class MemoryReadings(Protocol):
     """What the memory router measures: `swapd.memwatch.MemoryWatch`, or a stand-in."""
 
     def meminfo(self) -> MemInfo: ...
@@ -221,12 +219,12 @@ class MemorySource(Protocol):
     def used(self, model: str) -> int | None: ...
 
 
-def memory_router(source: MemorySource, config: Config,
+def memory_router(source: MemoryReadings, config: Config,
                   evicted: Callable[[str, str], None] | None = None) -> Router:
     """`routing.router.use: memory` as the core's Router: `place` over what `source`
     measures now. MemAvailable unreadable: the one-tenant rule (groups)."""
 
-    def route(p: CorePlacement) -> Decision:
+    def route(p: RouteQuery) -> RouteAnswer:
         target = config.models.get(p.target)
         if target is not None and not target.gpu:
             return ()  # no GPU tenant (a CPU helper): starts beside anything, as with groups

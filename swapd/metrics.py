@@ -93,7 +93,7 @@ class SampleSource(Protocol):
     def latest(self) -> Sample: ...
 
 
-class MemorySource(Protocol):
+class MemoryGauges(Protocol):
     """What the memory collector reads: `swapd.memwatch.MemoryWatch`, or a stand-in."""
 
     def available_bytes(self) -> int | None: ...
@@ -105,7 +105,7 @@ class _MemoryCollector(Collector):
     """MemAvailable as the guard last read it, and each engine's peak memory."""
 
     def __init__(self) -> None:
-        self.source: MemorySource | None = None
+        self.source: MemoryGauges | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -495,7 +495,7 @@ class Metrics:
         """Export the GPU and engine-memory series of `sampler.latest()` from now on."""
         self._collector.sampler = sampler
 
-    def attach_memory(self, source: MemorySource | None) -> None:
+    def attach_memory(self, source: MemoryGauges | None) -> None:
         """Export MemAvailable and engine peak memory from `source` from now on."""
         self._memory.source = source
 

@@ -2,7 +2,7 @@
 
 The scheduler's core (`swapd.core`) asks two pure functions for its placement choices:
 
-- a `Router`, `(Placement) -> tuple[str, ...] | Wait`: given the target model and a frozen
+- a `Router`, `(RouteQuery) -> tuple[str, ...] | Wait`: given the target model and a frozen
   `ModelView` of every model (phase, gpu, inflight, queued, last_used, group, failures,
   retry_at), the running models to stop before the target starts, or `Wait(reason)` when it
   cannot be placed now (its requests keep waiting; placement is asked again on the next
@@ -21,14 +21,14 @@ from collections.abc import Callable
 
 from swapd import matrix, memrouter
 from swapd.config import Config
-from swapd.config_routing import Router as RouterKind
-from swapd.core import Decision, Placement, Queued, QueueKey, Router, fifo_key, groups_router
+from swapd.config_routing import RouterKind
+from swapd.core import Queued, QueueKey, RouteAnswer, RouteQuery, Router, fifo_key, groups_router
 from swapd.matrix import Program
 
 ROUTERS: dict[str, Router] = {"groups": groups_router}
 
 
-def router_for(config: Config, memory: memrouter.MemorySource | None = None,
+def router_for(config: Config, memory: memrouter.MemoryReadings | None = None,
                evicted: Callable[[str, str], None] | None = None) -> Router:
     """The eviction policy the config selects: llama-swap's groups (the default), or
     placement by measured memory (`routing.router.use: memory`, docs/memory.md), which
@@ -50,7 +50,7 @@ def matrix_router(program: Program) -> Router:
     """llama-swap's matrix router: the set containing the target whose running models
     outside it cost least to evict (swapd.matrix.solve); `gpu: false` models stay out."""
 
-    def route(p: Placement) -> Decision:
+    def route(p: RouteQuery) -> RouteAnswer:
         running = [m for m, v in p.models.items() if v.running and m != p.target]
         gpu = {m: v.gpu for m, v in p.models.items()}
         return matrix.evictions(program, p.target, running, gpu)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from swapd import gpu, memrouter, placement, procgroup
+from swapd import memrouter, placement, procgroup
 from swapd.config import Config, ModelConfig
 from swapd.core import (
     RUNNING,
@@ -41,7 +41,7 @@ from swapd.core import (
 from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
 from swapd.errors import ApiError
 from swapd.memguard import GuardEvent
-from swapd.memory import MemInfo
+from swapd.memory import MemInfo, read_meminfo
 from swapd.memwatch import MemoryWatch
 
 log = structlog.get_logger("swapd.scheduler")
@@ -230,7 +230,6 @@ class Scheduler:
         engines: EngineFactory | None = None,
         sink: LineSink | None = None,
         record: GroupRecord | None = None,
-        meminfo: Callable[[], tuple[int, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory: MemoryWatch | None = None,
     ) -> None:
@@ -239,7 +238,6 @@ class Scheduler:
         self._groups = _Groups(record)
         self._factory: EngineFactory = engines if engines is not None else self._default_engine
         self._sink = sink
-        self._meminfo = meminfo if meminfo is not None else read_meminfo
         self._clock = clock
         self._memory = memory
         self._core = Core(config, self._router_for(config), placement.queue_key_for(config))
@@ -303,7 +301,7 @@ class Scheduler:
         view = self._core.view(model)
         return view.queued if view else 0
 
-    def tenant(self) -> list[str]:
+    def live_gpu_engines(self) -> list[str]:
         """The GPU engines whose processes run now."""
         return [m for m, e in self._engines.items() if e.running and e.cfg.gpu]
 
@@ -495,7 +493,7 @@ class Scheduler:
             await asyncio.gather(start, return_exceptions=True)
         engine = self._engines.get(model)
         if engine is not None and engine.running:
-            self._release_start(model, engine)
+            self._note_before_stop(model, engine)
             label = "memory_guard" if self._guard_events.pop(model, None) else str(reason)
             log.info("stopping engine", model=model, reason=label, pid=engine.pid)
             killed = await engine.stop(reason=label)
@@ -512,7 +510,7 @@ class Scheduler:
                       retry_in=round(view.retry_at - self._clock(), 3))
             self._observer.engine_state(model, "failed")
 
-    def _release_start(self, model: str, engine: Engine) -> None:
+    def _note_before_stop(self, model: str, engine: Engine) -> None:
         """Note, just before a GPU engine stops, what the release wait compares against."""
         if not engine.cfg.gpu:
             return
@@ -573,8 +571,7 @@ class Scheduler:
     def _read_memory(self) -> MemInfo:
         if self._memory is not None:
             return self._memory.meminfo()
-        total, available = self._meminfo()
-        return MemInfo(total=total, available=available)
+        return read_meminfo()
 
     def _footprint(self, cfg: ModelConfig) -> int | None:
         return self._memory.footprint(cfg) if self._memory is not None else cfg.memory
@@ -753,10 +750,3 @@ class _LeaseContext:
         if self._held:
             self._held = False
             self._scheduler._release(self._model)
-
-
-def read_meminfo() -> tuple[int, int]:
-    """(MemTotal, MemAvailable) in bytes: GB10's GPU memory is this memory."""
-    used, total = gpu.read_meminfo()
-    return total, total - used
-

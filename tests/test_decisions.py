@@ -19,9 +19,9 @@ from swapd.core import (
     Forget,
     Grant,
     Phase,
-    Placement,
     Queued,
     Refusal,
+    RouteQuery,
     Start,
     Stop,
     StopReason,
@@ -561,7 +561,7 @@ def test_router_wait_holds_requests_until_placement_is_asked_again() -> None:
     placement is asked again on the next event, or at the time the router named."""
     room = {"free": False}
 
-    def router(p: Placement) -> tuple[str, ...] | Wait:
+    def router(p: RouteQuery) -> tuple[str, ...] | Wait:
         return groups_router(p) if room["free"] else Wait("no memory", until=p.now + 0.5)
 
     c = Core(Config(models={"a": cfg("a"), "b": cfg("b")}), router=router)
@@ -574,9 +574,9 @@ def test_router_wait_holds_requests_until_placement_is_asked_again() -> None:
 
 
 def test_router_sees_a_frozen_view_of_every_model() -> None:
-    seen: list[Placement] = []
+    seen: list[RouteQuery] = []
 
-    def router(p: Placement) -> tuple[str, ...] | Wait:
+    def router(p: RouteQuery) -> tuple[str, ...] | Wait:
         seen.append(p)
         return tuple(m for m, v in p.models.items() if v.idle and m != p.target)
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from swapd.config import load_config
-from swapd.config_routing import Router
+from swapd.config_routing import RouterKind
 from swapd.memory import GiB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def test_the_stacks_are_all_there() -> None:
 
 def test_brain_and_sprinter_are_placed_by_memory_without_groups() -> None:
     config = load_config(ROOT / "examples" / "vllm-brain-and-sprinter-memory.yaml").config
-    assert config.router == Router.MEMORY and config.groups == ()
+    assert config.router == RouterKind.MEMORY and config.groups == ()
     assert config.memory_reserve == 8 * GiB and config.memory_guard.enabled
     assert config.models["gpt-oss-120b"].memory == 70 * GiB
     assert config.models["gpt-oss-20b"].memory == 16 * GiB

@@ -26,7 +26,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from swapd import procgroup
-from swapd.gpu import GpuSample, Sample, Sampler, group_rss, read_meminfo
+from swapd.gpu import GpuSample, Sample, Sampler, group_rss
+from swapd.memory import MemInfo, read_meminfo
 from swapd.metrics import Metrics
 from tests.conftest import wait_until
 
@@ -362,9 +363,9 @@ def test_meminfo_follows_the_file(gb10_meminfo: str) -> None:
 def test_read_meminfo(tmp_path: Path) -> None:
     path = tmp_path / "meminfo"
     path.write_text(meminfo_text(1000, 250))
-    assert read_meminfo(str(path)) == (750 * 1024, 1000 * 1024)
+    assert read_meminfo(str(path)) == MemInfo(total=1000 * 1024, available=250 * 1024)
     path.write_text("MemTotal: 1000 kB\nMemFree: 10 kB\n")  # an old kernel: no MemAvailable
-    assert read_meminfo(str(path)) == (0, 1000 * 1024)
+    assert read_meminfo(str(path)) == MemInfo(total=1000 * 1024, available=1000 * 1024)
 
 
 def test_withheld_process_memory_is_unknown_not_zero(gb10_meminfo: str) -> None:

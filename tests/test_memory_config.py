@@ -10,7 +10,7 @@ import pytest
 
 from swapd.cli import format_check
 from swapd.config import ConfigError, load_config
-from swapd.config_routing import Router
+from swapd.config_routing import RouterKind
 from swapd.memory import Floor, GiB, MiB
 
 
@@ -45,7 +45,7 @@ def test_memory_router_keys(tmp_path: Path) -> None:
     result = load(tmp_path, BRAIN_AND_SPRINTER)
     config = result.config
     assert result.warnings == ()
-    assert config.router == Router.MEMORY
+    assert config.router == RouterKind.MEMORY
     assert config.memory_reserve == 6 * GiB
     assert config.memory_guard.enabled and config.memory_guard.floor == Floor(percent=3.0)
     assert config.models["brain"].memory == 70 * GiB
@@ -59,7 +59,7 @@ def test_memory_router_keys(tmp_path: Path) -> None:
 
 def test_defaults_keep_one_tenant_and_a_2gib_guard(tmp_path: Path) -> None:
     config = load(tmp_path, "models:\n  a:\n    cmd: engine --port ${PORT}\n").config
-    assert config.router == Router.GROUP
+    assert config.router == RouterKind.GROUP
     assert config.memory_guard.enabled
     assert config.memory_guard.floor == Floor(bytes=2 * GiB)
     assert config.models["a"].memory is None

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from swapd.config import Config, ModelConfig
-from swapd.config_routing import Router as RouterKind
+from swapd.config_routing import RouterKind
 from swapd.core import (
     ArmTimer,
     Core,
@@ -25,15 +25,15 @@ from swapd.memrouter import (
     MAKE_ROOM,
     RETRY,
     UNKNOWN_FOOTPRINT,
-    Phase,
     Room,
     Tenant,
+    TenantPhase,
     place,
     released,
 )
 from swapd.placement import router_for
 
-R, S, X = Phase.READY, Phase.STARTING, Phase.STOPPING
+R, S, X = TenantPhase.READY, TenantPhase.STARTING, TenantPhase.STOPPING
 
 # A GB10: 128 GB MemTotal (about 119 GiB), 8 GiB kept for the OS.
 SPARK = dict(total=119 * GiB, reserve=8 * GiB)
@@ -43,7 +43,7 @@ def room(available_gib: float) -> Room:
     return Room(available=int(available_gib * GiB), **SPARK)
 
 
-def t(model: str, phase: Phase = R, used: float | None = None, footprint: float | None = None,
+def t(model: str, phase: TenantPhase = R, used: float | None = None, footprint: float | None = None,
       inflight: int = 0, queued: int = 0, last_used: float = 0.0,
       persistent: bool = False) -> Tenant:
     return Tenant(
@@ -236,7 +236,7 @@ def test_core_places_the_brain_and_the_sprinter_side_by_side() -> None:
     c = mem_core(source, gib_model("brain", 70), gib_model("sprinter", 16))
     bring_up(c, source, "brain", 0, 70)
     bring_up(c, source, "sprinter", 10, 16)
-    assert c.tenant() == ["brain", "sprinter"]
+    assert c.running_gpu() == ["brain", "sprinter"]
 
 
 def test_core_a_start_counts_what_a_loading_engine_still_takes() -> None:

@@ -76,7 +76,7 @@ def test_matrix_starts_beside_what_its_set_allows(tmp_path: Path) -> None:
     assert starts(fx) == ["rerank"] and stops(fx) == []  # with_rerank
     c.start_finished("rerank", 2.5, ok=True)
     c.release("rerank", 2.6)
-    assert set(c.tenant()) == {"gemma", "voxtral", "rerank"}
+    assert set(c.running_gpu()) == {"gemma", "voxtral", "rerank"}
 
 
 def test_matrix_evicts_the_cheapest_and_starts_only_the_target(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_matrix_evicts_the_cheapest_and_starts_only_the_target(tmp_path: Path) -
     assert starts(c.stop_finished("gemma", 2.5)) == ["qwen"]  # rerank is not preloaded
     c.start_finished("qwen", 3.0, ok=True)
     c.release("qwen", 3.1)
-    assert set(c.tenant()) == {"qwen", "voxtral"}
+    assert set(c.running_gpu()) == {"qwen", "voxtral"}
     # sd: only creative has it; voxtral (50) must go, qwen may stay
     _, fx = c.request("sd", 4.0)
     assert stops(fx) == ["voxtral"]
