@@ -23,30 +23,27 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from swapd import __version__, origins, procgroup, redact, systemd
-from swapd.activity import ActivityLog
-from swapd.admin import Admin
-from swapd.appstate import CONFIG, UPSTREAM, LiveConfig
-from swapd.capture import CaptureBuffer
-from swapd.config import (
-    Config,
-    ConfigError,
-    LoadResult,
-    include_files,
-    load_config,
-    split_host_port,
-)
+from swapd import __version__, redact, systemd
+from swapd.config.loader import load_config
+from swapd.config.nodes import ConfigError, include_files, split_host_port
+from swapd.config.types import Config, LoadResult
+from swapd.engines import procgroup
+from swapd.engines.orphans import OwnedGroups, reap_leftovers
+from swapd.engines.starts import StartTimes
 from swapd.errors import ApiError, answer
-from swapd.gpu import Sampler
-from swapd.logs import LogHub, configure_logging, log_routes
-from swapd.memguard import GuardEvent, Watched
-from swapd.memwatch import MemoryWatch
-from swapd.metrics import Metrics
-from swapd.naming import Profiles
-from swapd.orphans import OwnedGroups, reap_leftovers
-from swapd.proxy import INFERENCE_POST_PATHS, Proxy
-from swapd.scheduler import Scheduler
-from swapd.starts import StartTimes
+from swapd.http import origins
+from swapd.http.admin import Admin
+from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
+from swapd.http.modelnames import Profiles
+from swapd.http.proxy import INFERENCE_POST_PATHS, Proxy
+from swapd.memory.gpu import Sampler
+from swapd.memory.guard import GuardEvent, Watched
+from swapd.memory.watch import MemoryWatch
+from swapd.observe.activity import ActivityLog
+from swapd.observe.capture import CaptureBuffer
+from swapd.observe.logs import LogHub, configure_logging, log_routes
+from swapd.observe.metrics import Metrics
+from swapd.schedule.runner import Scheduler
 from swapd.ui import api_routes, ui_routes
 
 log = structlog.get_logger("swapd")

@@ -14,9 +14,11 @@ import urllib.request
 from collections.abc import Sequence
 
 from swapd import __version__
-from swapd.config import ConfigError, LoadResult, load_config, spell, split_host_port
-from swapd.config_routing import RouterKind, check_lines
-from swapd.memory import format_size
+from swapd.config.loader import load_config
+from swapd.config.nodes import ConfigError, spell, split_host_port
+from swapd.config.routing import check_lines
+from swapd.config.sizes import format_size
+from swapd.config.types import LoadResult, RouterKind
 from swapd.redact import redact_argv, redact_text
 
 EXIT_OK = 0
@@ -71,7 +73,7 @@ def _load(path: str) -> LoadResult | None:
 def _with_exec_warnings(loaded: LoadResult) -> LoadResult:
     """`loaded` plus a warning for each command that could not be exec'd here, with this
     process's environment: the one `swapd serve` started the same way would give engines."""
-    from swapd.launch import engine_environment, exec_problem
+    from swapd.engines.launch import engine_environment, exec_problem
 
     found = []
     for model in loaded.config.models.values():

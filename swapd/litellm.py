@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import yaml
 
-from swapd.config import Config
+from swapd.config.types import Config
 
 MASTER_KEY = "os.environ/LITELLM_MASTER_KEY"
 HEADER = """\

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapd.activity import KEEP_BYTES, ActivityLog, Record, Tracker, find_object
-from swapd.capture import CaptureBuffer
+from swapd.engines.starts import KEEP, StartTimes, estimate, remaining
+from swapd.observe.activity import KEEP_BYTES, ActivityLog, Record, Tracker, find_object
+from swapd.observe.capture import CaptureBuffer
 from swapd.redact import MASK, redact_headers, redact_text
-from swapd.starts import KEEP, StartTimes, estimate, remaining
 
 
 def event(obj: Any) -> bytes:
@@ -232,7 +232,8 @@ def test_redaction_keeps_what_is_not_secret() -> None:
 def test_activity_keys_load_and_bad_values_name_their_key_path(tmp_path: Path) -> None:
     import pytest
 
-    from swapd.config import ConfigError, load_config
+    from swapd.config.loader import load_config
+    from swapd.config.nodes import ConfigError
 
     def load(extra: str) -> Any:
         path = tmp_path / "c.yaml"

@@ -6,8 +6,8 @@ import socket
 
 import aiohttp
 
-from swapd.clients import Clients, _socket_factory, request_timeout
-from swapd.config_routing import MODEL_TIMEOUTS, PEER_TIMEOUTS, Timeouts
+from swapd.config.types import MODEL_TIMEOUTS, PEER_TIMEOUTS, Timeouts
+from swapd.http.clients import Clients, _socket_factory, request_timeout
 
 
 def test_connect_and_tls_handshake() -> None:

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from swapd.cli import format_check
-from swapd.config import (
-    Config,
-    ConfigError,
-    EngineKind,
-    LoadResult,
-    RestartPolicy,
-    include_files,
-    load_config,
-    load_model_entry,
-    split_host_port,
-)
+from swapd.config.loader import load_config, load_model_entry
+from swapd.config.nodes import ConfigError, include_files, split_host_port
+from swapd.config.presets import EngineKind
+from swapd.config.types import Config, LoadResult, RestartPolicy
 
 COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
 if not COMPAT.is_dir():  # the repository checked out on its own

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from swapd.cli import format_check
-from swapd.config import ConfigError, LoadResult, load_config
-from swapd.matrix import expand, solve
+from swapd.config.loader import load_config
+from swapd.config.nodes import ConfigError
+from swapd.config.types import LoadResult
+from swapd.placement.matrix import expand, solve
 
 MODELS = """
 models:

@@ -10,24 +10,11 @@ from typing import Any
 
 import pytest
 
-from swapd.config import Config, GroupConfig, ModelConfig, RestartPolicy
-from swapd.core import (
-    ArmTimer,
-    Core,
-    Effect,
-    Fail,
-    Forget,
-    Grant,
-    Phase,
-    Queued,
-    Refusal,
-    RouteQuery,
-    Start,
-    Stop,
-    StopReason,
-    Wait,
-    groups_router,
-)
+from swapd.config.types import Config, GroupConfig, ModelConfig, RestartPolicy
+from swapd.placement.groups import groups_router
+from swapd.placement.types import Queued, RouteQuery, Wait
+from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Forget, Grant, Refusal, Start, Stop
+from swapd.schedule.phase import Phase, StopReason
 
 RESTART = RestartPolicy(max_retries=3, backoff_initial=1.0, backoff_max=60.0)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from swapd.config import load_config
-from swapd.config_routing import RouterKind
-from swapd.memory import GiB
+from swapd.config.loader import load_config
+from swapd.config.sizes import GiB
+from swapd.config.types import RouterKind
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from swapd.config import ModelConfig
-from swapd.footprints import FILE_NAME, FootprintStore, Learner, Run, fingerprint, learn
-from swapd.memory import GiB
+from swapd.config.sizes import GiB
+from swapd.config.types import ModelConfig
+from swapd.memory.footprints import FILE_NAME, FootprintStore, Learner, Run, fingerprint, learn
 from tests.conftest import wait_until_async
 
 CFG = ModelConfig(id="brain", cmd=("vllm", "serve", "openai/gpt-oss-120b"))

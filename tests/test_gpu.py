@@ -25,10 +25,10 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from swapd import procgroup
-from swapd.gpu import GpuSample, Sample, Sampler, group_rss
-from swapd.memory import MemInfo, read_meminfo
-from swapd.metrics import Metrics
+from swapd.engines import procgroup
+from swapd.memory.gpu import GpuSample, Sample, Sampler, group_rss
+from swapd.memory.meminfo import MemInfo, read_meminfo
+from swapd.observe.metrics import Metrics
 from tests.conftest import wait_until
 
 # -- the fake pynvml -------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from swapd import logs
 from swapd.errors import error_middleware
-from swapd.logs import ENGINES, LogHub, configure_logging, log_routes, parse_level
+from swapd.observe import logs
+from swapd.observe.logs import ENGINES, LogHub, configure_logging, log_routes, parse_level
 from tests.conftest import wait_until_async
 
 # -- ring buffers -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from swapd.matrix import (
+from swapd.placement.matrix import (
     MatrixError,
     Program,
     can_run_together,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from swapd.memguard import (
+from swapd.config.sizes import Floor, GiB, MiB
+from swapd.engines.procgroup import Tree
+from swapd.memory.guard import (
     FAST_INTERVAL,
     MIN_GROWTH,
     SLOW_INTERVAL,
@@ -22,8 +24,7 @@ from swapd.memguard import (
     fall_rate,
     next_interval,
 )
-from swapd.memory import Floor, GiB, MemReader, MiB
-from swapd.procgroup import Tree
+from swapd.memory.meminfo import MemReader
 
 FLOOR = 2 * GiB
 

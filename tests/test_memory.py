@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from swapd.memory import (
-    Floor,
-    GiB,
-    KiB,
-    MemReader,
-    MiB,
-    SizeError,
-    format_size,
-    parse_floor,
-    parse_meminfo,
-    parse_size,
-)
+from swapd.config.sizes import Floor, GiB, KiB, MiB, SizeError, format_size, parse_floor, parse_size
+from swapd.memory.meminfo import MemReader, parse_meminfo
 
 
 @pytest.mark.parametrize(("text", "size"), [

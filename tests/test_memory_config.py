@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from swapd.cli import format_check
-from swapd.config import ConfigError, load_config
-from swapd.config_routing import RouterKind
-from swapd.memory import Floor, GiB, MiB
+from swapd.config.loader import load_config
+from swapd.config.nodes import ConfigError
+from swapd.config.sizes import Floor, GiB, MiB
+from swapd.config.types import RouterKind
 
 
 def load(tmp_path: Path, text: str):  # type: ignore[no-untyped-def]

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from swapd.memory import MemReader, MiB
+from swapd.config.sizes import MiB
+from swapd.memory.meminfo import MemReader
 from tests.conftest import (
     HOG,
     Swapd,

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swapd.memory import MemReader, MiB
+from swapd.config.sizes import MiB
+from swapd.memory.meminfo import MemReader
 from tests.conftest import HOG, Swapd, fake_cmd, model, pid_alive, wait_until
 
 

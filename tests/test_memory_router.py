@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from swapd.memory import MiB
+from swapd.config.sizes import MiB
 from tests.conftest import (
     Swapd,
     fake_cmd,

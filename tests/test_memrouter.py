@@ -7,21 +7,10 @@ from typing import Any
 
 import pytest
 
-from swapd.config import Config, ModelConfig
-from swapd.config_routing import RouterKind
-from swapd.core import (
-    ArmTimer,
-    Core,
-    Fail,
-    Grant,
-    Refusal,
-    Start,
-    Stop,
-    StopReason,
-    groups_router,
-)
-from swapd.memory import GiB, MemInfo, MiB
-from swapd.memrouter import (
+from swapd.config.sizes import GiB, MiB
+from swapd.config.types import Config, ModelConfig, RouterKind
+from swapd.memory.meminfo import MemInfo
+from swapd.placement.by_memory import (
     MAKE_ROOM,
     RETRY,
     UNKNOWN_FOOTPRINT,
@@ -31,7 +20,10 @@ from swapd.memrouter import (
     place,
     released,
 )
-from swapd.placement import router_for
+from swapd.placement.groups import groups_router
+from swapd.placement.registry import router_for
+from swapd.schedule.core import ArmTimer, Core, Fail, Grant, Refusal, Start, Stop
+from swapd.schedule.phase import StopReason
 
 R, S, X = TenantPhase.READY, TenantPhase.STARTING, TenantPhase.STOPPING
 

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample as PromSample
 
 from swapd import __version__
-from swapd.gpu import GpuSample, Sample, Sampler
-from swapd.metrics import (
+from swapd.memory.gpu import GpuSample, Sample, Sampler
+from swapd.observe.metrics import (
     ENGINE_STATES,
     MODEL_CODES,
     START_RESULTS,

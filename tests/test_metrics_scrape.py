@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench.metrics_scrape import tuner_ids
-from swapd.metrics import MODEL_CODES, UNROUTED_CODES, Metrics
+from swapd.observe.metrics import MODEL_CODES, UNROUTED_CODES, Metrics
 from tests.conftest import fake_cmd, http, metric_value, model
 from tests.test_metrics import FixedSampler, gb10_sample
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from swapd.config import Config, load_config
-from swapd.naming import Local, Profiles, Remote, Spillover, Unroutable, choose, resolve
+from swapd.config.loader import load_config
+from swapd.config.types import Config
+from swapd.http.modelnames import Local, Profiles, Remote, Spillover, Unroutable, choose, resolve
 
 CONFIG = """
     models:

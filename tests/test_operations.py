@@ -759,7 +759,7 @@ def test_is_secret_name():
 
 
 def test_load_config_keeps_ports_across_a_reload(tmp_path):
-    from swapd.config import load_config
+    from swapd.config.loader import load_config
 
     path = tmp_path / "c.yaml"
 

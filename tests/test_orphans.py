@@ -16,8 +16,8 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from swapd import orphans, procgroup
-from swapd.orphans import OwnedGroups, is_same_process, reap_leftovers
+from swapd.engines import orphans, procgroup
+from swapd.engines.orphans import OwnedGroups, is_same_process, reap_leftovers
 from tests.conftest import IDLE, wait_until
 
 # Ignores SIGTERM, and says so only once the handler is in place.

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-from swapd import policy
-from swapd.config import GroupConfig
+from swapd.config.types import GroupConfig
+from swapd.placement.groups import evictions
+from swapd.schedule.rules import IdleInput, backoff, idle, next_idle_check
 
 GPU: dict[str, bool] = {}
 
 
 def test_default_group_is_one_at_a_time():
-    assert policy.evictions("b", ["a"], (), GPU) == ["a"]
-    assert policy.evictions("a", ["a"], (), GPU) == []
-    assert policy.evictions("a", [], (), GPU) == []
+    assert evictions("b", ["a"], (), GPU) == ["a"]
+    assert evictions("a", ["a"], (), GPU) == []
+    assert evictions("a", [], (), GPU) == []
 
 
 def test_gpu_false_never_evicts_nor_is_evicted():
     gpu = {"helper": False}
-    assert policy.evictions("helper", ["a"], (), gpu) == []
-    assert policy.evictions("b", ["a", "helper"], (), gpu) == ["a"]
+    assert evictions("helper", ["a"], (), gpu) == []
+    assert evictions("b", ["a", "helper"], (), gpu) == ["a"]
 
 
 def test_swap_false_group_members_run_together():
     groups = (GroupConfig("pair", swap=False, exclusive=True, members=("a", "b")),)
-    assert policy.evictions("b", ["a"], groups, GPU) == []
+    assert evictions("b", ["a"], groups, GPU) == []
     # An exclusive group unloads models outside it.
-    assert policy.evictions("a", ["x"], groups, GPU) == ["x"]
+    assert evictions("a", ["x"], groups, GPU) == ["x"]
     # And a model outside it (default group, exclusive) unloads the pair.
-    assert sorted(policy.evictions("x", ["a", "b"], groups, GPU)) == ["a", "b"]
+    assert sorted(evictions("x", ["a", "b"], groups, GPU)) == ["a", "b"]
 
 
 def test_non_exclusive_group_leaves_others_and_persistent_survives():
@@ -34,23 +35,23 @@ def test_non_exclusive_group_leaves_others_and_persistent_survives():
         GroupConfig("side", swap=True, exclusive=False, members=("s1", "s2")),
         GroupConfig("forever", swap=False, exclusive=False, persistent=True, members=("f",)),
     )
-    assert policy.evictions("s1", ["a", "f"], groups, GPU) == []
-    assert policy.evictions("s2", ["s1"], groups, GPU) == ["s1"]
-    assert policy.evictions("a", ["s1", "f"], groups, GPU) == ["s1"]
+    assert evictions("s1", ["a", "f"], groups, GPU) == []
+    assert evictions("s2", ["s1"], groups, GPU) == ["s1"]
+    assert evictions("a", ["s1", "f"], groups, GPU) == ["s1"]
 
 
 def test_idle_needs_ttl_no_inflight_and_elapsed_time():
     def e(model, ttl=10.0, inflight=0, last=0.0, ready=True):
-        return policy.IdleInput(model, ttl, inflight, last, ready)
+        return IdleInput(model, ttl, inflight, last, ready)
 
     engines = [e("a"), e("busy", inflight=1), e("never", ttl=0), e("fresh", last=95.0),
                e("cold", ready=False)]
-    assert policy.idle(engines, now=100.0) == ["a"]
-    assert policy.next_idle_check(engines, now=100.0) == 0.0
-    assert policy.next_idle_check([e("fresh", last=95.0)], now=100.0) == 5.0
-    assert policy.next_idle_check([e("busy", inflight=2)], now=100.0) is None
+    assert idle(engines, now=100.0) == ["a"]
+    assert next_idle_check(engines, now=100.0) == 0.0
+    assert next_idle_check([e("fresh", last=95.0)], now=100.0) == 5.0
+    assert next_idle_check([e("busy", inflight=2)], now=100.0) is None
 
 
 def test_backoff_doubles_to_a_cap():
-    assert [policy.backoff(n, 1, 60) for n in range(0, 9)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
+    assert [backoff(n, 1, 60) for n in range(0, 9)] == [0, 1, 2, 4, 8, 16, 32, 60, 60]
 

@@ -15,11 +15,20 @@ from typing import Any
 
 import pytest
 
-from swapd import engine as engine_mod
 from swapd.cli import format_check
-from swapd.config import EngineKind, ModelConfig, load_config, load_model_entry
-from swapd.launch import engine_environment
-from swapd.presets import PRESETS, FileWide, Recipe, engine_kind, preset_for, settle
+from swapd.config.loader import load_config, load_model_entry
+from swapd.config.presets import (
+    PRESETS,
+    EngineKind,
+    FileWide,
+    Recipe,
+    engine_kind,
+    preset_for,
+    settle,
+)
+from swapd.config.types import ModelConfig
+from swapd.engines import engine as engine_mod
+from swapd.engines.launch import engine_environment
 from tests.conftest import (
     FAKE_ENGINE,
     fake_cmd,

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from swapd import procgroup
+from swapd.engines import procgroup
 from tests.conftest import (
     IDLE,
     PY,

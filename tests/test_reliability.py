@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench import soak
-from swapd.config import Config, ModelConfig
+from swapd.config.types import Config, ModelConfig
 from swapd.errors import ApiError
-from swapd.proxy import multipart_field, rewrite, route_json
+from swapd.http.proxy import multipart_field, rewrite, route_json
 from tests.conftest import (
     FAKE_ENGINE,
     IDLE,

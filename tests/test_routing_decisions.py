@@ -7,9 +7,10 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from swapd.config import Config, load_config
-from swapd.core import Core, Effect, Fail, Grant, Refusal, Start, Stop
-from swapd.placement import queue_key_for, router_for
+from swapd.config.loader import load_config
+from swapd.config.types import Config
+from swapd.placement.registry import queue_key_for, router_for
+from swapd.schedule.core import Core, Effect, Fail, Grant, Refusal, Start, Stop
 
 
 def loaded(tmp_path: Path, text: str) -> Config:

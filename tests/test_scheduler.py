@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from swapd.config import Config, GroupConfig, ModelConfig, RestartPolicy
-from swapd.scheduler import QueueTimeout, Scheduler, StartFailed
+from swapd.config.types import Config, GroupConfig, ModelConfig, RestartPolicy
+from swapd.schedule.runner import QueueTimeout, Scheduler, StartFailed
 from tests.conftest import FAKE_ENGINE, free_port, pid_alive, read_records
 from tests.conftest import wait_until_async as until
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from swapd.config import ConfigError, load_config
-from swapd.origins import foreign_origin, host_allowed, same_origin, split_host
-from swapd.recipes import RecipeError, recipe_path
+from swapd.config.loader import load_config
+from swapd.config.nodes import ConfigError
+from swapd.config.recipes import RecipeError, recipe_path
+from swapd.http.origins import foreign_origin, host_allowed, same_origin, split_host
 from swapd.redact import MASK, clean_line, redact_argv, redact_text
 
 from .conftest import (

@@ -15,10 +15,10 @@ from importlib import resources
 
 from aiohttp import web
 
-from swapd.activity import ActivityLog
-from swapd.capture import CaptureBuffer
 from swapd.errors import ApiError
-from swapd.metrics import SampleSource
+from swapd.observe.activity import ActivityLog
+from swapd.observe.capture import CaptureBuffer
+from swapd.observe.metrics import SampleSource
 
 _TYPES = {
     ".html": "text/html",

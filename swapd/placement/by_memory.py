@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Protocol
 
-from swapd import policy
-from swapd.config import Config, ModelConfig
-from swapd.core import Phase, Refuse, RouteAnswer, RouteQuery, Router, Wait, groups_router
-from swapd.memory import MemInfo, MiB, format_size
+from swapd.config.sizes import MiB, format_size
+from swapd.config.types import Config, ModelConfig
+from swapd.memory.meminfo import MemInfo
+from swapd.placement.groups import group_of, groups_router
+from swapd.placement.types import Refuse, RouteAnswer, RouteQuery, Router, Wait
+from swapd.schedule.phase import Phase
 
 # Reasons for swapd_placement_evictions_total{reason}.
 MAKE_ROOM: Final = "make_room"
@@ -244,7 +246,7 @@ def memory_router(source: MemoryReadings, config: Config,
                 used=source.used(v.id), inflight=v.inflight, queued=v.queued,
                 last_used=v.last_used,
                 # gpu: false engines are never stopped for room (their memory still counts)
-                persistent=policy.group_of(v.id, p.groups).persistent or not v.gpu,
+                persistent=group_of(v.id, p.groups).persistent or not v.gpu,
             ))
         need = source.footprint(target) if target is not None else None
         result = place(p.target, need, tenants,

@@ -25,9 +25,9 @@ import aiohttp
 import psutil
 import structlog
 
-from swapd import procgroup
-from swapd.config import ModelConfig
-from swapd.launch import engine_environment
+from swapd.config.types import ModelConfig
+from swapd.engines import procgroup
+from swapd.engines.launch import engine_environment
 from swapd.redact import redact_argv
 
 log = structlog.get_logger("swapd.engine")

@@ -26,7 +26,9 @@ from typing import Any
 
 import yaml
 
-from swapd.config import MAX_VALUES, Config, DuplicateKeyLoader, expanded_size, include_pattern
+from swapd.config.loader import MAX_VALUES, expanded_size
+from swapd.config.nodes import DuplicateKeyLoader, include_pattern, valid_id
+from swapd.config.types import Config
 from swapd.errors import ApiError
 
 MARKER = "# swapd recipe"
@@ -100,7 +102,6 @@ def parse_body(raw: bytes, kind: str) -> Any:
 
 def recipe_path(config: Config, recipe_id: str) -> Path:
     """Where recipe `recipe_id` is written; RecipeError when it must not be written at all."""
-    from swapd.config import valid_id
 
     if not valid_id(recipe_id):
         raise RecipeError(

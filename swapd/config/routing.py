@@ -13,110 +13,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from swapd.config import (
+from swapd.config.nodes import ConfigError, Ctx, Node, is_http_url, show
+from swapd.config.sizes import GiB, SizeError, parse_size
+from swapd.config.types import (
+    MODALITIES,
+    MODEL_TIMEOUTS,
+    PEER_TIMEOUTS,
+    Capabilities,
     Config,
-    ConfigError,
     GroupConfig,
+    LogToStdout,
     ModelConfig,
-    _Ctx,
-    _Node,
-    _show,
-    is_http_url,
+    PeerConfig,
+    ProfileConfig,
+    RouterKind,
+    Routing,
+    SelectorConfig,
+    Strategy,
+    Timeouts,
 )
-from swapd.matrix import MatrixError, Program, can_run_together, compile_sets, expand
-from swapd.memory import GiB, SizeError, parse_size
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Upstream client timeouts in seconds, llama-swap's `timeouts`; 0 disables one."""
-
-    connect: float = 30.0
-    keepalive: float = 30.0
-    response_header: float = 0.0
-    tls_handshake: float = 10.0
-    idle_conn: float = 90.0
-
-
-MODEL_TIMEOUTS = Timeouts()
-# llama-swap's peer default keeps a 60 s response-header limit (its PR #619).
-PEER_TIMEOUTS = Timeouts(response_header=60.0)
-
-MODALITIES = ("text", "audio", "image")
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
-    tools: bool = False
-    reranker: bool = False
-    context: int = 0
-
-
-class Strategy(StrEnum):
-    WARM = "warm"
-    PIN = "pin"
-    SPILLOVER = "spillover"
-
-
-@dataclass(frozen=True)
-class SelectorConfig:
-    id: str
-    strategy: Strategy
-    targets: tuple[str, ...]
-    spillover: int = 1
-    name: str | None = None
-    description: str | None = None
-    metadata: Any = None
-    unlisted: bool = False
-
-
-@dataclass(frozen=True)
-class ProfileConfig:
-    id: str
-    # pin name → target; None: the pin answers 404 (`~` or "")
-    pins: tuple[tuple[str, str | None], ...]
-    description: str | None = None
-
-    def pin(self, name: str) -> tuple[bool, str | None]:
-        for pin, target in self.pins:
-            if pin == name:
-                return True, target
-        return False, None
-
-
-@dataclass(frozen=True)
-class PeerConfig:
-    id: str
-    proxy: str  # base URL; the request's path is appended
-    models: tuple[str, ...]
-    api_key: str | None = None
-    # The environment variable `apiKey` names but that was unset at load: the peer is
-    # listed, and its requests are refused with that said rather than sent without a key.
-    api_key_unset: str | None = None
-    timeouts: Timeouts = PEER_TIMEOUTS
-    strip_params: tuple[str, ...] = ()
-    set_params: Any = None
-    set_params_by_id: Any = None
-
-
-class RouterKind(StrEnum):
-    GROUP = "group"
-    MATRIX = "matrix"
-    MEMORY = "memory"  # placement by measured memory (docs/memory.md)
-
-
-class LogToStdout(StrEnum):
-    PROXY = "proxy"
-    UPSTREAM = "upstream"
-    BOTH = "both"
-    NONE = "none"
-
+from swapd.placement.matrix import MatrixError, Program, can_run_together, compile_sets, expand
 
 _TIMEOUT_KEYS = frozenset(
     {"connect", "keepalive", "responseHeader", "tlsHandshake", "idleConn", "expectContinue"})
@@ -128,7 +46,7 @@ _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "
 # -- per model -------------------------------------------------------------------------
 
 
-def timeouts(node: _Node | None, default: Timeouts) -> Timeouts | None:
+def timeouts(node: Node | None, default: Timeouts) -> Timeouts | None:
     """`timeouts:` of a model or peer; None when the section is absent."""
     if node is None:
         return None
@@ -144,11 +62,11 @@ def timeouts(node: _Node | None, default: Timeouts) -> Timeouts | None:
     )
 
 
-def model_timeouts(node: _Node) -> Timeouts | None:
+def model_timeouts(node: Node) -> Timeouts | None:
     return timeouts(node.child("timeouts", _TIMEOUT_KEYS), MODEL_TIMEOUTS)
 
 
-def capabilities(node: _Node) -> Capabilities | None:
+def capabilities(node: Node) -> Capabilities | None:
     """`capabilities:`; omitted or all-zero means none (llama-swap's rule)."""
     caps = node.child("capabilities",
                       frozenset({"in", "out", "tools", "reranker", "context"}))
@@ -160,7 +78,7 @@ def capabilities(node: _Node) -> Capabilities | None:
         for i, value in enumerate(values):
             if value not in MODALITIES:
                 caps.ctx.fail(f"{caps.key(key)}[{i}]",
-                              f"must be one of {', '.join(MODALITIES)}, got {_show(value)}")
+                              f"must be one of {', '.join(MODALITIES)}, got {show(value)}")
         modes[key] = tuple(dict.fromkeys(values))
     out = Capabilities(
         inputs=modes["in"], outputs=modes["out"],
@@ -170,7 +88,7 @@ def capabilities(node: _Node) -> Capabilities | None:
     return None if out == Capabilities() else out
 
 
-def compat(node: _Node) -> None:
+def compat(node: Node) -> None:
     """`compat.ignoreWebsockets`: swapd relays no websocket upgrades, so a websocket
     never loads a model, holds a concurrency slot or counts as TTL activity already."""
     section = node.child("compat", frozenset({"ignoreWebsockets"}))
@@ -180,7 +98,7 @@ def compat(node: _Node) -> None:
                          "a model or count as activity: nothing more to ignore")
 
 
-def set_params_by_id(ctx: _Ctx, path: str, value: Any) -> dict[str, dict[str, Any]]:
+def set_params_by_id(ctx: Ctx, path: str, value: Any) -> dict[str, dict[str, Any]]:
     """Validate an expanded `filters.setParamsByID` ({requested id: {param: value}});
     `model` is protected and dropped with a warning."""
     out: dict[str, dict[str, Any]] = {}
@@ -199,23 +117,6 @@ def set_params_by_id(ctx: _Ctx, path: str, value: Any) -> dict[str, dict[str, An
 # -- the top level ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Routing:
-    """What `load_config` adds to `Config` from the keys above (field name → value)."""
-
-    router: RouterKind = RouterKind.GROUP
-    matrix: Program | None = None
-    memory_reserve: int = 8 * GiB  # routing.router.settings.memory.reserve
-    priority: Mapping[str, int] = field(default_factory=dict)
-    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
-    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
-    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
-    peer_routes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    ignore_paths: tuple[re.Pattern[str], ...] = ()
-    log_to_stdout: LogToStdout = LogToStdout.BOTH
-    gpu_sampling: bool = True
-
-
 class _Names:
     """Every name a request may use, to check references and collisions against."""
 
@@ -232,7 +133,7 @@ class _Names:
         return self.local(name) is not None or name in self.peer_routes
 
 
-def load(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig],
+def load(ctx: Ctx, top: Node, models: Mapping[str, ModelConfig],
          groups: tuple[GroupConfig, ...]) -> Routing:
     names = _Names(models)
     router, matrix = _router(ctx, top, models)
@@ -256,7 +157,7 @@ def load(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig],
     )
 
 
-def _router(ctx: _Ctx, top: _Node,
+def _router(ctx: Ctx, top: Node,
             models: Mapping[str, ModelConfig]) -> tuple[RouterKind, Program | None]:
     # routing, router and settings had their keys checked by config._groups already.
     routing = top.child("routing", None)
@@ -271,7 +172,7 @@ def _router(ctx: _Ctx, top: _Node,
                      "not both")
         raw, where, use = top.data["matrix"], "matrix", "matrix"
     if use not in ("", "group", "matrix", "memory"):
-        ctx.fail("routing.router.use", f"must be group, matrix or memory, got {_show(use)}")
+        ctx.fail("routing.router.use", f"must be group, matrix or memory, got {show(use)}")
     if use != "matrix":
         if raw is not None:
             ctx.warn(where, f"not used: routing.router.use is {use or 'group'} "
@@ -280,11 +181,11 @@ def _router(ctx: _Ctx, top: _Node,
     if raw is None:
         ctx.fail("routing.router.settings.matrix",
                  "required when routing.router.use is matrix")
-    return RouterKind.MATRIX, _matrix(_Node(ctx, raw, where,
+    return RouterKind.MATRIX, _matrix(Node(ctx, raw, where,
                                         frozenset({"vars", "evict_costs", "sets"})), models)
 
 
-def _memory_reserve(top: _Node) -> int:
+def _memory_reserve(top: Node) -> int:
     """routing.router.settings.memory.reserve: what the memory router keeps free."""
     routing = top.child("routing", None)
     router = routing.child("router", None) if routing else None
@@ -299,7 +200,7 @@ def _memory_reserve(top: _Node) -> int:
         memory.ctx.fail(memory.key("reserve"), str(exc))
 
 
-def _matrix(node: _Node, models: Mapping[str, ModelConfig]) -> Program:
+def _matrix(node: Node, models: Mapping[str, ModelConfig]) -> Program:
     ctx = node.ctx
     variables: dict[str, str] = {}
     if var_node := node.child("vars", None):
@@ -309,7 +210,7 @@ def _matrix(node: _Node, models: Mapping[str, ModelConfig]) -> Program:
                 ctx.fail(where, "a var name is 1-32 letters, digits, '-' or '.'")
             target = ctx.text(value, where) or ""
             if target not in models:
-                ctx.fail(where, f"{_show(target)} is not a model id (a var names a model id, "
+                ctx.fail(where, f"{show(target)} is not a model id (a var names a model id, "
                          "not an alias)")
             variables[str(key)] = target
 
@@ -321,7 +222,7 @@ def _matrix(node: _Node, models: Mapping[str, ModelConfig]) -> Program:
         for key in cost_node.data:
             model = resolve(str(key))
             if model is None:
-                ctx.fail(cost_node.key(key), f"{_show(str(key))} is not a var or model id")
+                ctx.fail(cost_node.key(key), f"{show(str(key))} is not a var or model id")
             costs[model] = cost_node.number(str(key), 1, minimum=0, strict=True, integer=True)
     sets_node = node.child("sets", None)
     if sets_node is None or not sets_node.data:
@@ -335,14 +236,14 @@ def _matrix(node: _Node, models: Mapping[str, ModelConfig]) -> Program:
         ctx.fail(sets_node.path, str(exc))
 
 
-def _priority(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, int]:
+def _priority(ctx: Ctx, top: Node, names: _Names) -> dict[str, int]:
     routing = top.child("routing", None)
     scheduler = routing.child("scheduler", frozenset({"use", "settings"})) if routing else None
     if scheduler is None:
         return {}
     use = (scheduler.text("use") or "fifo").strip().lower()
     if use != "fifo":
-        ctx.fail(scheduler.key("use"), f"must be fifo (the only scheduler), got {_show(use)}")
+        ctx.fail(scheduler.key("use"), f"must be fifo (the only scheduler), got {show(use)}")
     settings = scheduler.child("settings", frozenset({"fifo"}))
     fifo = settings.child("fifo", frozenset({"priority"})) if settings else None
     table = fifo.child("priority", None) if fifo else None
@@ -352,13 +253,13 @@ def _priority(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, int]:
         value = table.number(str(key), 0, minimum=-(2**31), integer=True)
         model = names.local(str(key))
         if model is None:
-            ctx.warn(table.key(key), f"{_show(str(key))} is not a defined model, ignored")
+            ctx.warn(table.key(key), f"{show(str(key))} is not a defined model, ignored")
         else:
             out[model] = value
     return out
 
 
-def _filters(node: _Node) -> tuple[tuple[str, ...], Any, Any]:
+def _filters(node: Node) -> tuple[tuple[str, ...], Any, Any]:
     filters = node.child("filters", frozenset({"stripParams", "setParams", "setParamsByID"}))
     if filters is None:
         return (), None, None
@@ -383,20 +284,20 @@ def _filters(node: _Node) -> tuple[tuple[str, ...], Any, Any]:
     return tuple(strip), set_params or None, by_id or None
 
 
-def _peers(ctx: _Ctx, top: _Node,
+def _peers(ctx: Ctx, top: Node,
            names: _Names) -> tuple[dict[str, PeerConfig], dict[str, tuple[str, str]]]:
     section = top.child("peers", None)
     peers: dict[str, PeerConfig] = {}
     fqns: dict[str, tuple[str, str]] = {}
     for key, raw in section.data.items() if section else ():
         peer_id = str(key)
-        node = _Node(ctx, raw, section.key(key) if section else "",
+        node = Node(ctx, raw, section.key(key) if section else "",
                      frozenset({"proxy", "apiKey", "models", "filters", "timeouts"}))
         if not peer_id.strip():
             ctx.fail("peers", "a peer id must not be empty")
         proxy = (node.text("proxy") or "").strip()
         if not is_http_url(proxy):
-            ctx.fail(node.key("proxy"), f"required: an http:// or https:// URL, got {_show(proxy)}")
+            ctx.fail(node.key("proxy"), f"required: an http:// or https:// URL, got {show(proxy)}")
         models = tuple(dict.fromkeys(m.strip() for m in node.texts("models") if m.strip()))
         if not models:
             ctx.fail(node.key("models"), "required: the models this peer serves")
@@ -421,10 +322,10 @@ def _peers(ctx: _Ctx, top: _Node,
             where = node.key("models")
             if fqn in fqns:
                 other = fqns[fqn]
-                ctx.fail(where, f"{_show(fqn)} is ambiguous: peer {other[0]} model "
+                ctx.fail(where, f"{show(fqn)} is ambiguous: peer {other[0]} model "
                          f"{other[1]} has the same name")
             if names.local(fqn) is not None:
-                ctx.fail(where, f"{_show(fqn)} is already a model id or alias; "
+                ctx.fail(where, f"{show(fqn)} is already a model id or alias; "
                          "<peer>/<model> names are reserved for peers")
             fqns[fqn] = (peer_id, model)
     routes = dict(fqns)
@@ -439,7 +340,7 @@ def _peers(ctx: _Ctx, top: _Node,
     return peers, routes
 
 
-def _selectors(ctx: _Ctx, top: _Node, names: _Names, router: RouterKind,
+def _selectors(ctx: Ctx, top: Node, names: _Names, router: RouterKind,
                matrix: Program | None,
                groups: tuple[GroupConfig, ...]) -> dict[str, SelectorConfig]:
     section = top.child("selectors", None)
@@ -448,34 +349,34 @@ def _selectors(ctx: _Ctx, top: _Node, names: _Names, router: RouterKind,
     for key, raw in section.data.items() if section else ():
         sel_id = str(key)
         path = section.key(key) if section else ""
-        node = _Node(ctx, raw, path, frozenset(
+        node = Node(ctx, raw, path, frozenset(
             {"strategy", "targets", "settings", "name", "description", "metadata", "unlisted"}))
         if not sel_id.strip():
             ctx.fail("selectors", "a selector id must not be empty")
         if names.local(sel_id) is not None:
-            ctx.fail(path, f"{_show(sel_id)} is already a model id or alias")
+            ctx.fail(path, f"{show(sel_id)} is already a model id or alias")
         if sel_id in names.peer_routes and "/" in sel_id:
-            ctx.fail(path, f"{_show(sel_id)} is a <peer>/<model> name")
+            ctx.fail(path, f"{show(sel_id)} is a <peer>/<model> name")
         strategy_text = (node.text("strategy") or "").strip().lower()
         if strategy_text not in {s.value for s in Strategy}:
             ctx.fail(node.key("strategy"), "required: warm, pin or spillover, got "
-                     f"{_show(strategy_text or None)}")
+                     f"{show(strategy_text or None)}")
         strategy = Strategy(strategy_text)
         targets: list[str] = []
         resolved: list[str] = []
         for i, target in enumerate(t.strip() for t in node.texts("targets")):
             where = f"{node.key('targets')}[{i}]"
             if target in raw_ids:
-                ctx.fail(where, f"{_show(target)} is a selector: selectors cannot chain")
+                ctx.fail(where, f"{show(target)} is a selector: selectors cannot chain")
             local = names.local(target)
             if local is None and target not in names.peer_routes:
-                ctx.warn(where, f"{_show(target)} is not a defined model or peer model, ignored")
+                ctx.warn(where, f"{show(target)} is not a defined model or peer model, ignored")
                 continue
             if strategy == Strategy.WARM and local is None:
-                ctx.fail(where, f"{_show(target)} is a peer model: warm needs local models")
+                ctx.fail(where, f"{show(target)} is a peer model: warm needs local models")
             real = local or "/".join(names.peer_routes[target])
             if strategy == Strategy.SPILLOVER and real in resolved:
-                ctx.fail(where, f"{_show(target)} is {_show(real)} again")
+                ctx.fail(where, f"{show(target)} is {show(real)} again")
             targets.append(target)
             resolved.append(real)
         settings = node.child("settings", frozenset({"spillover"}))
@@ -510,7 +411,7 @@ def _coexist(models: list[str], router: RouterKind, matrix: Program | None,
     return first is not None and not first.swap and all(g is first for g in owner)
 
 
-def _profiles(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, ProfileConfig]:
+def _profiles(ctx: Ctx, top: Node, names: _Names) -> dict[str, ProfileConfig]:
     section = top.child("profiles", None)
     out: dict[str, ProfileConfig] = {}
     for key, raw in section.data.items() if section else ():
@@ -523,7 +424,7 @@ def _profiles(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, ProfileConfig]:
                      "it is ignored: profiles are now {description, pins}, and models that "
                      "run together are a group with swap: false")
             continue
-        node = _Node(ctx, raw, path, frozenset({"description", "pins"}))
+        node = Node(ctx, raw, path, frozenset({"description", "pins"}))
         pins_node = node.child("pins", None)
         if pins_node is None or not pins_node.data:
             ctx.fail(node.key("pins"), "required: at least one pin (name: target)")
@@ -534,10 +435,10 @@ def _profiles(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, ProfileConfig]:
             if not pin.strip():
                 ctx.fail(pins_node.path, "a pin name must not be empty")
             if "/" in pin and pin in names.peer_routes:
-                ctx.fail(where, f"{_show(pin)} is a <peer>/<model> name")
+                ctx.fail(where, f"{show(pin)} is a <peer>/<model> name")
             target = (ctx.text(value, where) or "").strip() or None
             if target is not None and not (names.known(target) or target in names.selectors):
-                ctx.warn(where, f"{_show(target)} is not a defined model, alias, peer model "
+                ctx.warn(where, f"{show(target)} is not a defined model, alias, peer model "
                          "or selector, ignored")
                 continue
             pins.append((pin, target))
@@ -546,7 +447,7 @@ def _profiles(ctx: _Ctx, top: _Node, names: _Names) -> dict[str, ProfileConfig]:
     return out
 
 
-def _ignore_paths(top: _Node) -> tuple[re.Pattern[str], ...]:
+def _ignore_paths(top: Node) -> tuple[re.Pattern[str], ...]:
     section = top.child("upstream", frozenset({"ignorePaths"}))
     if section is None:
         return ()
@@ -560,7 +461,7 @@ def _ignore_paths(top: _Node) -> tuple[re.Pattern[str], ...]:
     return tuple(out)
 
 
-def _log_to_stdout(top: _Node) -> LogToStdout:
+def _log_to_stdout(top: Node) -> LogToStdout:
     """`logToStdout`: what swapd's stdout (journald) carries. Left out, swapd's own log
     and engine output both, as before; llama-swap's `proxy` leaves engine output out."""
     text = top.text("logToStdout")
@@ -569,7 +470,7 @@ def _log_to_stdout(top: _Node) -> LogToStdout:
     choices = {m.value for m in LogToStdout}
     if text.strip().lower() not in choices:
         top.ctx.fail("logToStdout", f"must be one of proxy, upstream, both, none, "
-                     f"got {_show(text)}")
+                     f"got {show(text)}")
     mode = LogToStdout(text.strip().lower())
     if mode in (LogToStdout.UPSTREAM, LogToStdout.NONE):
         top.ctx.warn("logToStdout", "swapd's own log always goes to stdout (it is what "
@@ -592,7 +493,7 @@ def duration(text: str) -> float | None:
     return total if text else None
 
 
-def _performance(top: _Node) -> bool:
+def _performance(top: Node) -> bool:
     """`performance`: `disabled: true` turns GPU sampling off (no GPU series in
     /metrics); `every` is validated like llama-swap's (≥ 5s) and otherwise ignored."""
     node = top.child("performance", frozenset({"disabled", "every"}))
@@ -602,7 +503,7 @@ def _performance(top: _Node) -> bool:
     if raw is not None:
         seconds = duration(str(node.get("every")))
         if seconds is None or seconds < 5:
-            top.ctx.fail(node.key("every"), f"must be a duration of at least 5s, got {_show(raw)}")
+            top.ctx.fail(node.key("every"), f"must be a duration of at least 5s, got {show(raw)}")
         top.ctx.warn(node.key("every"), "swapd samples the GPU every second for /metrics; "
                      "this interval is not used")
     return not node.flag("disabled", False)
@@ -619,7 +520,7 @@ NO_EFFECT = {
 }
 
 
-def no_effect(top: _Node) -> None:
+def no_effect(top: Node) -> None:
     activity = top.data.get("activity")
     if top.data.get("metricsMaxInMemory") is not None and isinstance(activity, dict) and \
             activity.get("size") is not None:

@@ -13,8 +13,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from swapd.config import Config, ModelConfig
-from swapd.config_routing import PeerConfig, SelectorConfig, Strategy
+from swapd.config.types import Config, ModelConfig, PeerConfig, SelectorConfig, Strategy
 
 # Engine states (swapd.engine.EngineState values) as the selectors see them.
 READY, STARTING, STOPPING, FAILED = "ready", "starting", "stopping", "failed"

@@ -6,224 +6,56 @@ scheduler compares `ModelConfig`s by equality to decide which engines keep runni
 
 from __future__ import annotations
 
-import datetime
-import difflib
-import glob
-import json
-import math
 import os
 import re
 import shlex
 import sys
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
-from swapd.memory import (
-    DEFAULT_FLOOR,
-    Floor,
-    GiB,
-    SizeError,
-    parse_floor,
-    parse_size,
+from swapd.config.nodes import (
+    Ctx,
+    DuplicateKeyLoader,
+    Node,
+    include_files,
+    is_http_url,
+    show,
+    spell,
+    split_host_port,
+    valid_id,
 )
 
 # EngineKind and the precedence of recipe, preset and file live in swapd.presets.
-from swapd.presets import EngineKind, FileWide, Recipe, engine_kind, settle
-
-if TYPE_CHECKING:
-    from swapd.config_routing import (
-        Capabilities,
-        LogToStdout,
-        PeerConfig,
-        ProfileConfig,
-        RouterKind,
-        SelectorConfig,
-        Timeouts,
-    )
-    from swapd.matrix import Program
-
-
-class ConfigError(Exception):
-    """A config that cannot be used. `str()` is the full user-facing message."""
-
-    def __init__(self, message: str, *, file: str | None = None, key_path: str | None = None):
-        self.file = file
-        self.key_path = key_path
-        self.detail = message
-        parts = []
-        if file:
-            parts.append(f"{file}:")
-        if key_path:
-            parts.append(f"{key_path}:")
-        parts.append(message)
-        super().__init__(" ".join(parts))
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    max_retries: int = 3
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    id: str
-    # argv after macro expansion; never passed through a shell.
-    cmd: tuple[str, ...]
-    # argv with "${PID}" still in it: the pid is only known at stop time.
-    cmd_stop: tuple[str, ...] | None = None
-    proxy: str = "http://127.0.0.1:5800"
-    # None means `checkEndpoint: none`: ready once the port accepts connections.
-    check_endpoint: str | None = "/health"
-    ttl: float = 0.0  # seconds of idleness before eviction; 0 = never
-    unload_timeout: float = 10.0  # SIGTERM → SIGKILL grace
-    env: tuple[tuple[str, str], ...] = ()
-    aliases: tuple[str, ...] = ()
-    use_model_name: str | None = None
-    unlisted: bool = False
-    name: str | None = None
-    description: str | None = None
-    metadata: Any = None  # JSON-able, passed through in /v1/models
-    concurrency_limit: int = 0  # 0 = unlimited
-    strip_params: tuple[str, ...] = ()
-    set_params: Any = None  # dict of JSON values or None
-    send_loading_state: bool = False
-    engine: EngineKind | None = None
-    gpu: bool = True
-    health_check_timeout: float = 120.0
-    restart: RestartPolicy = field(default_factory=RestartPolicy)
-    memory_release_timeout: float = 30.0
-    # Environment variables the engine must not inherit from swapd (preset hygiene).
-    env_remove: tuple[str, ...] = ()
-    # (path, JSON body) POSTed to the engine before it is signalled to stop (best effort):
-    # the ollama preset's unload with `keep_alive: 0`. None: nothing is sent.
-    unload_request: tuple[str, str] | None = None
-    # Forward the client's Authorization / x-api-key to the engine although swapd has keys
-    # of its own (they are meant for swapd and removed otherwise): `forwardClientAuth`.
-    forward_client_auth: bool = False
-    # llama-swap's per-model client `timeouts`; None: swapd's shared client.
-    timeouts: Timeouts | None = None
-    capabilities: Capabilities | None = None
-    # requested id → params set after setParams (filters.setParamsByID); its keys other
-    # than the model id are aliases too.
-    set_params_by_id: Any = None
-    # The engine's footprint in bytes (`memory: "70GiB"`); None: learned (swapd/footprints.py).
-    # A placement hint, not how the engine runs: changing it does not restart the engine.
-    memory: int | None = field(default=None, compare=False)
-
-    @property
-    def port(self) -> int | None:
-        return urlsplit(self.proxy).port
-
-
-@dataclass(frozen=True)
-class GroupConfig:
-    name: str
-    swap: bool = True
-    exclusive: bool = True
-    persistent: bool = False
-    members: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MemoryGuardConfig:
-    """`memoryGuard`: kill the engine that pushes MemAvailable below `floor`."""
-
-    enabled: bool = True
-    floor: Floor = DEFAULT_FLOOR
-
-
-@dataclass(frozen=True)
-class Config:
-    models: dict[str, ModelConfig]
-    groups: tuple[GroupConfig, ...] = ()
-    # routing.router.settings.memory.reserve: kept free for the OS by the memory router.
-    memory_reserve: int = 8 * GiB
-    memory_guard: MemoryGuardConfig = field(default_factory=MemoryGuardConfig)
-    listen: str = "127.0.0.1:28080"
-    api_keys: tuple[str, ...] = ()
-    admin_keys: tuple[str, ...] = ()
-    state_dir: str | None = None
-    log_level: str = "info"
-    health_check_timeout: float = 120.0
-    start_port: int = 5800
-    global_ttl: float = 0.0
-    unload_timeout: float = 10.0
-    include_aliases_in_list: bool = False
-    send_loading_state: bool = False
-    preload: tuple[str, ...] = ()
-    max_queue: int = 256
-    queue_timeout: float = 180.0
-    shutdown_timeout: float = 30.0
-    log_buffer_lines: int = 2000
-    max_body_bytes: int = 64 * 1024 * 1024
-    include: str | None = None
-    # Host names accepted besides IP addresses, loopback names and this machine's names.
-    allowed_hosts: tuple[str, ...] = ()
-    # Origins whose pages may call the inference routes (CORS); "*" is any.
-    cors_allow_origins: tuple[str, ...] = ("*",)
-    # Seconds a request body may take to arrive in full (a trickling client gets 408).
-    body_timeout: float = 60.0
-    # Activity records (the /ui activity panel, /api/activity, token metrics): ring size
-    # (0 turns them off), whether to ask engines for usage in streams, SQLite under stateDir.
-    activity_size: int = 1000
-    activity_inject_usage: bool = False
-    activity_store: bool = False
-    activity_retention_days: float = 7.0
-    # llama-swap's captureBuffer (MB of request/response bodies kept); 0 = off.
-    capture_buffer_mb: float = 0.0
-    # llama-swap's ui.activity.session_id: request headers naming a client's session.
-    session_headers: tuple[str, ...] = ("X-Session-ID", "X-Litellm-Session-Id")
-    # Where the file came from: `include` globs resolve relative to it.
-    source: str | None = None
-    # Global macros in file order, ${env.*} already substituted, other references not yet:
-    # each model resolves them again with its own MODEL_ID, PORT and overrides.
-    macros: tuple[tuple[str, Any], ...] = ()
-    # llama-swap's routing keys (swapd/config_routing.py loads them).
-    router: RouterKind | str = "group"
-    matrix: Program | None = None
-    priority: Mapping[str, int] = field(default_factory=dict)  # model id → fifo priority
-    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
-    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
-    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
-    # request name → (peer id, the peer's model id): "<peer>/<model>", and the bare
-    # model when exactly one peer has it and no local id or alias is so named.
-    peer_routes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
-    ignore_paths: tuple[re.Pattern[str], ...] = ()  # upstream.ignorePaths
-    log_to_stdout: LogToStdout | str = "both"
-    gpu_sampling: bool = True  # performance.disabled: false
-
-    def resolve(self, name: str) -> ModelConfig | None:
-        """The model a request's `model` names: an id first, then an alias."""
-        found = self.models.get(name)
-        if found is not None:
-            return found
-        for model in self.models.values():
-            if name in model.aliases:
-                return model
-        return None
-
-
-@dataclass(frozen=True)
-class LoadResult:
-    config: Config
-    warnings: tuple[str, ...] = ()
-
+from swapd.config.presets import FileWide, Recipe, engine_kind, settle
+from swapd.config.routing import (
+    capabilities,
+    compat,
+    load,
+    model_timeouts,
+    no_effect,
+    set_params_by_id,
+)
+from swapd.config.sizes import DEFAULT_FLOOR, SizeError, parse_floor, parse_size
+from swapd.config.types import (
+    Config,
+    GroupConfig,
+    LoadResult,
+    MemoryGuardConfig,
+    ModelConfig,
+    RestartPolicy,
+)
 
 # -- loading ---------------------------------------------------------------------------
 
 PYTHON = sys.executable or "python3"
 _REF = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
-_ENV_REF = re.compile(r"\$\{env\.([a-zA-Z_][a-zA-Z0-9_]*)\}")
 _MACRO_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,63}$")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _DEFAULT_PROXY = "http://127.0.0.1:${PORT}"
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _TOP_KEYS = frozenset(
@@ -243,234 +75,11 @@ _MODEL_KEYS = frozenset(
 )
 
 
-def is_http_url(text: str) -> bool:
-    """An http:// or https:// URL with a host and no port 0 (a model's or a peer's `proxy`)."""
-    try:
-        url = urlsplit(text)
-        return url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-    except ValueError:
-        return False
-
-
-def _show(value: Any) -> str:
-    """A value as the user wrote it, for `got …` in messages."""
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "nothing"}[value]
-    if isinstance(value, int | float):
-        return repr(value)
-    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) \
-        else type(value).__name__
-
-
-def _fmt(value: Any) -> str:
-    """A macro value spliced into a string, spelled as llama-swap (Go's %v) spells it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    return str(value)
-
-
-# `swapd check` (swapd.cli) spells values the same way.
-spell = _fmt
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently; llama-swap (yaml.v3) refuses them,
-    and a model id written twice is almost always a copy-paste mistake."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may override
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-DuplicateKeyLoader = _Loader
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[::1]:28080` for IPv6) as (host, port); an empty host is 127.0.0.1.
-    ValueError when it is not one."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:28080), got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def include_pattern(source: str | None, include: str) -> str:
-    """The absolute glob an `include` names: relative to the main config's folder."""
-    folder = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
-    return os.path.normpath(os.path.join(folder, os.path.expanduser(include)))
-
-
-def include_files(source: str | None, include: str) -> list[str]:
-    """The files an `include` glob matches now, in the order they load (sorted; `**`
-    descends into folders)."""
-    return sorted(glob.glob(include_pattern(source, include), recursive=True))
-
-
-def valid_id(model_id: str) -> bool:
-    """True for an id that is safe as a recipe's file name and in URLs."""
-    return bool(_SAFE_ID.fullmatch(model_id)) and ".." not in model_id
-
-
-class _Ctx:
-    """One file being read: where errors point, which environment `${env.X}` reads."""
-
-    def __init__(self, file: str | None, environ: Mapping[str, str], warnings: list[str],
-                 label: str = ""):
-        self.file, self.environ, self.warnings, self.label = file, environ, warnings, label
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        raise ConfigError(message, file=self.file, key_path=path or None)
-
-    def warn(self, path: str, message: str) -> None:
-        self.warnings.append(f"{self.label}{path}: {message}")
-
-    def mapping(self, value: Any, path: str) -> dict[Any, Any]:
-        if value is not None and not isinstance(value, dict):
-            self.fail(path, f"must be a mapping, got {_show(value)}")
-        return value or {}
-
-    def value(self, value: Any, path: str, typed: bool = True) -> Any:
-        """Substitute `${env.X}`. Only values swapd reads come through here, so an unset
-        variable in a section swapd ignores (peers.*.apiKey) is no error."""
-        if not isinstance(value, str) or "${env." not in value:
-            return value
-
-        def lookup(m: re.Match[str]) -> str:
-            if m[1] not in self.environ:
-                self.fail(path, f"environment variable {m[1]} is not set")
-            return self.environ[m[1]]
-
-        out = _ENV_REF.sub(lookup, value)
-        if typed and _ENV_REF.fullmatch(value):
-            # llama-swap substitutes env text before parsing YAML, so `startPort: ${env.P}`
-            # is a number there; but "0755" or "1_000" must not turn into other digits.
-            try:
-                parsed = yaml.safe_load(out)
-            except yaml.YAMLError:
-                return out
-            if isinstance(parsed, bool | float) or (
-                isinstance(parsed, int) and str(parsed) == out.strip()
-            ):
-                return parsed
-        return out
-
-    def tree(self, value: Any, path: str) -> Any:
-        """A JSON-able copy of metadata/setParams, `${env.X}` substituted."""
-        if isinstance(value, dict):
-            return {str(k): self.tree(v, f"{path}.{k}") for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.tree(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        if isinstance(value, datetime.date):  # YAML 1.1 reads `2025-01-31` as a date
-            return value.isoformat()
-        if value is None or isinstance(value, str | bool | int) or (
-            isinstance(value, float) and math.isfinite(value)
-        ):
-            return self.value(value, path)
-        self.fail(path, f"must be a JSON value, got {_show(value)}")
-
-    def text(self, value: Any, path: str) -> str | None:
-        value = self.value(value, path, typed=False)
-        if value is None or isinstance(value, str):
-            return value
-        # yaml.v3 decodes any scalar into a string field, so llama-swap takes `name: 42`.
-        if isinstance(value, int | float):
-            return _fmt(value)
-        self.fail(path, f"must be a string, got {_show(value)}")
-
-    def texts(self, value: Any, path: str) -> list[str]:
-        if isinstance(value, dict):
-            self.fail(path, "must be a list of strings, got a mapping")
-        items = [] if value is None else value if isinstance(value, list) else [value]
-        return [self.text(item, f"{path}[{i}]") or "" for i, item in enumerate(items)]
-
-
-class _Node:
-    """A mapping at a key path; typed getters fail with that path. Keys outside `known`
-    get their one warning here (known=None: every key is data, e.g. macro names)."""
-
-    def __init__(self, ctx: _Ctx, data: Any, path: str, known: frozenset[str] | None):
-        self.ctx, self.data, self.path = ctx, ctx.mapping(data, path), path
-        for key in self.data:
-            if known is not None and key not in known:
-                hint = _did_you_mean(key, known)
-                ctx.warn(self.key(key), f"not supported by swapd, ignored{hint}")
-
-    def key(self, key: Any) -> str:
-        return f"{self.path}.{key}" if self.path else str(key)
-
-    def get(self, key: str) -> Any:
-        return self.ctx.value(self.data.get(key), self.key(key))
-
-    def child(self, key: str, known: frozenset[str] | None) -> _Node | None:
-        raw = self.data.get(key)
-        return None if raw is None else _Node(self.ctx, raw, self.key(key), known)
-
-    def text(self, key: str) -> str | None:
-        return self.ctx.text(self.data.get(key), self.key(key))
-
-    def texts(self, key: str) -> list[str]:
-        return self.ctx.texts(self.data.get(key), self.key(key))
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.get(key)
-        if value is not None and not isinstance(value, bool):
-            self.ctx.fail(self.key(key), f"must be true or false, got {_show(value)}")
-        return default if value is None else value
-
-    def number(self, key: str, default: float, *, minimum: float = 0, strict: bool = False,
-               integer: bool = False, maximum: float | None = None) -> Any:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not (
-            isinstance(value, int | float) and not isinstance(value, bool)
-            and (isinstance(value, int) or not integer) and math.isfinite(value)
-            and (value > minimum if strict else value >= minimum)
-            and (maximum is None or value <= maximum)
-        ):
-            # Floats are fine for seconds, yet "integer" is what llama-swap users know.
-            want = (f"between {minimum} and {maximum}" if maximum is not None
-                    else f"{'>' if strict else '≥'} {minimum}")
-            self.ctx.fail(self.key(key), f"must be an integer {want}, got {_show(value)}")
-        return value
-
-
-def _did_you_mean(key: Any, known: frozenset[str]) -> str:
-    """A hint for a key one slip away from a known one (`healthcheckTimeout`, `aliasses`):
-    "ignored" alone leaves the user believing the setting took effect."""
-    if not isinstance(key, str):
-        return ""
-    lower = {k.lower(): k for k in known}
-    # 0.8 is close enough for a typo or a case slip, yet far from llama-swap's own keys that
-    # swapd ignores (logRequests, peers, timeouts), which must not be "corrected".
-    found = lower.get(key.lower())
-    if found is None:
-        close = difflib.get_close_matches(key.lower(), lower, n=1, cutoff=0.8)
-        # A known key plus a word (setParamsByID) is another key, not a slip of setParams.
-        if close and not (key.lower().startswith(close[0]) and len(key) > len(close[0]) + 1):
-            found = lower[close[0]]
-    return f"; did you mean {found}?" if found else ""
-
-
 def _strip_comments(text: str) -> str:
     return "\n".join(ln for ln in text.split("\n") if not ln.strip().startswith("#"))
 
 
-def _argv(ctx: _Ctx, path: str, text: str) -> tuple[str, ...]:
+def _argv(ctx: Ctx, path: str, text: str) -> tuple[str, ...]:
     lines = []
     for line in _strip_comments(text).split("\n"):
         # A shell-style continuation: POSIX shlex would keep the newline as an argument.
@@ -530,7 +139,7 @@ def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
             nonlocal size
             if m[1] not in macros:
                 return m[0]
-            text = _fmt(macros[m[1]])
+            text = spell(macros[m[1]])
             size += len(text) - len(m[0])
             if size > limit:
                 raise _TooLong
@@ -544,7 +153,7 @@ def _expand(value: Any, macros: Mapping[str, Any], typed: bool = True) -> Any:
     return value
 
 
-def _macro_defs(ctx: _Ctx, node: _Node | None) -> dict[str, Any]:
+def _macro_defs(ctx: Ctx, node: Node | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, raw in node.data.items() if node else ():
         path = node.key(name) if node else ""
@@ -554,7 +163,7 @@ def _macro_defs(ctx: _Ctx, node: _Node | None) -> dict[str, Any]:
             ctx.fail(path, f"{name} is a reserved macro name")
         value = ctx.value(raw, path)
         if not isinstance(value, str | int | float):
-            ctx.fail(path, f"must be a string, number or boolean, got {_show(value)}")
+            ctx.fail(path, f"must be a string, number or boolean, got {show(value)}")
         if isinstance(value, str) and f"${{{name}}}" in value:
             ctx.fail(path, "a macro cannot refer to itself")
         out[name] = value
@@ -574,7 +183,7 @@ def _resolve(model_id: str, base: Mapping[str, Any], local: Mapping[str, Any]) -
     return resolved
 
 
-def _leftovers(ctx: _Ctx, path: str, value: Any, macros: Mapping[str, Any], pid_ok: bool) -> None:
+def _leftovers(ctx: Ctx, path: str, value: Any, macros: Mapping[str, Any], pid_ok: bool) -> None:
     if isinstance(value, dict | list):
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for k, v in items:
@@ -606,7 +215,7 @@ class _Texts:
 _TOO_LONG = f"expands to more than {MAX_EXPANDED // 1024} KiB (macros that repeat each other?)"
 
 
-def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
+def _model_texts(ctx: Ctx, node: Node) -> _Texts:
     """Phase 1: every string and tree of a model entry, as written (`${env.X}` read)."""
 
     def command(key: str) -> str:
@@ -627,7 +236,7 @@ def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
     for i, alias in enumerate(raw_aliases if isinstance(raw_aliases, list) else []):
         where = f"{node.key('aliases')}[{i}]"
         if isinstance(alias, dict):  # llama-swap's newer {id, name, unlisted} form
-            alias = _Node(ctx, alias, where, frozenset({"id"})).data.get("id")
+            alias = Node(ctx, alias, where, frozenset({"id"})).data.get("id")
         texts[f"aliases[{i}]"] = ctx.text(alias, where) or ""
     if raw_aliases is not None and not isinstance(raw_aliases, list):
         texts["aliases[0]"] = node.texts("aliases")[0]
@@ -654,7 +263,7 @@ def _model_texts(ctx: _Ctx, node: _Node) -> _Texts:
     return _Texts(texts, trees, env_keys, strip_key)
 
 
-def _macros_and_port(ctx: _Ctx, node: _Node, model_id: str, base: Config, t: _Texts,
+def _macros_and_port(ctx: Ctx, node: Node, model_id: str, base: Config, t: _Texts,
                      next_port: Callable[[], int]) -> None:
     """Phase 2: substitute the model's macros, then ${PORT} when cmd or proxy uses it;
     anything left unresolved is an error naming its key."""
@@ -689,23 +298,23 @@ def _macros_and_port(ctx: _Ctx, node: _Node, model_id: str, base: Config, t: _Te
         _leftovers(ctx, node.key(key), value, macros, pid_ok=key == "cmdStop")
 
 
-def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
+def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
            next_port: Callable[[], int]) -> ModelConfig:
     """One model entry, in phases: its texts, then macros and ${PORT}, then its engine's
     preset (swapd.presets.settle), then the frozen ModelConfig."""
-    node = _Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
+    node = Node(ctx, raw, f"models.{model_id}", _MODEL_KEYS)
     t = _model_texts(ctx, node)
     _macros_and_port(ctx, node, model_id, base, t, next_port)
     texts, trees, env_keys, strip_key = t.texts, t.trees, t.env_keys, t.strip_key
 
     proxy = texts["proxy"]
     if not is_http_url(proxy):
-        ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {_show(proxy)}")
+        ctx.fail(node.key("proxy"), f"must be an http:// or https:// URL, got {show(proxy)}")
     engine_name = node.text("engine")
     engine = engine_kind(engine_name) if engine_name else None
     if engine_name and engine is None:
         ctx.fail(node.key("engine"), "must be one of vllm, llama.cpp, sglang, trtllm, ollama, "
-                 f"got {_show(engine_name)}")
+                 f"got {show(engine_name)}")
     # -- preset: the recipe, then its engine's preset, then the file (swapd.presets.settle)
     env = {name: texts[key] for name, key in env_keys.items()}
     settled = settle(engine, Recipe(
@@ -748,18 +357,17 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
     for key, alias in aliases.items():
         if not alias.strip():
             ctx.fail(node.key(key), "must be a non-empty string")
-    # Imported here: config_routing builds on this module's _Node and _Ctx.
-    from swapd import config_routing
+    # Imported here: config_routing builds on this module's Node and Ctx.
 
     by_id = None
     if "filters.setParamsByID" in trees:
-        by_id = config_routing.set_params_by_id(
+        by_id = set_params_by_id(
             ctx, node.key("filters.setParamsByID"),
-            {_fmt(k): v for k, v in trees["filters.setParamsByID"]}) or None
+            {spell(k): v for k, v in trees["filters.setParamsByID"]}) or None
         for i, requested in enumerate(by_id or ()):
             if requested != model_id:  # each other id is an alias of this model (llama-swap)
                 aliases[f"filters.setParamsByID[{i}]"] = requested
-    config_routing.compat(node)
+    compat(node)
     folder = os.path.dirname(base.source) if base.source else None
     return ModelConfig(
         id=model_id,
@@ -789,14 +397,14 @@ def _model(ctx: _Ctx, model_id: str, raw: Any, base: Config,
         env_remove=settled.env_remove,
         unload_request=settled.unload_request,
         forward_client_auth=node.flag("forwardClientAuth", False),
-        timeouts=config_routing.model_timeouts(node),
-        capabilities=config_routing.capabilities(node),
+        timeouts=model_timeouts(node),
+        capabilities=capabilities(node),
         set_params_by_id=by_id,
         memory=_size(node, "memory"),
     )
 
 
-def _size(node: _Node, key: str) -> int | None:
+def _size(node: Node, key: str) -> int | None:
     value = node.get(key)
     if value is None:
         return None
@@ -806,7 +414,7 @@ def _size(node: _Node, key: str) -> int | None:
         node.ctx.fail(node.key(key), str(exc))
 
 
-def _memory_guard(top: _Node) -> MemoryGuardConfig:
+def _memory_guard(top: Node) -> MemoryGuardConfig:
     node = top.child("memoryGuard", frozenset({"enabled", "floor"}))
     if node is None:
         return MemoryGuardConfig()
@@ -819,7 +427,7 @@ def _memory_guard(top: _Node) -> MemoryGuardConfig:
     return MemoryGuardConfig(enabled=node.flag("enabled", True), floor=floor)
 
 
-def _env(ctx: _Ctx, node: _Node, texts: dict[str, str]) -> dict[str, str]:
+def _env(ctx: Ctx, node: Node, texts: dict[str, str]) -> dict[str, str]:
     """Put `env` ("K=V" list, or a mapping) into `texts`; returns name → texts key, the
     last of two equal names winning as in a shell."""
     raw = node.data.get("env")
@@ -832,25 +440,25 @@ def _env(ctx: _Ctx, node: _Node, texts: dict[str, str]) -> dict[str, str]:
     for i, item in enumerate(node.texts("env")):
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or "\0" in item:
-            ctx.fail(f"{node.key('env')}[{i}]", f"must be NAME=VALUE, got {_show(item)}")
+            ctx.fail(f"{node.key('env')}[{i}]", f"must be NAME=VALUE, got {show(item)}")
         texts[f"env[{i}]"] = value
         names[name.strip()] = f"env[{i}]"
     return names
 
 
-def _read(ctx: _Ctx, path: str) -> dict[Any, Any]:
+def _read(ctx: Ctx, path: str) -> dict[Any, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         ctx.fail("", f"cannot read: {getattr(exc, 'strerror', None) or exc}")
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=DuplicateKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         ctx.fail("", f"invalid YAML: {where}{getattr(exc, 'problem', None) or exc}")
     if data is not None and not isinstance(data, dict):
-        ctx.fail("", f"must be a mapping of settings, got {_show(data)}")
+        ctx.fail("", f"must be a mapping of settings, got {show(data)}")
     if expanded_size(data) > MAX_VALUES:
         ctx.fail("", f"expands to more than {MAX_VALUES} values through YAML aliases")
     return data or {}
@@ -877,7 +485,7 @@ def expanded_size(data: Any) -> int:
     return size(data)
 
 
-def _keys(node: _Node, key: str) -> tuple[str, ...]:
+def _keys(node: Node, key: str) -> tuple[str, ...]:
     keys = node.texts(key)
     for i, value in enumerate(keys):
         if not value or any(c.isspace() for c in value):
@@ -885,17 +493,17 @@ def _keys(node: _Node, key: str) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _hosts(top: _Node) -> tuple[str, ...]:
+def _hosts(top: Node) -> tuple[str, ...]:
     hosts = top.texts("allowedHosts")
     for i, value in enumerate(hosts):
         name = value.strip()
         if not name or any(c.isspace() or c in "/:@" for c in name):
             top.ctx.fail(f"allowedHosts[{i}]", "must be a host name (llm.example.com), a "
-                         f"domain with a leading dot (.example.com) or *, got {_show(value)}")
+                         f"domain with a leading dot (.example.com) or *, got {show(value)}")
     return tuple(h.strip().lower() for h in hosts)
 
 
-def _origins(top: _Node) -> tuple[str, ...]:
+def _origins(top: Node) -> tuple[str, ...]:
     cors = top.child("cors", frozenset({"allowOrigins"}))
     if cors is None or cors.data.get("allowOrigins") is None:
         return ("*",)
@@ -904,17 +512,17 @@ def _origins(top: _Node) -> tuple[str, ...]:
         url = urlsplit(value.strip())
         if value.strip() != "*" and not (url.scheme and url.netloc and url.path in ("", "/")):
             cors.ctx.fail(f"cors.allowOrigins[{i}]", "must be * or an origin such as "
-                          f"https://chat.example.com, got {_show(value)}")
+                          f"https://chat.example.com, got {show(value)}")
     return tuple(o.strip().rstrip("/") for o in origins)
 
 
-def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[GroupConfig, ...]:
+def _groups(ctx: Ctx, top: Node, models: Mapping[str, ModelConfig]) -> tuple[GroupConfig, ...]:
     sources = [top.child("groups", None)]
     routing = top.child("routing", frozenset({"router", "scheduler"}))
     if router := routing.child("router", frozenset({"use", "settings"})) if routing else None:
         use = (router.text("use") or "group").strip().lower()
         if use not in ("group", "matrix", "memory"):
-            ctx.fail(router.key("use"), f"must be group, matrix or memory, got {_show(use)}")
+            ctx.fail(router.key("use"), f"must be group, matrix or memory, got {show(use)}")
         if settings := router.child("settings", frozenset({"groups", "matrix", "memory"})):
             if use == "matrix" and settings.data.get("groups") is not None:
                 ctx.warn(settings.key("groups"), "not used: routing.router.use is matrix")
@@ -926,16 +534,16 @@ def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[G
         for name, raw in source.data.items():
             if any(g.name == str(name) for g in out):
                 ctx.fail(source.key(name), f"group {name} is defined twice")
-            node = _Node(ctx, raw, source.key(name), frozenset(
+            node = Node(ctx, raw, source.key(name), frozenset(
                 {"swap", "exclusive", "persistent", "members"}))
             members = []
             for i, member in enumerate(node.texts("members")):
                 where = f"{node.key('members')}[{i}]"
                 if member not in models:
-                    ctx.warn(where, f"{_show(member)} is not a defined model, ignored")
+                    ctx.warn(where, f"{show(member)} is not a defined model, ignored")
                     continue
                 if member in member_of:
-                    ctx.fail(where, f"{_show(member)} is already a member of group "
+                    ctx.fail(where, f"{show(member)} is already a member of group "
                              f"{member_of[member]}: a model belongs to one group at most")
                 member_of[member] = str(name)
                 members.append(member)
@@ -947,15 +555,15 @@ def _groups(ctx: _Ctx, top: _Node, models: Mapping[str, ModelConfig]) -> tuple[G
     return tuple(out)
 
 
-def _check_names(ctx_of: Mapping[str, _Ctx], models: Mapping[str, ModelConfig]) -> None:
+def _check_names(ctx_of: Mapping[str, Ctx], models: Mapping[str, ModelConfig]) -> None:
     owner: dict[str, str] = {}
     for model_id, model in models.items():
         for i, alias in enumerate(model.aliases):
             where = f"models.{model_id}.aliases[{i}]"
             if alias in models:
-                ctx_of[model_id].fail(where, f"{_show(alias)} is already a model id")
+                ctx_of[model_id].fail(where, f"{show(alias)} is already a model id")
             if alias in owner:
-                ctx_of[model_id].fail(where, f"{_show(alias)} is already an alias of "
+                ctx_of[model_id].fail(where, f"{show(alias)} is already an alias of "
                                       f"{owner[alias]}")
             owner[alias] = model_id
 
@@ -977,8 +585,8 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     warnings: list[str] = []
-    ctx = _Ctx(os.fspath(path), environ, warnings)
-    top = _Node(ctx, _read(ctx, os.fspath(path)), "", _TOP_KEYS)
+    ctx = Ctx(os.fspath(path), environ, warnings)
+    top = Node(ctx, _read(ctx, os.fspath(path)), "", _TOP_KEYS)
     base = _settings(top, os.path.abspath(os.fspath(path)))
     if top.data.get("models") is None and base.include is None:
         ctx.fail("models", "required: a mapping of model ids to their settings")
@@ -988,14 +596,14 @@ def load_config(
     return LoadResult(config=_with_models(top, base, models), warnings=tuple(warnings))
 
 
-def _settings(top: _Node, source: str) -> Config:
+def _settings(top: Node, source: str) -> Config:
     """The top-level keys: a Config without models. A new key is a name in _TOP_KEYS, a
     field of Config and a line here (and one in `swapd check`'s output, swapd.cli)."""
     ctx = top.ctx
     hct = float(top.number("healthCheckTimeout", 120.0, strict=True))
     level = (top.text("logLevel") or "info").strip().lower().replace("warning", "warn")
     if level not in _LOG_LEVELS:
-        ctx.fail("logLevel", f"must be one of {', '.join(_LOG_LEVELS)}, got {_show(level)}")
+        ctx.fail("logLevel", f"must be one of {', '.join(_LOG_LEVELS)}, got {show(level)}")
     listen = top.text("listen") or "127.0.0.1:28080"
     try:
         split_host_port(listen)
@@ -1003,7 +611,7 @@ def _settings(top: _Node, source: str) -> Config:
     except ValueError:
         explicit_host = False
     if not explicit_host:
-        ctx.fail("listen", f"must be HOST:PORT (e.g. 127.0.0.1:28080), got {_show(listen)}")
+        ctx.fail("listen", f"must be HOST:PORT (e.g. 127.0.0.1:28080), got {show(listen)}")
     state_dir = top.text("stateDir")
     return Config(
         models={},
@@ -1035,7 +643,7 @@ def _settings(top: _Node, source: str) -> Config:
     )
 
 
-def _included(ctx: _Ctx, base: Config) -> list[tuple[_Ctx, _Node]]:
+def _included(ctx: Ctx, base: Config) -> list[tuple[Ctx, Node]]:
     """The files `include` names, read, in load order; each keeps its own error context."""
     if not base.include:
         return []
@@ -1056,13 +664,13 @@ def _included(ctx: _Ctx, base: Config) -> list[tuple[_Ctx, _Node]]:
                 ctx.warn("include", f"{file} is {seen[real]} again (a symlink), loaded once")
             continue
         seen[real] = file
-        sub = _Ctx(file, ctx.environ, ctx.warnings, label=f"{file}: ")
-        out.append((sub, _Node(sub, _read(sub, file), "", frozenset({"models"}))))
+        sub = Ctx(file, ctx.environ, ctx.warnings, label=f"{file}: ")
+        out.append((sub, Node(sub, _read(sub, file), "", frozenset({"models"}))))
     return out
 
 
-def _models(files: list[tuple[_Ctx, _Node]], base: Config, kept: Mapping[str, int],
-            ) -> tuple[dict[str, ModelConfig], dict[str, _Ctx]]:
+def _models(files: list[tuple[Ctx, Node]], base: Config, kept: Mapping[str, int],
+            ) -> tuple[dict[str, ModelConfig], dict[str, Ctx]]:
     """Every model of every file, in file order (the main file first: ${PORT} numbers
     follow it), with the file each came from."""
     taken: set[int] = set()
@@ -1077,7 +685,7 @@ def _models(files: list[tuple[_Ctx, _Node]], base: Config, kept: Mapping[str, in
         return port
 
     models: dict[str, ModelConfig] = {}
-    ctx_of: dict[str, _Ctx] = {}
+    ctx_of: dict[str, Ctx] = {}
     for where, node in files:
         entries = node.child("models", None)
         for key, raw in entries.data.items() if entries else ():
@@ -1092,7 +700,7 @@ def _models(files: list[tuple[_Ctx, _Node]], base: Config, kept: Mapping[str, in
     return models, ctx_of
 
 
-def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Config:
+def _with_models(top: Node, base: Config, models: dict[str, ModelConfig]) -> Config:
     """The last phase: the settings that refer to models (groups, preload, the default
     queueTimeout; llama-swap's routing keys: swapd.config_routing)."""
     ctx = top.ctx
@@ -1103,7 +711,7 @@ def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Co
         found = replace(base, models=models).resolve(name.strip())
         if found is None:
             ctx.warn(f"hooks.on_startup.preload[{i}]",
-                     f"{_show(name)} is not a defined model, ignored")
+                     f"{show(name)} is not a defined model, ignored")
         elif found.id not in preload:
             preload.append(found.id)
     queue_timeout = base.queue_timeout
@@ -1113,17 +721,16 @@ def _with_models(top: _Node, base: Config, models: dict[str, ModelConfig]) -> Co
         queue_timeout = max(
             [base.health_check_timeout, *(m.health_check_timeout for m in models.values())]
         ) + 60
-    from swapd import config_routing
 
     groups = _groups(ctx, top, models)
-    routing = config_routing.load(ctx, top, models, groups)
-    config_routing.no_effect(top)
+    routing = load(ctx, top, models, groups)
+    no_effect(top)
     return replace(base, models=models, groups=groups, preload=tuple(preload),
                    queue_timeout=queue_timeout,
                    **{f.name: getattr(routing, f.name) for f in fields(routing)})
 
 
-def _activity(top: _Node) -> dict[str, Any]:
+def _activity(top: Node) -> dict[str, Any]:
     """`activity:` (swapd's) and `ui.activity.session_id` (llama-swap's) as Config fields."""
     out: dict[str, Any] = {}
     node = top.child("activity", frozenset({"size", "injectUsage", "store", "retentionDays"}))
@@ -1132,7 +739,7 @@ def _activity(top: _Node) -> dict[str, Any]:
         out["activity_inject_usage"] = node.flag("injectUsage", False)
         store = node.text("store")
         if store not in (None, "", "memory", "sqlite"):
-            top.ctx.fail("activity.store", f"must be memory or sqlite, got {_show(store)}")
+            top.ctx.fail("activity.store", f"must be memory or sqlite, got {show(store)}")
         out["activity_store"] = store == "sqlite"
         out["activity_retention_days"] = float(node.number("retentionDays", 7.0, strict=True))
     if "activity_size" not in out and top.data.get("metricsMaxInMemory") is not None:
@@ -1150,7 +757,7 @@ def load_model_entry(model_id: str, data: object, base: Config,
                      environ: Mapping[str, str] | None = None) -> ModelConfig:
     """Validate one recipe (what would stand under `models.{model_id}`) against a loaded
     config, as the admin API must before writing it to disk as `{model_id}.yaml`."""
-    ctx = _Ctx(None, os.environ if environ is None else environ, [])
+    ctx = Ctx(None, os.environ if environ is None else environ, [])
     if not valid_id(model_id):
         ctx.fail(f"models.{model_id}", "a recipe id must match "
                  "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$ and not contain '..'")
@@ -1162,6 +769,6 @@ def load_model_entry(model_id: str, data: object, base: Config,
     model = _model(ctx, model_id, data, base, free_port)
     others = {k: v for k, v in base.models.items() if k != model_id}
     if owner := next((m.id for m in others.values() if model_id in m.aliases), None):
-        ctx.fail(f"models.{model_id}", f"{_show(model_id)} is already an alias of {owner}")
+        ctx.fail(f"models.{model_id}", f"{show(model_id)} is already an alias of {owner}")
     _check_names({k: ctx for k in [*others, model_id]}, {**others, model_id: model})
     return model

@@ -21,28 +21,17 @@ from typing import Any, Protocol
 
 import structlog
 
-from swapd import memrouter, placement, procgroup
-from swapd.config import Config, ModelConfig
-from swapd.core import (
-    RUNNING,
-    ArmTimer,
-    Core,
-    Effect,
-    Fail,
-    Forget,
-    Grant,
-    Phase,
-    Refusal,
-    Router,
-    Start,
-    Stop,
-    StopReason,
-)
-from swapd.engine import Engine, EngineState, GroupRecord, LineSink, StartError
+from swapd.config.types import Config, ModelConfig
+from swapd.engines import procgroup
+from swapd.engines.engine import Engine, EngineState, GroupRecord, LineSink, StartError
 from swapd.errors import ApiError
-from swapd.memguard import GuardEvent
-from swapd.memory import MemInfo, read_meminfo
-from swapd.memwatch import MemoryWatch
+from swapd.memory.guard import GuardEvent
+from swapd.memory.meminfo import MemInfo, read_meminfo
+from swapd.memory.watch import MemoryWatch
+from swapd.placement import by_memory, registry
+from swapd.placement.types import Router
+from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Forget, Grant, Refusal, Start, Stop
+from swapd.schedule.phase import RUNNING, Phase, StopReason
 
 log = structlog.get_logger("swapd.scheduler")
 
@@ -240,7 +229,7 @@ class Scheduler:
         self._sink = sink
         self._clock = clock
         self._memory = memory
-        self._core = Core(config, self._router_for(config), placement.queue_key_for(config))
+        self._core = Core(config, self._router_for(config), registry.queue_key_for(config))
         self._engines: dict[str, Engine] = {}
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._starts: dict[str, asyncio.Task[None]] = {}
@@ -324,7 +313,7 @@ class Scheduler:
         Raises SchedulerError on entry if the model cannot be served. `progress(waited)`
         is awaited about once a second while the request waits (a chat UI's loading
         message); if it raises, the wait is abandoned. `priority` goes to the core's
-        queue order (`placement.queue_key_for`). `ready_only`: only an engine that serves
+        queue order (`registry.queue_key_for`). `ready_only`: only an engine that serves
         right now, else NotLoaded (409) at once; never queues, starts or swaps
         (llama-swap's upstream.ignorePaths).
         """
@@ -529,7 +518,7 @@ class Scheduler:
         """After GPU tenants stop, wait until their own memory is back or `target` fits.
 
         Not "until MemAvailable is back where it was": anything else that allocated meanwhile
-        would stall every swap for the whole memoryReleaseTimeout (swapd/memrouter.py).
+        would stall every swap for the whole memoryReleaseTimeout (swapd/by_memory.py).
         """
         before = [r for m in stopped if (r := self._release_before.pop(m, None)) is not None]
         if not before:
@@ -551,13 +540,13 @@ class Scheduler:
                 return
             now = self._clock()
             readings.append((now, info.available))
-            while readings[0][0] < now - memrouter.PLATEAU - MEMORY_POLL / 2:
+            while readings[0][0] < now - by_memory.PLATEAU - MEMORY_POLL / 2:
                 readings.popleft()
             rising = None
-            if now - stopped_at >= memrouter.PLATEAU:
+            if now - stopped_at >= by_memory.PLATEAU:
                 rising = info.available - min(a for _, a in readings)
-            room = memrouter.Room(info.available, info.total, self.config.memory_reserve)
-            if memrouter.released(freed=info.available - start, expected=expected, need=need,
+            room = by_memory.Room(info.available, info.total, self.config.memory_reserve)
+            if by_memory.released(freed=info.available - start, expected=expected, need=need,
                                   room=room, baseline=baseline, to_come=self._to_come(target),
                                   rising=rising):
                 return
@@ -591,7 +580,7 @@ class Scheduler:
         return total
 
     def _router_for(self, config: Config) -> Router:
-        return placement.router_for(config, self._memory, self._observer.evicted)
+        return registry.router_for(config, self._memory, self._observer.evicted)
 
     # -- the memory guard ------------------------------------------------------------
 
@@ -652,7 +641,7 @@ class Scheduler:
         """Adopt a reloaded config. Engines whose recipe is unchanged keep running."""
         self.config = config
         self._core.router = self._router_for(config)
-        self._core.queue_key = placement.queue_key_for(config)
+        self._core.queue_key = registry.queue_key_for(config)
         changes, fx = self._core.apply_config(config, self._clock())
         for model in changes["added"]:
             self._engines[model] = self._factory(config.models[model], self._engine_state)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from swapd.config import ModelConfig
+from swapd.config.types import ModelConfig
 from swapd.systemd import SYSTEMD_ENV_VARS
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import structlog
 
-from swapd import procgroup
+from swapd.engines import procgroup
 from swapd.files import write_atomic
 
 log = structlog.get_logger("swapd.orphans")

@@ -19,22 +19,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from swapd import matrix, memrouter
-from swapd.config import Config
-from swapd.config_routing import RouterKind
-from swapd.core import Queued, QueueKey, RouteAnswer, RouteQuery, Router, fifo_key, groups_router
-from swapd.matrix import Program
+from swapd.config.types import Config, RouterKind
+from swapd.placement import by_memory, matrix
+from swapd.placement.groups import groups_router
+from swapd.placement.matrix import Program
+from swapd.placement.types import Queued, QueueKey, RouteAnswer, RouteQuery, Router, fifo_key
 
 ROUTERS: dict[str, Router] = {"groups": groups_router}
 
 
-def router_for(config: Config, memory: memrouter.MemoryReadings | None = None,
+def router_for(config: Config, memory: by_memory.MemoryReadings | None = None,
                evicted: Callable[[str, str], None] | None = None) -> Router:
     """The eviction policy the config selects: llama-swap's groups (the default), or
     placement by measured memory (`routing.router.use: memory`, docs/memory.md), which
     needs `memory` (what it measures; `evicted(model, reason)` counts its evictions)."""
     if config.router == RouterKind.MEMORY and memory is not None:
-        return memrouter.memory_router(memory, config, evicted)
+        return by_memory.memory_router(memory, config, evicted)
     if config.matrix is not None:
         return matrix_router(config.matrix)
     return ROUTERS["groups"]

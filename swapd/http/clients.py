@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from swapd.config_routing import Timeouts
+from swapd.config.types import Timeouts
 
 
 def request_timeout(timeouts: Timeouts, https: bool) -> aiohttp.ClientTimeout:

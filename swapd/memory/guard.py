@@ -26,8 +26,9 @@ from typing import Final
 
 import structlog
 
-from swapd.memory import Floor, MemInfo, MemReader, MiB, format_size
-from swapd.procgroup import Tree
+from swapd.config.sizes import Floor, MiB, format_size
+from swapd.engines.procgroup import Tree
+from swapd.memory.meminfo import MemInfo, MemReader
 
 log = structlog.get_logger("swapd.memguard")
 

@@ -29,8 +29,8 @@ from typing import Any, Final, Literal
 import psutil
 import structlog
 
-from swapd import procgroup
-from swapd.memory import PROC_MEMINFO, MemInfo, read_meminfo
+from swapd.engines import procgroup
+from swapd.memory.meminfo import PROC_MEMINFO, MemInfo, read_meminfo
 
 log = structlog.get_logger("swapd.gpu")
 

@@ -1,21 +1,11 @@
-"""Memory sizes as people write them, and a cheap reader of the host's MemAvailable.
-
-On a DGX Spark (GB10) the GPU's memory is the host's memory: MemAvailable in /proc/meminfo is
-what the next engine can have, and what a runaway engine takes away. The reader keeps the file
-open and re-reads it with `pread` (about 6 µs a read, parsing included, measured on the CI
-machine), so the memory guard can read it 20 times a second on the event loop for the cost of
-a tenth of a millisecond.
-"""
+"""Memory sizes as people write them ("70GiB", "16G", "10%"), and how swapd prints them."""
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Final
-
-PROC_MEMINFO: Final = "/proc/meminfo"
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -104,57 +94,3 @@ def format_size(size: int) -> str:
     return f"{sign}{size}B"
 
 
-@dataclass(frozen=True)
-class MemInfo:
-    total: int
-    available: int
-
-
-def parse_meminfo(data: bytes) -> MemInfo:
-    """MemTotal and MemAvailable (bytes) from /proc/meminfo's text."""
-    total = _field(data, b"MemTotal:")
-    if total is None:
-        raise ValueError("no MemTotal in meminfo")
-    available = _field(data, b"MemAvailable:")
-    return MemInfo(total=total, available=total if available is None else available)
-
-
-def _field(data: bytes, key: bytes) -> int | None:
-    start = data.find(key)
-    if start < 0:
-        return None
-    end = data.find(b"\n", start)
-    parts = data[start + len(key) : end if end >= 0 else None].split()
-    scale = KiB if len(parts) > 1 and parts[1].lower() == b"kb" else 1
-    return int(parts[0]) * scale
-
-
-def read_meminfo(path: str = PROC_MEMINFO) -> MemInfo:
-    """MemTotal and MemAvailable now, in one read. Raises OSError or ValueError."""
-    with open(path, "rb") as f:
-        return parse_meminfo(f.read())
-
-
-class MemReader:
-    """Reads /proc/meminfo through one open descriptor. Not thread-safe (one owner)."""
-
-    def __init__(self, path: str = PROC_MEMINFO) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def read(self) -> MemInfo:
-        """MemTotal and MemAvailable now. Raises OSError or ValueError when unreadable."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # /proc/meminfo is about 1.5 KiB; procfs regenerates it on every read at offset 0.
-            data = os.pread(self._fd, 16384, 0)
-        except OSError:
-            self.close()
-            raise
-        return parse_meminfo(data)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)

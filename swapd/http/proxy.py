@@ -21,19 +21,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from swapd import naming
-from swapd.activity import ActivityLog, Record, Tracker
-from swapd.appstate import UPSTREAM, config_of
-from swapd.capture import Capture, CaptureBuffer
-from swapd.clients import Clients
-from swapd.config import Config, ModelConfig
-from swapd.config_routing import Capabilities, PeerConfig, Timeouts
+from swapd.config.types import Capabilities, Config, ModelConfig, PeerConfig, Timeouts
+from swapd.engines.starts import StartTimes
 from swapd.errors import ApiError, anthropic_error_body, error_body
-from swapd.metrics import Metrics
-from swapd.naming import Chosen, Local, Profiles, Remote, Spillover, Unroutable
+from swapd.http import modelnames
+from swapd.http.appstate import UPSTREAM, config_of
+from swapd.http.clients import Clients
+from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
+from swapd.observe.activity import ActivityLog, Record, Tracker
+from swapd.observe.capture import Capture, CaptureBuffer
+from swapd.observe.metrics import Metrics
 from swapd.redact import clean_line
-from swapd.scheduler import Scheduler
-from swapd.starts import StartTimes
+from swapd.schedule.runner import Scheduler
 
 log = structlog.get_logger("swapd.proxy")
 
@@ -342,10 +341,10 @@ class Proxy:
                 selectors: bool = True) -> tuple[Local | Remote, Chosen | None]:
         """Profile pin, selector, local name, peer: where `name` goes (404/400/503)."""
         def pick(selector: Any) -> str:
-            return naming.choose(config, selector, self._state, self._spillover)
+            return modelnames.choose(config, selector, self._state, self._spillover)
 
         try:
-            return naming.resolve(config, self._profiles.active, name,
+            return modelnames.resolve(config, self._profiles.active, name,
                                   pick if selectors else None)
         except Unroutable as exc:
             raise ApiError(exc.message, status=exc.status, code=exc.code) from None

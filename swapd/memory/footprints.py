@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import structlog
 
-from swapd.config import ModelConfig
+from swapd.config.types import ModelConfig
 from swapd.files import write_atomic
 
 log = structlog.get_logger("swapd.footprints")

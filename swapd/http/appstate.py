@@ -11,7 +11,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from swapd.config import Config
+from swapd.config.types import Config
 
 
 class LiveConfig:

@@ -35,33 +35,24 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from swapd import policy
-from swapd.config import Config, GroupConfig, ModelConfig
-
-
-class Phase(StrEnum):
-    STOPPED = "stopped"  # no engine (maybe in backoff: see retry_at)
-    STARTING = "starting"  # a start was decided; counts as running from that instant
-    READY = "ready"  # serving
-    DRAINING = "draining"  # a stop was decided: finishes what it holds, takes nothing new
-    STOPPING = "stopping"  # the stop effect was issued
-    FAILED = "failed"  # gave up after restart.maxRetries failures, until the cool-down ends
-
-
-RUNNING = frozenset({Phase.STARTING, Phase.READY, Phase.DRAINING, Phase.STOPPING})
-
-
-class StopReason(StrEnum):
-    IDLE = "idle"
-    SWAP = "swap"
-    UNLOAD = "unload"
-    RELOAD = "reload"
-    CRASH = "crash"
-    SHUTDOWN = "shutdown"
+from swapd.config.types import Config, ModelConfig
+from swapd.placement.groups import DEFAULT_GROUP, groups_router
+from swapd.placement.types import (
+    ModelView,
+    Queued,
+    QueueKey,
+    Refuse,
+    RouteQuery,
+    Router,
+    Wait,
+    fifo_key,
+)
+from swapd.schedule.phase import RUNNING, Phase, StopReason
+from swapd.schedule.rules import IdleInput, backoff, idle
 
 
 class Refusal(StrEnum):
@@ -128,95 +119,6 @@ class Forget:
 
 
 Effect = Start | Stop | Grant | Fail | ArmTimer | Forget
-
-
-# -- what pluggable policies see ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ModelView:
-    """A frozen view of one model, for routers and read-only callers."""
-
-    id: str
-    phase: Phase
-    gpu: bool
-    inflight: int
-    queued: int
-    last_used: float  # monotonic; end of the last request (or ready time)
-    group: str  # the group's name; policy.DEFAULT_GROUP's for models in none
-    failures: int  # consecutive failed starts / crashes
-    start_failed: bool  # the last failure was a start that never became ready
-    retry_at: float  # monotonic; not started again before this
-    last_error: str | None
-    stop_reason: StopReason | None  # while a stop is decided or under way
-
-    @property
-    def running(self) -> bool:
-        return self.phase in RUNNING
-
-    @property
-    def idle(self) -> bool:
-        """Evictable without cutting anyone off: ready, nothing in flight, nothing queued."""
-        return self.phase == Phase.READY and self.inflight == 0 and self.queued == 0
-
-
-@dataclass(frozen=True, slots=True)
-class RouteQuery:
-    """The input of a `Router`: start `target`; what must stop first?"""
-
-    target: str
-    models: Mapping[str, ModelView]  # every configured model
-    groups: tuple[GroupConfig, ...]
-    now: float
-
-
-@dataclass(frozen=True, slots=True)
-class Wait:
-    """A router's answer: the target cannot be placed now; its requests keep waiting
-    (backpressure, up to queueTimeout) and placement is asked again on the next event (a
-    release, a stop, a start's end), or at `until` (monotonic) if given: a condition with
-    no event of its own, such as MemAvailable growing."""
-
-    reason: str
-    until: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Refuse:
-    """A router's answer: the target can never be placed (larger than the machine); its
-    requests are answered at once instead of waiting for queueTimeout."""
-
-    reason: str
-
-
-RouteAnswer = tuple[str, ...] | Wait | Refuse
-# Pure: (RouteQuery) -> the running models to evict (maybe none), Wait, or Refuse.
-Router = Callable[[RouteQuery], RouteAnswer]
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A queued request, as the queue order sees it."""
-
-    seq: int  # arrival order, unique
-    model: str
-    since: float
-    priority: int = 0
-
-
-# Pure: (Queued) -> sort key; the queue is kept sorted by it, smallest served first.
-QueueKey = Callable[[Queued], tuple[float, ...]]
-
-
-def fifo_key(w: Queued) -> tuple[float, ...]:
-    return (w.seq,)
-
-
-def groups_router(p: RouteQuery) -> RouteAnswer:
-    """llama-swap's group rules (policy.evictions): the default router."""
-    running = [m for m, v in p.models.items() if v.running]
-    gpu = {m: v.gpu for m, v in p.models.items()}
-    return tuple(policy.evictions(p.target, running, p.groups, gpu))
 
 
 # -- the core ----------------------------------------------------------------------------
@@ -423,7 +325,7 @@ class Core:
         if m is None:
             return fx
         restart = m.cfg.restart
-        retry = policy.backoff(m.failures + 1, restart.backoff_initial, restart.backoff_max)
+        retry = backoff(m.failures + 1, restart.backoff_initial, restart.backoff_max)
         self._fail_waiters(model, fx, Refusal.MEMORY_GUARD, message, retry)
         return self._finish(now, fx)
 
@@ -475,11 +377,11 @@ class Core:
                 w.ticket, w.model, Refusal.QUEUE_TIMEOUT,
                 f"model {w.model!r} was not ready within "
                 f"{self.config.queue_timeout:g}s (queueTimeout)", 5.0))
-        idle = [
-            policy.IdleInput(k, m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
+        engines = [
+            IdleInput(k, m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
             for k, m in self._models.items()
         ]
-        for model in policy.idle(idle, now):
+        for model in idle(engines, now):
             m = self._models[model]
             if self._victim(model) or self._closing:
                 continue  # the swap stops it already
@@ -704,7 +606,7 @@ class Core:
             busy = [v for v in victims if views[v].inflight > 0 or views[v].queued > 0]
             if busy:
                 # A model that keeps failing must not cost a healthy, busy tenant its engine.
-                retry = policy.backoff(
+                retry = backoff(
                     m.failures, m.cfg.restart.backoff_initial, m.cfg.restart.backoff_max)
                 self._fail_waiters(
                     model, fx, Refusal.START_FAILED,
@@ -786,7 +688,7 @@ class Core:
             m.phase = Phase.FAILED
             m.retry_at = now + restart.backoff_max
         else:
-            m.retry_at = now + policy.backoff(
+            m.retry_at = now + backoff(
                 m.failures, restart.backoff_initial, restart.backoff_max)
 
     def _fail_waiters(
@@ -837,7 +739,7 @@ class Core:
             inflight=m.inflight,
             queued=m.queued,
             last_used=m.last_used,
-            group=self._group_names.get(model, policy.DEFAULT_GROUP.name),
+            group=self._group_names.get(model, DEFAULT_GROUP.name),
             failures=m.failures,
             start_failed=m.start_failed,
             retry_at=m.retry_at,

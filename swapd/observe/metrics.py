@@ -36,8 +36,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from swapd import __version__
-from swapd.gpu import Sample
-from swapd.memrouter import EVICTION_REASONS
+from swapd.memory.gpu import Sample
+from swapd.placement.by_memory import EVICTION_REASONS
 
 # The `*_created` series double the series count and no dashboard uses them. (A process-wide
 # switch of prometheus-client; swapd is the only exporter in its process.)

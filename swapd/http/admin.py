@@ -17,15 +17,9 @@ import yaml
 from aiohttp import web
 
 from swapd import __version__
-from swapd.appstate import config_of
-from swapd.config import Config, ConfigError, load_model_entry
-from swapd.config_routing import RouterKind
-from swapd.errors import ApiError
-from swapd.files import write_atomic
-from swapd.memwatch import MemoryWatch
-from swapd.naming import Profiles
-from swapd.proxy import parse_json, read_body
-from swapd.recipes import (
+from swapd.config.loader import load_model_entry
+from swapd.config.nodes import ConfigError
+from swapd.config.recipes import (
     MAX_RECIPE_BYTES,
     body_kind,
     existing,
@@ -34,8 +28,15 @@ from swapd.recipes import (
     recipe_path,
     render,
 )
+from swapd.config.types import Config, RouterKind
+from swapd.errors import ApiError
+from swapd.files import write_atomic
+from swapd.http.appstate import config_of
+from swapd.http.modelnames import Profiles
+from swapd.http.proxy import parse_json, read_body
+from swapd.memory.watch import MemoryWatch
 from swapd.redact import clean_line, redact_argv, redact_text
-from swapd.scheduler import EngineView, Scheduler
+from swapd.schedule.runner import EngineView, Scheduler
 
 log = structlog.get_logger("swapd.admin")
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import structlog
 
-from swapd import gpu
-from swapd.config import Config, ModelConfig
-from swapd.footprints import FootprintStore, Learner
-from swapd.memguard import GuardEvent, MemoryGuard, Watched
-from swapd.memory import MemInfo, MemReader
-from swapd.procgroup import Tree
+from swapd.config.types import Config, ModelConfig
+from swapd.engines.procgroup import Tree
+from swapd.memory import gpu
+from swapd.memory.footprints import FootprintStore, Learner
+from swapd.memory.guard import GuardEvent, MemoryGuard, Watched
+from swapd.memory.meminfo import MemInfo, MemReader
 
 log = structlog.get_logger("swapd.memwatch")
 

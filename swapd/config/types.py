@@ -1,0 +1,277 @@
+"""The configuration as loaded: frozen dataclasses, immutable once built.
+
+A reload builds a new `Config` and the scheduler compares `ModelConfig`s by equality to
+decide which engines keep running. Nothing here reads a file: swapd.config.loader does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from swapd.config.presets import EngineKind
+from swapd.config.sizes import DEFAULT_FLOOR, Floor, GiB
+from swapd.placement.matrix import Program
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_retries: int = 3
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    # argv after macro expansion; never passed through a shell.
+    cmd: tuple[str, ...]
+    # argv with "${PID}" still in it: the pid is only known at stop time.
+    cmd_stop: tuple[str, ...] | None = None
+    proxy: str = "http://127.0.0.1:5800"
+    # None means `checkEndpoint: none`: ready once the port accepts connections.
+    check_endpoint: str | None = "/health"
+    ttl: float = 0.0  # seconds of idleness before eviction; 0 = never
+    unload_timeout: float = 10.0  # SIGTERM → SIGKILL grace
+    env: tuple[tuple[str, str], ...] = ()
+    aliases: tuple[str, ...] = ()
+    use_model_name: str | None = None
+    unlisted: bool = False
+    name: str | None = None
+    description: str | None = None
+    metadata: Any = None  # JSON-able, passed through in /v1/models
+    concurrency_limit: int = 0  # 0 = unlimited
+    strip_params: tuple[str, ...] = ()
+    set_params: Any = None  # dict of JSON values or None
+    send_loading_state: bool = False
+    engine: EngineKind | None = None
+    gpu: bool = True
+    health_check_timeout: float = 120.0
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    memory_release_timeout: float = 30.0
+    # Environment variables the engine must not inherit from swapd (preset hygiene).
+    env_remove: tuple[str, ...] = ()
+    # (path, JSON body) POSTed to the engine before it is signalled to stop (best effort):
+    # the ollama preset's unload with `keep_alive: 0`. None: nothing is sent.
+    unload_request: tuple[str, str] | None = None
+    # Forward the client's Authorization / x-api-key to the engine although swapd has keys
+    # of its own (they are meant for swapd and removed otherwise): `forwardClientAuth`.
+    forward_client_auth: bool = False
+    # llama-swap's per-model client `timeouts`; None: swapd's shared client.
+    timeouts: Timeouts | None = None
+    capabilities: Capabilities | None = None
+    # requested id → params set after setParams (filters.setParamsByID); its keys other
+    # than the model id are aliases too.
+    set_params_by_id: Any = None
+    # The engine's footprint in bytes (`memory: "70GiB"`); None: learned (swapd/footprints.py).
+    # A placement hint, not how the engine runs: changing it does not restart the engine.
+    memory: int | None = field(default=None, compare=False)
+
+    @property
+    def port(self) -> int | None:
+        return urlsplit(self.proxy).port
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryGuardConfig:
+    """`memoryGuard`: kill the engine that pushes MemAvailable below `floor`."""
+
+    enabled: bool = True
+    floor: Floor = DEFAULT_FLOOR
+
+
+@dataclass(frozen=True)
+class Config:
+    models: dict[str, ModelConfig]
+    groups: tuple[GroupConfig, ...] = ()
+    # routing.router.settings.memory.reserve: kept free for the OS by the memory router.
+    memory_reserve: int = 8 * GiB
+    memory_guard: MemoryGuardConfig = field(default_factory=MemoryGuardConfig)
+    listen: str = "127.0.0.1:28080"
+    api_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
+    state_dir: str | None = None
+    log_level: str = "info"
+    health_check_timeout: float = 120.0
+    start_port: int = 5800
+    global_ttl: float = 0.0
+    unload_timeout: float = 10.0
+    include_aliases_in_list: bool = False
+    send_loading_state: bool = False
+    preload: tuple[str, ...] = ()
+    max_queue: int = 256
+    queue_timeout: float = 180.0
+    shutdown_timeout: float = 30.0
+    log_buffer_lines: int = 2000
+    max_body_bytes: int = 64 * 1024 * 1024
+    include: str | None = None
+    # Host names accepted besides IP addresses, loopback names and this machine's names.
+    allowed_hosts: tuple[str, ...] = ()
+    # Origins whose pages may call the inference routes (CORS); "*" is any.
+    cors_allow_origins: tuple[str, ...] = ("*",)
+    # Seconds a request body may take to arrive in full (a trickling client gets 408).
+    body_timeout: float = 60.0
+    # Activity records (the /ui activity panel, /api/activity, token metrics): ring size
+    # (0 turns them off), whether to ask engines for usage in streams, SQLite under stateDir.
+    activity_size: int = 1000
+    activity_inject_usage: bool = False
+    activity_store: bool = False
+    activity_retention_days: float = 7.0
+    # llama-swap's captureBuffer (MB of request/response bodies kept); 0 = off.
+    capture_buffer_mb: float = 0.0
+    # llama-swap's ui.activity.session_id: request headers naming a client's session.
+    session_headers: tuple[str, ...] = ("X-Session-ID", "X-Litellm-Session-Id")
+    # Where the file came from: `include` globs resolve relative to it.
+    source: str | None = None
+    # Global macros in file order, ${env.*} already substituted, other references not yet:
+    # each model resolves them again with its own MODEL_ID, PORT and overrides.
+    macros: tuple[tuple[str, Any], ...] = ()
+    # llama-swap's routing keys (swapd/config_routing.py loads them).
+    router: RouterKind | str = "group"
+    matrix: Program | None = None
+    priority: Mapping[str, int] = field(default_factory=dict)  # model id → fifo priority
+    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    # request name → (peer id, the peer's model id): "<peer>/<model>", and the bare
+    # model when exactly one peer has it and no local id or alias is so named.
+    peer_routes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    ignore_paths: tuple[re.Pattern[str], ...] = ()  # upstream.ignorePaths
+    log_to_stdout: LogToStdout | str = "both"
+    gpu_sampling: bool = True  # performance.disabled: false
+
+    def resolve(self, name: str) -> ModelConfig | None:
+        """The model a request's `model` names: an id first, then an alias."""
+        found = self.models.get(name)
+        if found is not None:
+            return found
+        for model in self.models.values():
+            if name in model.aliases:
+                return model
+        return None
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    config: Config
+    warnings: tuple[str, ...] = ()
+
+
+# -- llama-swap's routing keys (swapd.config.routing loads them) --
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Upstream client timeouts in seconds, llama-swap's `timeouts`; 0 disables one."""
+
+    connect: float = 30.0
+    keepalive: float = 30.0
+    response_header: float = 0.0
+    tls_handshake: float = 10.0
+    idle_conn: float = 90.0
+
+
+MODEL_TIMEOUTS = Timeouts()
+# llama-swap's peer default keeps a 60 s response-header limit (its PR #619).
+PEER_TIMEOUTS = Timeouts(response_header=60.0)
+
+MODALITIES = ("text", "audio", "image")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+
+class Strategy(StrEnum):
+    WARM = "warm"
+    PIN = "pin"
+    SPILLOVER = "spillover"
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    id: str
+    strategy: Strategy
+    targets: tuple[str, ...]
+    spillover: int = 1
+    name: str | None = None
+    description: str | None = None
+    metadata: Any = None
+    unlisted: bool = False
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    id: str
+    # pin name → target; None: the pin answers 404 (`~` or "")
+    pins: tuple[tuple[str, str | None], ...]
+    description: str | None = None
+
+    def pin(self, name: str) -> tuple[bool, str | None]:
+        for pin, target in self.pins:
+            if pin == name:
+                return True, target
+        return False, None
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    id: str
+    proxy: str  # base URL; the request's path is appended
+    models: tuple[str, ...]
+    api_key: str | None = None
+    # The environment variable `apiKey` names but that was unset at load: the peer is
+    # listed, and its requests are refused with that said rather than sent without a key.
+    api_key_unset: str | None = None
+    timeouts: Timeouts = PEER_TIMEOUTS
+    strip_params: tuple[str, ...] = ()
+    set_params: Any = None
+    set_params_by_id: Any = None
+
+
+class RouterKind(StrEnum):
+    GROUP = "group"
+    MATRIX = "matrix"
+    MEMORY = "memory"  # placement by measured memory (docs/memory.md)
+
+
+class LogToStdout(StrEnum):
+    PROXY = "proxy"
+    UPSTREAM = "upstream"
+    BOTH = "both"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What `load_config` adds to `Config` from the keys above (field name → value)."""
+
+    router: RouterKind = RouterKind.GROUP
+    matrix: Program | None = None
+    memory_reserve: int = 8 * GiB  # routing.router.settings.memory.reserve
+    priority: Mapping[str, int] = field(default_factory=dict)
+    selectors: Mapping[str, SelectorConfig] = field(default_factory=dict)
+    profiles: Mapping[str, ProfileConfig] = field(default_factory=dict)
+    peers: Mapping[str, PeerConfig] = field(default_factory=dict)
+    peer_routes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    ignore_paths: tuple[re.Pattern[str], ...] = ()
+    log_to_stdout: LogToStdout = LogToStdout.BOTH
+    gpu_sampling: bool = True
