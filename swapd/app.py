@@ -10,13 +10,11 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import hmac
-import ipaddress
 import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 
 import aiohttp
@@ -30,12 +28,11 @@ from swapd.config.types import Config, LoadResult
 from swapd.engines import procgroup
 from swapd.engines.orphans import OwnedGroups, reap_leftovers
 from swapd.engines.starts import StartTimes
-from swapd.errors import ApiError, answer
-from swapd.http import origins
 from swapd.http.admin import Admin
 from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
+from swapd.http.gate import Gate
 from swapd.http.modelnames import Profiles
-from swapd.http.proxy import INFERENCE_POST_PATHS, Proxy
+from swapd.http.proxy import Proxy
 from swapd.memory.gpu import Sampler
 from swapd.memory.guard import GuardEvent, Watched
 from swapd.memory.watch import MemoryWatch
@@ -48,19 +45,8 @@ from swapd.ui import api_routes, ui_routes
 
 log = structlog.get_logger("swapd")
 
-OPEN_PATHS = ("/health", "/metrics")
-# The page itself holds no data (everything it shows comes from the routes below), and a
-# browser cannot put a key on a navigation: it is open like /health.
-OPEN_PREFIXES = ("/ui/",)
-# /api/: profiles, and the page's activity, captures and GPU sample.
-ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/")
-# Where browsers of other origins are served (CORS): the inference API, nothing else.
-CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
 # How often --watch-config looks at the config files' mtimes.
 WATCH_INTERVAL = 1.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def default_state_dir(listen: str) -> Path:
     """Under systemd, StateDirectory=; otherwise one folder per listen port, so two
@@ -69,27 +55,6 @@ def default_state_dir(listen: str) -> Path:
         return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     return base / "swapd" / str(split_host_port(listen)[1])
-
-
-def _is_loopback(request: web.Request) -> bool:
-    peer = request.remote
-    if not peer:
-        return False
-    try:
-        address = ipaddress.ip_address(peer.split("%")[0])
-    except ValueError:
-        return peer == "localhost"
-    # A dual-stack listener sees an IPv4 client as ::ffff:127.0.0.1.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def _presented_key(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
 
 
 def config_secrets(config: Config) -> list[str]:
@@ -103,19 +68,6 @@ def config_secrets(config: Config) -> list[str]:
             if password := urlsplit(model.proxy).password:
                 values.append(password)
     return values
-
-
-def _key_in(key: str | None, keys: tuple[str, ...]) -> bool:
-    if key is None:
-        return False
-    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: give the bytes
-    # back (such a key matches none, and is refused like any wrong key).
-    presented = key.encode("utf-8", "surrogateescape")
-    found = False
-    for candidate in keys:
-        # No early exit: the time taken must not say which key came close.
-        found |= hmac.compare_digest(presented, candidate.encode())
-    return found
 
 
 class _Observer:
@@ -168,13 +120,11 @@ class Daemon:
         self.live = LiveConfig(self._effective(loaded.config))
         self._warnings = loaded.warnings
         redact.remember(config_secrets(self.config))
-        # This machine's names: a Host naming them is no rebinding (origins.py).
-        self._own_names = origins.own_names()
-        self._host_ok: dict[str, bool] = {}
         self._listen = self.config.listen
         self._watch = watch_config
         self.hub = LogHub(self.config.log_buffer_lines)
         self.metrics = Metrics()
+        self.gate = Gate(self.live, self.metrics)
         self.stop_event = asyncio.Event()
         self._force = False
         self._reload_lock = asyncio.Lock()
@@ -242,11 +192,11 @@ class Daemon:
         # The body limit is enforced by the proxy itself, with an OpenAI-shaped 413.
         app = web.Application(
             client_max_size=self.config.max_body_bytes + 1024 * 1024,
-            middlewares=[self._middleware],
+            middlewares=[self.gate.middleware],
         )
         app[CONFIG] = self.live
         app.cleanup_ctx.append(_upstream_session)
-        app.on_response_prepare.append(self._cors_headers)
+        app.on_response_prepare.append(self.gate.cors_headers)
         proxy = Proxy(
             self.scheduler,
             self.metrics,
@@ -282,137 +232,6 @@ class Daemon:
             else {"reason": stop[0], "killed": stop[1], "at": stop[2]},
         }
 
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Host/Origin, keys, then the handler; every error raised on the way becomes the one
-        error response (swapd.errors). One middleware, not two: each is a layer of calls on
-        every request (docs/benchmarks.md)."""
-        try:
-            config = self.live.config
-            preflight = self._refused(request, config)
-            if preflight is not None:
-                return preflight
-            self._authorize(request, config)
-            return await handler(request)
-        except Exception as exc:
-            return await answer(request, exc)
-
-    def _refused(self, request: web.Request, config: Config) -> web.Response | None:
-        """Raise the refusal of a request a browser was tricked into sending
-        (docs/security.md): a Host that is not ours (DNS rebinding), a page of another origin
-        on a route that changes state. A CORS preflight's answer; None for every other
-        request."""
-        host = request.headers.get("Host")
-        if host is not None:
-            ok = self._host_ok.get(host)
-            if ok is None:
-                ok = origins.host_allowed(host, config.allowed_hosts, self._own_names)
-                if len(self._host_ok) > 256:
-                    self._host_ok.clear()
-                self._host_ok[host] = ok
-            if not ok:
-                raise ApiError(
-                    f"Host {host[:200]!r} is not a name of this server; if it is, add it to "
-                    "allowedHosts",
-                    status=421,
-                    code="host_not_allowed",
-                )
-        if request.method == "OPTIONS":
-            return self._preflight(request)
-        path = request.path
-        if path.startswith(ADMIN_PREFIXES):
-            why = origins.foreign_origin(request.headers, host)
-            if why is not None:
-                raise ApiError(why, status=403, code="cross_origin_forbidden")
-        elif path in CORS_PATHS:
-            # A page outside cors.allowOrigins cannot read the answer, but its request would
-            # still start (swap in) a model: refuse it outright.
-            origin = request.headers.get("Origin")
-            if (
-                origin is not None
-                and origins.cors_allow(origin, config.cors_allow_origins) is None
-                and not origins.same_origin(origin, host)
-            ):
-                raise ApiError(
-                    f"origin {origin[:200]!r} is not in cors.allowOrigins",
-                    status=403,
-                    code="cors_forbidden",
-                )
-        elif path.startswith("/upstream/"):
-            # Raw passthrough (an engine's own routes and UI): same origin, or an origin
-            # listed by name in cors.allowOrigins ("*" does not open it).
-            why = origins.foreign_origin(request.headers, host)
-            origin = request.headers.get("Origin")
-            if why is not None and not (
-                origin is not None
-                and origins.cors_allow(origin, [o for o in config.cors_allow_origins if o != "*"])
-            ):
-                raise ApiError(why, status=403, code="cross_origin_forbidden")
-        return None
-
-    def _preflight(self, request: web.Request) -> web.Response | None:
-        origin = request.headers.get("Origin")
-        if request.path in CORS_PATHS:
-            if origin is None:
-                return web.Response(status=204, headers={"Allow": "GET, POST, OPTIONS"})
-            allow = origins.cors_allow(origin, self.config.cors_allow_origins)
-            if allow is None:
-                raise ApiError(
-                    f"origin {origin[:200]!r} is not in cors.allowOrigins",
-                    status=403,
-                    code="cors_forbidden",
-                )
-            return web.Response(
-                status=204,
-                headers=origins.preflight_headers(
-                    allow, request.headers.get("Access-Control-Request-Headers")
-                ),
-            )
-        if origin is not None:
-            # No CORS outside the inference API, and a preflight must not start an engine
-            # through /upstream.
-            raise ApiError(
-                f"{request.path} is not open to other origins (CORS)",
-                status=403,
-                code="cors_forbidden",
-            )
-        return None
-
-    async def _cors_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
-        """on_response_prepare: CORS headers on the inference API's answers (errors too, so a
-        browser client can read them) for the origins in cors.allowOrigins."""
-        origin = request.headers.get("Origin")
-        if origin is None or request.method == "OPTIONS" or request.path not in CORS_PATHS:
-            return
-        allow = origins.cors_allow(origin, self.config.cors_allow_origins)
-        if allow is not None:
-            response.headers["Access-Control-Allow-Origin"] = allow
-            if allow != "*":
-                response.headers.add("Vary", "Origin")
-
-    def _authorize(self, request: web.Request, config: Config) -> None:
-        """Raise the 401/403 for a request without the key its route needs."""
-        path = request.path
-        if path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES):
-            return
-        if path == "/" and "text/html" in request.headers.get("Accept", ""):
-            return  # a browser, redirected to /ui
-        key = _presented_key(request)
-        if path.startswith(ADMIN_PREFIXES):
-            if config.admin_keys:
-                if not _key_in(key, config.admin_keys):
-                    raise ApiError("admin key required", status=401, code="invalid_admin_key")
-            elif not _is_loopback(request):
-                raise ApiError(
-                    "operations routes answer only loopback clients when adminKeys is empty",
-                    status=403,
-                    code="forbidden",
-                )
-            return
-        if config.api_keys and not _key_in(key, config.api_keys + config.admin_keys):
-            self.metrics.unrouted(401)  # an API request refused before routing
-            raise ApiError("invalid or missing API key", status=401, code="invalid_api_key")
-
     # -- reload ----------------------------------------------------------------------
 
     async def reload(self, why: str) -> dict[str, list[str]]:
@@ -424,7 +243,7 @@ class Daemon:
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
-            self._host_ok.clear()
+            self.gate.forget_hosts()
             self.profiles.active = None
             self._apply_log_to_stdout()
             if self.config.listen != self._listen:

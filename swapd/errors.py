@@ -196,7 +196,7 @@ async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """`answer` as a middleware of its own, for an app without swapd's (whose one
-    middleware also checks keys: swapd.app)."""
+    middleware also checks keys: swapd.http.gate)."""
     try:
         return await handler(request)
     except Exception as exc:
