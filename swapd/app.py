@@ -28,6 +28,7 @@ from swapd.config.types import Config, LoadResult
 from swapd.engines import procgroup
 from swapd.engines.orphans import OwnedGroups, reap_leftovers
 from swapd.engines.starts import StartTimes
+from swapd.engines.trees import EngineTrees
 from swapd.http.admin import Admin
 from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
 from swapd.http.gate import Gate
@@ -144,14 +145,17 @@ class Daemon:
         )
         self.capture = CaptureBuffer(self.config.capture_buffer_mb)
         self._observer = _Observer(self)
-        self.memory = MemoryWatch(
-            lambda: self.config, self.state_dir, sample=lambda: self.sampler.latest()
-        )
+        # Built in the order they need each other: the engines' process trees (kept in step
+        # with the record under stateDir), the sampler that reads them, the memory watch
+        # that reads the sampler, the scheduler that asks the memory watch.
+        self.trees = EngineTrees(self.owned)
+        self.sampler = Sampler(self.trees.snapshot)
+        self.memory = MemoryWatch(lambda: self.config, self.state_dir,
+                                  sample=self.sampler.latest)
         self.scheduler = Scheduler(
-            self.config, observer=self._observer, sink=self.hub, record=self.owned,
+            self.config, observer=self._observer, sink=self.hub, trees=self.trees,
             memory=self.memory,
         )
-        self.sampler = Sampler(self.scheduler.process_groups)
         # llama-swap's profiles: none active at startup, none after a reload.
         self.profiles = Profiles()
         self.memory.bind(self._watched, self._guard_kill)

@@ -7,18 +7,16 @@ from typing import Any
 
 import pytest
 
-from swapd.config.sizes import GiB, MiB
+from swapd.config.sizes import GiB
 from swapd.config.types import Config, ModelConfig, RouterKind
-from swapd.memory.meminfo import MemInfo
+from swapd.memory.meminfo import MemInfo, Room
 from swapd.placement.by_memory import (
     MAKE_ROOM,
     RETRY,
     UNKNOWN_FOOTPRINT,
-    Room,
     Tenant,
     TenantPhase,
     place,
-    released,
 )
 from swapd.placement.groups import groups_router
 from swapd.placement.registry import router_for
@@ -132,48 +130,6 @@ def test_wait_message_names_the_numbers_and_who_holds_memory() -> None:
 def test_never_message_names_the_machine() -> None:
     got = place("huge", 200 * GiB, [], room(110))
     assert got.never is not None and "200GiB" in got.never and "119GiB MemTotal" in got.never
-
-
-RELEASE = [
-    # (name, freed, expected, need, available, baseline, rising, released?)
-    ("own memory back", 30 * GiB, 30 * GiB, None, 40 * GiB, None, None, True),
-    ("own memory back within slack", 30 * GiB - 50 * MiB, 30 * GiB, None, 40 * GiB, None, None,
-     True),
-    ("not back, still rising, next does not fit", 10 * GiB, 30 * GiB, 50 * GiB, 40 * GiB, None,
-     5 * GiB, False),
-    ("not back, next unknown, still rising", 10 * GiB, 30 * GiB, None, 40 * GiB, None, GiB,
-     False),
-    ("not back, but stopped rising: someone else took the rest", 10 * GiB, 30 * GiB, None,
-     40 * GiB, None, 10 * MiB, True),
-    ("just stopped: no plateau measured yet", 0, 30 * GiB, None, 40 * GiB, None, None, False),
-    ("not back, but the next fits anyway (something else allocated meanwhile)",
-     10 * GiB, 30 * GiB, 16 * GiB, 40 * GiB, None, GiB, True),
-    ("never measured, next unknown: the old baseline rule, met",
-     0, None, None, 99 * GiB, 100 * GiB, None, True),
-    ("never measured, next unknown: the old baseline rule, not met, still rising",
-     0, None, None, 90 * GiB, 100 * GiB, GiB, False),
-    ("never measured, next unknown: the old rule not met, but no longer rising",
-     0, None, None, 90 * GiB, 100 * GiB, 0, True),
-    ("nothing known at all: do not wait", 0, None, None, 10 * GiB, None, None, True),
-    ("never measured, next known and fits", 0, None, 16 * GiB, 40 * GiB, 100 * GiB, None, True),
-    ("never measured, next known, does not fit, rising", 0, None, 50 * GiB, 40 * GiB, None, GiB,
-     False),
-]
-
-
-@pytest.mark.parametrize(("name", "freed", "expected", "need", "avail", "baseline", "rising",
-                          "ok"), RELEASE, ids=[c[0] for c in RELEASE])
-def test_released(name: str, freed: int, expected: int | None, need: int | None, avail: int,
-                  baseline: int | None, rising: int | None, ok: bool) -> None:
-    r = Room(available=avail, **SPARK)
-    assert released(freed=freed, expected=expected, need=need, room=r, baseline=baseline,
-                    rising=rising) is ok
-
-
-def test_released_counts_what_starting_engines_will_take() -> None:
-    r = Room(available=40 * GiB, **SPARK)
-    assert released(freed=0, expected=30 * GiB, need=16 * GiB, room=r, to_come=0)
-    assert not released(freed=0, expected=30 * GiB, need=16 * GiB, room=r, to_come=20 * GiB)
 
 
 # -- the memory router inside the scheduler's core (events in, effects out) ---------------

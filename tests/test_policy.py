@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from swapd.config.types import GroupConfig
 from swapd.placement.groups import evictions
-from swapd.schedule.rules import IdleInput, backoff, idle, next_idle_check
+from swapd.schedule.rules import backoff, idle_at
 
 GPU: dict[str, bool] = {}
 
@@ -41,15 +41,14 @@ def test_non_exclusive_group_leaves_others_and_persistent_survives():
 
 
 def test_idle_needs_ttl_no_inflight_and_elapsed_time():
-    def e(model, ttl=10.0, inflight=0, last=0.0, ready=True):
-        return IdleInput(model, ttl, inflight, last, ready)
+    def at(ttl=10.0, inflight=0, last=0.0, ready=True):
+        return idle_at(ttl, inflight, last, ready)
 
-    engines = [e("a"), e("busy", inflight=1), e("never", ttl=0), e("fresh", last=95.0),
-               e("cold", ready=False)]
-    assert idle(engines, now=100.0) == ["a"]
-    assert next_idle_check(engines, now=100.0) == 0.0
-    assert next_idle_check([e("fresh", last=95.0)], now=100.0) == 5.0
-    assert next_idle_check([e("busy", inflight=2)], now=100.0) is None
+    assert at() == 10.0  # idle from 10 s on: at now=100 it is idle
+    assert at(last=95.0) == 105.0  # fresh: idle in 5 s
+    assert at(inflight=1) is None  # busy
+    assert at(ttl=0) is None  # never
+    assert at(ready=False) is None  # cold
 
 
 def test_backoff_doubles_to_a_cap():

@@ -11,18 +11,51 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from swapd.config.sizes import KiB
+from swapd.config.types import ModelConfig
 
 PROC_MEMINFO: Final = "/proc/meminfo"
-
 
 
 @dataclass(frozen=True)
 class MemInfo:
     total: int
     available: int
+
+
+@dataclass(frozen=True)
+class Room:
+    """The machine's memory as placement and the release wait weigh it."""
+
+    available: int  # MemAvailable now
+    total: int  # MemTotal
+    reserve: int  # kept free for the OS (settings.memory.reserve)
+
+
+class MemoryReadings(Protocol):
+    """What swapd measures about memory: `swapd.memory.watch.MemoryWatch`, or `Unmeasured`."""
+
+    def meminfo(self) -> MemInfo: ...
+
+    def footprint(self, cfg: ModelConfig) -> int | None: ...
+
+    def used(self, model: str) -> int | None: ...
+
+
+class Unmeasured:
+    """MemoryReadings with nothing learned or measured (a scheduler without a MemoryWatch):
+    /proc/meminfo read each time, the configured `memory:` as the footprint."""
+
+    def meminfo(self) -> MemInfo:
+        return read_meminfo()
+
+    def footprint(self, cfg: ModelConfig) -> int | None:
+        return cfg.memory
+
+    def used(self, model: str) -> int | None:
+        return None
 
 
 def parse_meminfo(data: bytes) -> MemInfo:

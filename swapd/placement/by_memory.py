@@ -1,6 +1,6 @@
-"""Placement by measured memory: does a model fit, whom to stop so it does, when memory is back.
+"""Placement by measured memory: does a model fit, and whom to stop so it does.
 
-Pure functions of their inputs (no processes, no clocks, no /proc): tests/test_memrouter.py
+Pure functions of their inputs (no processes, no clocks, no /proc): tests/test_memory_router.py
 drives every rule as a table. The scheduler feeds them MemAvailable, each engine's footprint
 (configured `memory:` or learned) and what it measures each engine using right now.
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Protocol
+from typing import Final
 
-from swapd.config.sizes import MiB, format_size
-from swapd.config.types import Config, ModelConfig
-from swapd.memory.meminfo import MemInfo
+from swapd.config.sizes import format_size
+from swapd.config.types import Config
+from swapd.memory.meminfo import MemoryReadings, Room
 from swapd.placement.groups import group_of, groups_router
 from swapd.placement.types import Refuse, RouteAnswer, RouteQuery, Router, Wait
 from swapd.schedule.phase import Phase
@@ -35,16 +35,6 @@ from swapd.schedule.phase import Phase
 MAKE_ROOM: Final = "make_room"
 UNKNOWN_FOOTPRINT: Final = "unknown_footprint"
 EVICTION_REASONS: Final = (MAKE_ROOM, UNKNOWN_FOOTPRINT)
-
-# Memory that comes back after a stop is counted with this much slack: the last pages of a
-# process tree (page tables, a driver's bookkeeping) and page-cache noise.
-RELEASE_SLACK_RATIO: Final = 0.05
-RELEASE_SLACK_MIN: Final = 64 * MiB
-# The old rule, kept for an engine swapd never measured and a target of unknown size: come
-# back to within 2% of MemTotal of the level before the engine started (vLLM #48140).
-BASELINE_SLACK_RATIO: Final = 0.02
-# MemAvailable that rose less than RELEASE_SLACK_MIN over this long has stopped rising.
-PLATEAU: Final = 0.5
 
 
 class TenantPhase(StrEnum):
@@ -83,13 +73,6 @@ class Tenant:
         if self.phase != TenantPhase.STARTING or self.footprint is None:
             return 0
         return max(0, self.footprint - (self.used or 0))
-
-
-@dataclass(frozen=True)
-class Room:
-    available: int  # MemAvailable now
-    total: int  # MemTotal
-    reserve: int  # kept free for the OS (settings.memory.reserve)
 
 
 @dataclass(frozen=True)
@@ -161,43 +144,6 @@ def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) 
                      f"{format_size(coming)} more if every idle engine stopped{held}")
 
 
-def released(
-    *,
-    freed: int,
-    expected: int | None,
-    need: int | None,
-    room: Room,
-    baseline: int | None = None,
-    to_come: int = 0,
-    rising: int | None = None,
-) -> bool:
-    """Has enough memory come back after stopping engines to start the next one?
-
-    `freed`: how much MemAvailable rose since the stop began; `expected`: what the stopped
-    engines were measured holding (None: never measured); `need`: the next model's footprint
-    (None: unknown); `baseline`: MemAvailable before the stopped engine was spawned (the old
-    rule, used only when neither of the others is known); `to_come`: what engines still
-    starting will take; `rising`: how much MemAvailable rose over the last PLATEAU seconds
-    (None: the stop ended less than that ago).
-
-    Other processes allocating meanwhile do not stall the swap: either the engines' own memory
-    is back, or the next model fits anyway, or MemAvailable has stopped rising (what the
-    engines' exit gives back has come back; a shortfall is someone else's allocation).
-    """
-    if need is not None and need <= room.available - room.reserve - to_come:
-        return True
-    if expected is not None:
-        slack = max(expected * RELEASE_SLACK_RATIO, RELEASE_SLACK_MIN)
-        if freed >= expected - slack:
-            return True
-    elif need is None and baseline is not None:
-        if room.available >= baseline - room.total * BASELINE_SLACK_RATIO:
-            return True
-    elif need is None:
-        return True  # nothing known to wait for
-    return rising is not None and rising < RELEASE_SLACK_MIN
-
-
 # -- the router the scheduler's core asks (swapd/core.py) -----------------------------------
 
 # A Wait is asked again this soon: MemAvailable growing has no event of its own.
@@ -209,16 +155,6 @@ _PHASES: Final = {
     Phase.DRAINING: TenantPhase.STOPPING,
     Phase.STOPPING: TenantPhase.STOPPING,
 }
-
-
-class MemoryReadings(Protocol):
-    """What the memory router measures: `swapd.memwatch.MemoryWatch`, or a stand-in."""
-
-    def meminfo(self) -> MemInfo: ...
-
-    def footprint(self, cfg: ModelConfig) -> int | None: ...
-
-    def used(self, model: str) -> int | None: ...
 
 
 def memory_router(source: MemoryReadings, config: Config,

@@ -52,7 +52,7 @@ from swapd.placement.types import (
     fifo_key,
 )
 from swapd.schedule.phase import RUNNING, Phase, StopReason
-from swapd.schedule.rules import IdleInput, backoff, idle
+from swapd.schedule.rules import backoff, idle_at
 
 
 class Refusal(StrEnum):
@@ -377,12 +377,10 @@ class Core:
                 w.ticket, w.model, Refusal.QUEUE_TIMEOUT,
                 f"model {w.model!r} was not ready within "
                 f"{self.config.queue_timeout:g}s (queueTimeout)", 5.0))
-        engines = [
-            IdleInput(k, m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
-            for k, m in self._models.items()
-        ]
-        for model in idle(engines, now):
-            m = self._models[model]
+        for model, m in self._models.items():
+            at = idle_at(m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
+            if at is None or at > now:
+                continue
             if self._victim(model) or self._closing:
                 continue  # the swap stops it already
             # Decided now, synchronously: a request arriving from here on waits for the
@@ -723,8 +721,9 @@ class Core:
         if self._ask_again is not None:
             due.append(max(now, self._ask_again))
         for m in self._models.values():
-            if m.phase == Phase.READY and m.cfg.ttl > 0 and m.inflight == 0 and not self._closing:
-                due.append(m.last_used + m.cfg.ttl)
+            at = idle_at(m.cfg.ttl, m.inflight, m.last_used, m.phase == Phase.READY)
+            if at is not None and not self._closing:
+                due.append(at)
             if m.phase == Phase.DRAINING and m.drain_deadline is not None:
                 due.append(m.drain_deadline)
             if m.phase == Phase.STOPPED and m.retry_at > now and m.queued:

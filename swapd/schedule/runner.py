@@ -12,9 +12,7 @@ frozen `EngineView` snapshots; nothing outside this module touches an `Engine`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
-import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,21 +21,19 @@ import structlog
 
 from swapd.config.types import Config, ModelConfig
 from swapd.engines import procgroup
-from swapd.engines.engine import Engine, EngineState, GroupRecord, LineSink, StartError
+from swapd.engines.engine import Engine, EngineState, LineSink, StartError
+from swapd.engines.trees import EngineTrees
 from swapd.errors import ApiError
 from swapd.memory.guard import GuardEvent
-from swapd.memory.meminfo import MemInfo, read_meminfo
+from swapd.memory.meminfo import Unmeasured
+from swapd.memory.release import MemoryRelease
 from swapd.memory.watch import MemoryWatch
-from swapd.placement import by_memory, registry
+from swapd.placement import registry
 from swapd.placement.types import Router
 from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Forget, Grant, Refusal, Start, Stop
 from swapd.schedule.phase import RUNNING, Phase, StopReason
 
 log = structlog.get_logger("swapd.scheduler")
-
-# How often memory is re-read while waiting for a stopped tenant's memory to come
-# back: there is no event for "MemAvailable grew".
-MEMORY_POLL = 0.1
 
 
 class SchedulerError(ApiError):
@@ -110,16 +106,6 @@ ERRORS: dict[Refusal, type[SchedulerError]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class _Release:
-    """MemAvailable and what the engine held, just before it was stopped."""
-
-    available: int
-    expected: int | None  # what the engine held (None: never measured)
-    baseline: int | None  # MemAvailable before it was spawned
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
 class Lease:
     model: str
     upstream: str
@@ -188,28 +174,6 @@ EngineFactory = Callable[[ModelConfig, Callable[[Engine], None]], Engine]
 Progress = Callable[[float], Awaitable[None]]
 
 
-class _Groups:
-    """The record of owned process trees, and the immutable `model -> Tree` snapshot the
-    GPU sampler thread reads (replaced, never mutated: no lock, no retry)."""
-
-    def __init__(self, record: GroupRecord | None) -> None:
-        self._record = record
-        self._trees: dict[str, procgroup.Tree] = {}
-        self.snapshot: Mapping[str, procgroup.Tree] = types.MappingProxyType({})
-
-    def add(self, model: str, tree: procgroup.Tree) -> None:
-        if self._record is not None:
-            self._record.add(model, tree)
-        self._trees[model] = tree
-        self.snapshot = types.MappingProxyType(dict(self._trees))
-
-    def remove(self, pid: int) -> None:
-        if self._record is not None:
-            self._record.remove(pid)
-        self._trees = {m: t for m, t in self._trees.items() if t.leader != pid}
-        self.snapshot = types.MappingProxyType(dict(self._trees))
-
-
 class Scheduler:
     def __init__(
         self,
@@ -218,24 +182,23 @@ class Scheduler:
         observer: Observer | None = None,
         engines: EngineFactory | None = None,
         sink: LineSink | None = None,
-        record: GroupRecord | None = None,
+        trees: EngineTrees | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory: MemoryWatch | None = None,
     ) -> None:
         self.config = config
         self._observer: Observer = observer if observer is not None else NullObserver()
-        self._groups = _Groups(record)
+        self._trees = trees if trees is not None else EngineTrees()
         self._factory: EngineFactory = engines if engines is not None else self._default_engine
         self._sink = sink
         self._clock = clock
         self._memory = memory
+        self._readings = memory if memory is not None else Unmeasured()
+        self._release_wait = MemoryRelease(self._readings, clock)
         self._core = Core(config, self._router_for(config), registry.queue_key_for(config))
         self._engines: dict[str, Engine] = {}
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._starts: dict[str, asyncio.Task[None]] = {}
-        self._mem_baseline: dict[str, int | None] = {}
-        # MemAvailable and what the engine held, read just before a GPU engine's stop.
-        self._release_before: dict[str, _Release] = {}
         self._guard_events: dict[str, GuardEvent] = {}  # the memory guard killed this run
         self._stops: dict[str, int] = {}  # stop_finished count per model (unload waits on it)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,10 +243,6 @@ class Scheduler:
             next_retry_at=time.time() + (core.retry_at - now) if in_backoff else None,
         )
 
-    def inflight(self, model: str) -> int:
-        view = self._core.view(model)
-        return view.inflight if view else 0
-
     def queued(self, model: str | None = None) -> int:
         if model is None:
             return self._core.queue_length()
@@ -297,7 +256,7 @@ class Scheduler:
     def process_groups(self) -> Mapping[str, procgroup.Tree]:
         """An immutable `model -> process tree` snapshot (safe to read from another thread;
         `procgroup.engine_trees` lists the pids)."""
-        return self._groups.snapshot
+        return self._trees.snapshot()
 
     def is_ready(self, model: str) -> bool:
         return self._core.is_ready(model)
@@ -319,10 +278,6 @@ class Scheduler:
         """
         return _LeaseContext(self, model, progress, priority, ready_only)
 
-    async def _acquire(self, model: str, priority: int = 0) -> str:
-        got = self._request(model, priority)
-        return got if isinstance(got, str) else await self._wait(model, *got)
-
     def _request(self, model: str, priority: int) -> str | tuple[int, list[Effect]]:
         """A request arrives: the upstream when it is granted at once (the fast path: ready,
         nobody queued), its refusal raised, or its ticket and effects to wait on."""
@@ -334,20 +289,28 @@ class Scheduler:
             raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
         return ticket, fx
 
-    async def _wait(self, model: str, ticket: int, fx: list[Effect]) -> str:
+    async def _wait(self, model: str, ticket: int, fx: list[Effect],
+                    progress: Progress | None = None) -> str:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[ticket] = future
         self._apply(fx)
         try:
             # No timeout here: the core times the queue out (tick), so a grant and a
-            # timeout can never both happen to one request.
-            await future
-        except asyncio.CancelledError:
-            self._waiting.pop(ticket, None)
-            if future.done() and not future.cancelled() and future.exception() is None:
-                self._release(model)  # granted in the tick its client left
+            # timeout can never both happen to one request. Shielded: a client that goes
+            # away must not cancel a grant the core sends in that same tick (handled below).
+            if progress is None:
+                await asyncio.shield(future)
             else:
-                self._apply(self._core.leave(ticket, self._clock()))
+                started = self._clock()
+                while not (await asyncio.wait({future}, timeout=1.0))[0]:
+                    await progress(self._clock() - started)
+                future.result()  # a refusal raises here
+        except BaseException:
+            # The client went away (cancelled, or `progress` raised), or it was refused.
+            if self._waiting.pop(ticket, None) is not None:
+                self._apply(self._core.leave(ticket, self._clock()))  # still queued
+            elif future.exception() is None:
+                self._release(model)  # granted in the tick its client left: give it back
             raise
         return self._engines[model].upstream
 
@@ -357,21 +320,6 @@ class Scheduler:
             raise NotLoaded(f"model {model!r} is not loaded, and this request may not "
                             "start or swap one (upstream.ignorePaths)")
         return self._engines[model].upstream
-
-    async def _acquire_with_progress(
-        self, model: str, progress: Progress, priority: int = 0
-    ) -> str:
-        task = asyncio.ensure_future(self._acquire(model, priority))
-        started = self._clock()
-        try:
-            while not (await asyncio.wait({task}, timeout=1.0))[0]:
-                await progress(self._clock() - started)
-        except BaseException:
-            task.cancel()
-            if task.done() and not task.cancelled() and task.exception() is None:
-                self._release(model)
-            raise
-        return task.result()
 
     def _release(self, model: str) -> None:
         fx = self._core.release(model, self._clock())
@@ -388,14 +336,11 @@ class Scheduler:
             changed = True
             if isinstance(e, Grant):
                 future = self._waiting.pop(e.ticket, None)
-                if future is not None and not future.done():
+                if future is not None:  # None: its ticket left the queue (core.leave)
                     future.set_result(None)
-                else:
-                    # Its client left in this very tick: give the lease back.
-                    self._release(e.model)
             elif isinstance(e, Fail):
                 future = self._waiting.pop(e.ticket, None)
-                if future is not None and not future.done():
+                if future is not None:
                     future.set_exception(ERRORS[e.refusal](e.message, retry_after=e.retry_after))
             elif isinstance(e, Start):
                 self._starts[e.model] = self._spawn_task(self._start(e), f"start-{e.model}")
@@ -426,11 +371,10 @@ class Scheduler:
         if engine is None or engine.cfg != e.cfg:
             engine = self._engines[model] = self._factory(e.cfg, self._engine_state)
         if e.after:
-            await self._wait_memory(e.after, model)
-        try:
-            self._mem_baseline[model] = self._read_memory().available if e.cfg.gpu else None
-        except (OSError, ValueError):
-            self._mem_baseline[model] = None
+            await self._release_wait.wait(e.after, self._core.cfg(model),
+                                          self.config.memory_reserve,
+                                          lambda: self._to_come(model))
+        self._release_wait.spawning(e.cfg)
         self._guard_events.pop(model, None)
         try:
             seconds = await engine.start()
@@ -482,7 +426,7 @@ class Scheduler:
             await asyncio.gather(start, return_exceptions=True)
         engine = self._engines.get(model)
         if engine is not None and engine.running:
-            self._note_before_stop(model, engine)
+            self._release_wait.stopping(engine.cfg)
             label = "memory_guard" if self._guard_events.pop(model, None) else str(reason)
             log.info("stopping engine", model=model, reason=label, pid=engine.pid)
             killed = await engine.stop(reason=label)
@@ -499,72 +443,6 @@ class Scheduler:
                       retry_in=round(view.retry_at - self._clock(), 3))
             self._observer.engine_state(model, "failed")
 
-    def _note_before_stop(self, model: str, engine: Engine) -> None:
-        """Note, just before a GPU engine stops, what the release wait compares against."""
-        if not engine.cfg.gpu:
-            return
-        try:
-            info = self._read_memory()
-        except (OSError, ValueError):
-            return
-        self._release_before[model] = _Release(
-            available=info.available,
-            expected=self._memory.used(model) if self._memory is not None else None,
-            baseline=self._mem_baseline.get(model),
-            timeout=engine.cfg.memory_release_timeout,
-        )
-
-    async def _wait_memory(self, stopped: Iterable[str], target: str) -> None:
-        """After GPU tenants stop, wait until their own memory is back or `target` fits.
-
-        Not "until MemAvailable is back where it was": anything else that allocated meanwhile
-        would stall every swap for the whole memoryReleaseTimeout (swapd/by_memory.py).
-        """
-        before = [r for m in stopped if (r := self._release_before.pop(m, None)) is not None]
-        if not before:
-            return
-        start = min(r.available for r in before)
-        expected = (None if any(r.expected is None for r in before)
-                    else sum(r.expected or 0 for r in before))
-        baselines = [r.baseline for r in before if r.baseline is not None]
-        baseline = min(baselines) if baselines else None
-        cfg = self._core.cfg(target)
-        need = self._footprint(cfg) if cfg is not None else None
-        stopped_at = self._clock()
-        deadline = stopped_at + max(r.timeout for r in before)
-        readings: collections.deque[tuple[float, int]] = collections.deque()
-        while True:
-            try:
-                info = self._read_memory()
-            except (OSError, ValueError):
-                return
-            now = self._clock()
-            readings.append((now, info.available))
-            while readings[0][0] < now - by_memory.PLATEAU - MEMORY_POLL / 2:
-                readings.popleft()
-            rising = None
-            if now - stopped_at >= by_memory.PLATEAU:
-                rising = info.available - min(a for _, a in readings)
-            room = by_memory.Room(info.available, info.total, self.config.memory_reserve)
-            if by_memory.released(freed=info.available - start, expected=expected, need=need,
-                                  room=room, baseline=baseline, to_come=self._to_come(target),
-                                  rising=rising):
-                return
-            if now >= deadline:
-                log.warning("memory not released in time; starting anyway", model=target,
-                            stopped=sorted(stopped), available=info.available,
-                            freed=info.available - start, expected=expected, need=need)
-                return
-            await asyncio.sleep(MEMORY_POLL)
-
-    def _read_memory(self) -> MemInfo:
-        if self._memory is not None:
-            return self._memory.meminfo()
-        return read_meminfo()
-
-    def _footprint(self, cfg: ModelConfig) -> int | None:
-        return self._memory.footprint(cfg) if self._memory is not None else cfg.memory
-
     def _to_come(self, target: str) -> int:
         """What engines still starting (other than `target`) will take on top of what they
         hold."""
@@ -573,8 +451,8 @@ class Scheduler:
             if view.phase != Phase.STARTING or view.id == target:
                 continue
             cfg = self._core.cfg(view.id)
-            footprint = self._footprint(cfg) if cfg is not None else None
-            used = self._memory.used(view.id) if self._memory is not None else None
+            footprint = self._readings.footprint(cfg) if cfg is not None else None
+            used = self._readings.used(view.id)
             if footprint is not None:
                 total += max(0, footprint - (used or 0))
         return total
@@ -676,7 +554,7 @@ class Scheduler:
     # -- plumbing --------------------------------------------------------------------
 
     def _default_engine(self, cfg: ModelConfig, on_state: Callable[[Engine], None]) -> Engine:
-        return Engine(cfg, sink=self._sink, record=self._groups, on_state=on_state)
+        return Engine(cfg, sink=self._sink, record=self._trees, on_state=on_state)
 
     def _engine_state(self, engine: Engine) -> None:
         self._notify()
@@ -726,12 +604,10 @@ class _LeaseContext:
         s = self._scheduler
         if self._ready_only:
             upstream = s._acquire_ready(self._model)
-        elif self._progress is None:
-            # _acquire without its coroutine: one less on every request.
-            got = s._request(self._model, self._priority)
-            upstream = got if isinstance(got, str) else await s._wait(self._model, *got)
         else:
-            upstream = await s._acquire_with_progress(self._model, self._progress, self._priority)
+            got = s._request(self._model, self._priority)
+            upstream = (got if isinstance(got, str)
+                        else await s._wait(self._model, *got, self._progress))
         self._held = True
         return Lease(self._model, upstream)
 
