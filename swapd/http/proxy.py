@@ -28,7 +28,7 @@ from swapd.http import modelnames
 from swapd.http.appstate import UPSTREAM, config_of
 from swapd.http.clients import Clients
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
-from swapd.observe.activity import ActivityLog, Record, Tracker
+from swapd.observe.activity import ActivityLog, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
 from swapd.redact import clean_line
@@ -105,6 +105,22 @@ class PeerRouted:
     body: bytes
     stream: bool
     chosen: Chosen | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request relayed to an upstream and back: what labels it, what watches it, and
+    the status the client was sent (0 until one left: a client gone before it is a 499)."""
+
+    request: web.Request
+    model: str  # labels logs and metrics
+    who: str  # names the upstream in error messages
+    t0: float
+    timeouts: Timeouts | None = None
+    loading: web.StreamResponse | None = None  # a loading stream: its 200 has left
+    tracker: Tracker | None = None
+    capture: Capture | None = None
+    status: int = 0
 
 
 async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
@@ -535,7 +551,8 @@ class Proxy:
             if tracker is not None and self._capture is not None
             else None
         )
-        loading: web.StreamResponse | None = None
+        ex = Exchange(request, model, f"engine for model {model!r}", t0, routed.model.timeouts,
+                      tracker=tracker, capture=capture)
         progress = None
         if (
             not ready_only
@@ -545,32 +562,24 @@ class Proxy:
             and not self._scheduler.is_ready(model)
         ):
             # A cold model: tell a chat UI that it is loading while it waits (#366).
-            loading = web.StreamResponse(headers=_sse_headers())
-            await loading.prepare(request)
-            progress = functools.partial(self._loading_progress, loading, model)
-        # The status the client was sent, kept even if it goes away mid-body.
-        outcome = [0]
+            ex.loading = web.StreamResponse(headers=_sse_headers())
+            await ex.loading.prepare(request)
+            progress = functools.partial(self._loading_progress, ex.loading, model)
         held = False
         try:
             async with self._scheduler.lease(model, progress, ready_only=ready_only) as lease:
                 held = True
-                if loading is not None:
-                    await loading.write(_loading_chunk(model, f"{model} is ready\n"))
-                resp, outcome[0] = await self._relay(
-                    request, model, routed.body, lease.upstream + path, t0, loading, outcome,
-                    who=f"engine for model {model!r}", timeouts=routed.model.timeouts,
-                    strip_auth=_strip_auth(config, routed.model),
-                    tracker=tracker, capture=capture,
-                )
-                return resp
+                if ex.loading is not None:
+                    await ex.loading.write(_loading_chunk(model, f"{model} is ready\n"))
+                url = lease.upstream + path
+                headers = engine_headers(request.headers, url, _strip_auth(config, routed.model))
+                return await self._relay(ex, url, headers, routed.body)
         except ApiError as exc:
-            outcome[0] = exc.status
-            if loading is not None and not held:  # the lease was refused
+            ex.status = exc.status
+            if ex.loading is not None and not held:  # the lease was refused
                 # The loading stream's 200 went out first: a stream that broke off.
-                outcome[0] = loading.status
-                self._metrics.series(model).stream_errors.inc()
-                await _sse_error(loading, exc.message, exc.code)
-                return loading
+                await self._break_off(ex, ex.loading, exc.message, exc.code)
+                return ex.loading
             if exc.status in (503, 504):
                 # While the model loads, its ETA is when to come back (SDKs obey Retry-After).
                 eta = self._starts.loading_eta(self._scheduler.view(model))
@@ -578,9 +587,9 @@ class Proxy:
                     exc.retry_after = eta
             raise
         finally:
-            self._count(model, outcome[0] or 499, t0)
+            self._count(model, ex.status or 499, t0)
             if tracker is not None:
-                self._record(request, config, routed, tracker, outcome[0] or 499, capture)
+                self._record(request, config, model, tracker, ex.status or 499, capture)
 
     async def _loading_progress(
         self, resp: web.StreamResponse, model: str, waited: float
@@ -595,38 +604,24 @@ class Proxy:
         self,
         request: web.Request,
         config: Config,
-        routed: Routed,
+        model: str,
         tracker: Tracker,
         status: int,
         capture: Capture | None,
     ) -> None:
-        """One activity record for a finished request, and its token metrics."""
+        """Keep a finished request's activity record (and its capture), count its tokens."""
         activity = self._activity
         assert activity is not None
-        now = time.monotonic()
-        duration = now - tracker.t0
-        session = None
-        for name in config.session_headers:
-            session = request.headers.get(name) or None
-            if session:
-                break
-        record = Record(
-            id=activity.next_id(),
-            time=time.time() - duration,
-            model=routed.model.id,
-            path=request.path,
-            status=status,
-            stream=routed.stream,
-            duration=duration,
-            session=session,
+        record = tracker.record(
+            activity.next_id(), model=model, path=request.path, status=status,
+            session=session_of(request.headers, config.session_headers),
         )
-        tracker.finish(record, now)
         if capture is not None and self._capture is not None:
             self._capture.keep(record.id, capture)
             record.captured = True
         activity.add(record)
         if status < 400:
-            self._metrics.series(record.model).tokens(
+            self._metrics.series(model).tokens(
                 record.prompt_tokens,
                 record.completion_tokens,
                 record.cached_tokens,
@@ -653,46 +648,58 @@ class Proxy:
         if peer.api_key:
             headers["Authorization"] = f"Bearer {peer.api_key}"
             headers["x-api-key"] = peer.api_key
-        outcome = [0]
+        ex = Exchange(request, label, f"peer {peer.id!r} (model {remote.model!r})", t0,
+                      peer.timeouts)
         try:
-            resp, outcome[0] = await self._relay(
-                request, label, routed.body, peer.proxy + path, t0, None, outcome,
-                who=f"peer {peer.id!r} (model {remote.model!r})", timeouts=peer.timeouts,
-                headers=headers,
-            )
-            return resp
+            return await self._relay(ex, peer.proxy + path, headers, routed.body)
         except ApiError as exc:
-            outcome[0] = exc.status
+            ex.status = exc.status
             raise
         finally:
-            self._count(label, outcome[0] or 499, t0)
+            self._count(label, ex.status or 499, t0)
+
+    # -- relay -----------------------------------------------------------------------
+    # _relay = _send (the request, up to the engine's status line) + _response (its
+    # headers, for the client) + _copy (the body, chunk by chunk). The status the client
+    # was sent is kept in `Exchange.status` as it happens: the handler's count needs it
+    # even when the client leaves mid-body (cancellation).
 
     async def _relay(
-        self,
-        request: web.Request,
-        model: str,
-        body: bytes,
-        url: str,
-        t0: float,
-        prepared: web.StreamResponse | None,
-        outcome: list[int],
-        *,
-        who: str,
-        timeouts: Timeouts | None = None,
-        headers: CIMultiDict[str] | None = None,
-        strip_auth: bool = False,
-        tracker: Tracker | None = None,
-        capture: Capture | None = None,
-    ) -> tuple[web.StreamResponse, int]:
-        """`model` labels logs and metrics; `who` names the upstream in error messages;
-        `headers` replace the client's (a peer's), else those are forwarded (without the
-        client's credentials with `strip_auth`)."""
-        if headers is None:
-            headers = forward_headers(request.headers, strip_auth)
-            if "@" in url and URL(url).user is not None:
-                # The proxy URL carries the engine's own credentials: they are what the
-                # engine reads, and a client's Authorization cannot go along with them.
-                headers.popall("Authorization", None)
+        self, ex: Exchange, url: str, headers: CIMultiDict[str], body: bytes
+    ) -> web.StreamResponse:
+        """Send the request to `url` and relay the answer to the client."""
+        try:
+            upstream = await self._send(ex, url, headers, body)
+        except ApiError as exc:
+            if ex.loading is None:
+                raise
+            # The loading stream's 200 is out: the client sees a stream break off.
+            await self._break_off(ex, ex.loading, exc.message, exc.code)
+            return ex.loading
+        complete = False
+        try:
+            sse = ex.loading is not None or _is_sse(upstream.headers)
+            if ex.loading is not None:
+                resp = ex.loading
+                ex.status = resp.status
+            else:
+                resp = _response(upstream, sse)
+            complete = await self._copy(ex, upstream, resp, sse)
+            return resp
+        finally:
+            if complete:
+                upstream.release()
+            else:
+                # Client gone or engine failed: drop the upstream connection so the
+                # engine sees the disconnect and stops generating.
+                upstream.close()
+
+    async def _send(
+        self, ex: Exchange, url: str, headers: CIMultiDict[str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """The upstream's response, once its status line and headers came; else the
+        502 (or 504 past a configured timeout) that says why."""
+        request, timeouts = ex.request, ex.timeouts
         try:
             session, timeout = self._clients.for_request(timeouts, url, request.app[UPSTREAM])
             call = session.request(
@@ -705,9 +712,8 @@ class Proxy:
             )
             if timeouts is not None and timeouts.response_header > 0:
                 async with asyncio.timeout(timeouts.response_header):
-                    upstream = await call
-            else:
-                upstream = await call
+                    return await call
+            return await call
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # A limit the config set (timeouts) is a gateway timeout: 504, not a failure.
             status = 504 if timeouts is not None and isinstance(
@@ -717,85 +723,72 @@ class Proxy:
             if isinstance(exc, TimeoutError) and not str(exc) and timeouts is not None:
                 detail = (f"no response headers within {timeouts.response_header:g}s "
                           "(timeouts.responseHeader)")
-            message = f"{who} failed before answering: {detail}"
-            log.warning("upstream failed", model=model, error=detail, status=status)
-            if prepared is not None:
-                # The loading stream's 200 is out: the client saw a stream break off.
-                self._metrics.series(model).stream_errors.inc()
-                await _sse_error(prepared, message, code, path=request.path)
-                return prepared, prepared.status
-            raise ApiError(message, status=status, code=code) from None
-        complete = False
+            log.warning("upstream failed", model=ex.model, error=detail, status=status)
+            raise ApiError(f"{ex.who} failed before answering: {detail}",
+                           status=status, code=code) from None
+
+    async def _copy(
+        self, ex: Exchange, upstream: aiohttp.ClientResponse, resp: web.StreamResponse,
+        sse: bool,
+    ) -> bool:
+        """Relay the upstream's body into `resp`; True when it reached its end."""
+        request = ex.request
+        # An event stream's headers go out at once (clients show progress); anything
+        # else waits for its first byte, so that an engine dying before it still gets
+        # the client a proper 502 error.
+        if sse and not resp.prepared:
+            await resp.prepare(request)
+            ex.status = resp.status
+        capture = ex.capture
+        if capture is not None and self._capture is not None:
+            self._capture.respond(capture, upstream.headers)
+        tracker = ex.tracker
+        first = True
         try:
-            sse = _is_sse(upstream.headers)
-            if prepared is not None:
-                resp = prepared
-                outcome[0] = prepared.status
-            else:
-                kind = web.StreamResponse if sse else _HeadersWithBody
-                resp = kind(status=upstream.status, reason=upstream.reason)
-                for key, value in upstream.headers.items():
-                    lower = key.lower()
-                    # An engine's own CORS answer (llama.cpp sends `*`) must not override
-                    # swapd's `cors.allowOrigins`.
-                    if lower not in HOP_BY_HOP and not lower.startswith("access-control-"):
-                        resp.headers.add(key, value)
-                if sse:
-                    resp.headers["X-Accel-Buffering"] = "no"
-                    resp.headers["Cache-Control"] = "no-cache"
-                elif upstream.content_length is not None:
-                    resp.content_length = upstream.content_length
-            # An event stream's headers go out at once (clients show progress);
-            # anything else waits for its first byte, so that an engine dying
-            # before it still gets the client a proper 502 error.
-            if sse and not resp.prepared:
-                await resp.prepare(request)
-                outcome[0] = resp.status
-            if capture is not None and self._capture is not None:
-                self._capture.respond(capture, upstream.headers)
-            first = True
-            try:
-                async for chunk in upstream.content.iter_any():
-                    if first:
-                        self._metrics.series(model).ttfb.observe(time.monotonic() - t0)
-                        first = False
-                        if not resp.prepared:
-                            await resp.prepare(request)
-                            outcome[0] = resp.status
-                    if tracker is not None:
-                        chunk = tracker.feed(chunk)
-                        if capture is not None and self._capture is not None:
-                            self._capture.feed(capture, chunk)
-                        if not chunk:
-                            continue
-                    await resp.write(chunk)
-            except UPSTREAM_BROKE as exc:
-                message = f"{who} failed mid-response: {_describe(exc)}"
-                log.warning("upstream died mid-response", model=model, error=_describe(exc))
-                if not resp.prepared:
-                    raise ApiError(message, status=502, code="engine_error") from None
-                # The status line is gone already: an event stream gets an error
-                # event, anything else a cut connection (never a silent truncation).
-                # Counted under the status the client got, plus a stream error.
-                self._metrics.series(model).stream_errors.inc()
-                if prepared is not None or sse:
-                    await _sse_error(resp, message, "engine_error", path=request.path)
-                elif request.transport is not None:
-                    request.transport.close()
-                return resp, resp.status
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    self._metrics.series(ex.model).ttfb.observe(time.monotonic() - ex.t0)
+                    first = False
+                    if not resp.prepared:
+                        await resp.prepare(request)
+                        ex.status = resp.status
+                if tracker is not None:
+                    chunk = tracker.feed(chunk)
+                    if capture is not None and self._capture is not None:
+                        self._capture.feed(capture, chunk)
+                    if not chunk:
+                        continue
+                await resp.write(chunk)
+        except UPSTREAM_BROKE as exc:
+            message = f"{ex.who} failed mid-response: {_describe(exc)}"
+            log.warning("upstream died mid-response", model=ex.model, error=_describe(exc))
             if not resp.prepared:
-                await resp.prepare(request)
-            outcome[0] = resp.status
-            await resp.write_eof()
-            complete = True
-            return resp, upstream.status
-        finally:
-            if complete:
-                upstream.release()
+                raise ApiError(message, status=502, code="engine_error") from None
+            # The status line is gone already: an event stream gets an error event,
+            # anything else a cut connection (never a silent truncation). Counted under
+            # the status the client got, plus a stream error.
+            if sse:
+                await self._break_off(ex, resp, message, "engine_error")
             else:
-                # Client gone or engine failed: drop the upstream connection so the
-                # engine sees the disconnect and stops generating.
-                upstream.close()
+                self._metrics.series(ex.model).stream_errors.inc()
+                ex.status = resp.status
+                if request.transport is not None:
+                    request.transport.close()
+            return False
+        if not resp.prepared:
+            await resp.prepare(request)
+        ex.status = resp.status
+        await resp.write_eof()
+        ex.status = upstream.status
+        return True
+
+    async def _break_off(
+        self, ex: Exchange, resp: web.StreamResponse, message: str, code: str
+    ) -> None:
+        """End an event stream whose 200 already left with an error event."""
+        self._metrics.series(ex.model).stream_errors.inc()
+        ex.status = resp.status
+        await _sse_error(resp, message, code, path=ex.request.path)
 
     def _count(self, model: str, code: int, t0: float) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
@@ -803,6 +796,35 @@ class Proxy:
 
 def _strip_auth(config: Config, model: ModelConfig) -> bool:
     return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
+
+
+def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool) -> CIMultiDict[str]:
+    """The client's headers as an engine gets them (without the client's credentials
+    with `strip_auth`)."""
+    out = forward_headers(headers, strip_auth)
+    if "@" in url and URL(url).user is not None:
+        # The proxy URL carries the engine's own credentials: they are what the engine
+        # reads, and a client's Authorization cannot go along with them.
+        out.popall("Authorization", None)
+    return out
+
+
+def _response(upstream: aiohttp.ClientResponse, sse: bool) -> web.StreamResponse:
+    """The client's response, with the upstream's status and end-to-end headers."""
+    resp = (web.StreamResponse if sse else _HeadersWithBody)(
+        status=upstream.status, reason=upstream.reason)
+    for key, value in upstream.headers.items():
+        lower = key.lower()
+        # An engine's own CORS answer (llama.cpp sends `*`) must not override swapd's
+        # `cors.allowOrigins`.
+        if lower not in HOP_BY_HOP and not lower.startswith("access-control-"):
+            resp.headers.add(key, value)
+    if sse:
+        resp.headers["X-Accel-Buffering"] = "no"
+        resp.headers["Cache-Control"] = "no-cache"
+    elif upstream.content_length is not None:
+        resp.content_length = upstream.content_length
+    return resp
 
 
 def _listing(model_id: str, state: str, name: str | None, description: str | None,

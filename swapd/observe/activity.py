@@ -20,7 +20,7 @@ import json
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,25 @@ class Tracker:
         self._kept = kept = kept[-TAIL_CHUNKS:]
         self._kept_size = sum(map(len, kept))
 
+    def record(
+        self, record_id: int, *, model: str, path: str, status: int, session: str | None
+    ) -> Record:
+        """The finished request's record: when it came, how long it took, what was seen."""
+        now = time.monotonic()
+        duration = now - self.t0
+        record = Record(
+            id=record_id,
+            time=time.time() - duration,
+            model=model,
+            path=path,
+            status=status,
+            stream=self.stream,
+            duration=duration,
+            session=session,
+        )
+        self.finish(record, now)
+        return record
+
     def finish(self, record: Record, now: float) -> None:
         """Fill `record`'s tokens and speeds from what was seen."""
         # Engines put usage and timings last in a JSON answer as in a stream.
@@ -213,6 +232,15 @@ class Tracker:
                     record.decode_tps = (record.completion_tokens - 1) / decode
             if record.prefill_tps is None and record.prompt_tokens and record.ttft > 0:
                 record.prefill_tps = record.prompt_tokens / record.ttft
+
+
+def session_of(headers: Mapping[str, str], names: Iterable[str]) -> str | None:
+    """The session a request belongs to: the first of the `sessionHeaders` it carries."""
+    for name in names:
+        session = headers.get(name)
+        if session:
+            return session
+    return None
 
 
 def _without_usage_event(chunk: bytes) -> bytes:
