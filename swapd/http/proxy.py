@@ -21,17 +21,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from swapd.config.types import Capabilities, Config, ModelConfig, PeerConfig, Timeouts
+from swapd.config.types import Config, ModelConfig, PeerConfig, Timeouts
 from swapd.engines.starts import StartTimes
 from swapd.errors import ApiError, anthropic_error_body, error_body
-from swapd.http import modelnames
+from swapd.http import listing, modelnames
 from swapd.http.appstate import UPSTREAM, config_of
 from swapd.http.clients import Clients
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
 from swapd.observe.activity import ActivityLog, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
-from swapd.redact import clean_line
 from swapd.schedule.runner import Scheduler
 
 log = structlog.get_logger("swapd.proxy")
@@ -460,77 +459,10 @@ class Proxy:
                                  t0, ready_only=ignored)
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        """Configured models (with their state), then aliases (includeAliasesInList), peer
-        models, selectors and the active profile's new names: llama-swap's listing, with
-        its `capabilities` fields and `meta.llamaswap`, plus swapd's `state`."""
-        config = config_of(request)
-        data = []
-        listed: set[str] = set()
-        for model in config.models.values():
-            listed.update((model.id, *model.aliases))
-            if model.unlisted:
-                continue
-            view = self._scheduler.view(model.id)
-            entry = _listing(model.id, view.state if view else "stopped", model.name,
-                             model.description, model.metadata, model.capabilities,
-                             {"type": "model"})
-            if view is not None and view.failures:
-                entry["failure"] = {
-                    "reason": None if view.last_error is None else clean_line(view.last_error),
-                    "count": view.failures,
-                    "retry_at": view.next_retry_at,
-                }
-            if model.aliases:
-                entry["meta"]["llamaswap"]["aliases"] = list(model.aliases)
-            expected = self._starts.expected(model.id)
-            if expected is not None:
-                entry["start_seconds"] = round(expected, 1)
-            eta = self._starts.loading_eta(view)
-            if eta is not None:
-                entry["eta_seconds"] = round(eta, 1)
-            data.append(entry)
-            if config.include_aliases_in_list:
-                for alias in model.aliases:
-                    # A name of its own, so a UI does not show identical rows.
-                    name = f"{model.name} (alias {alias})" if model.name else None
-                    data.append(_listing(
-                        alias, entry["state"], name, model.description, model.metadata,
-                        model.capabilities, {"type": "alias", "modelID": model.id}))
-        for peer in config.peers.values():
-            for peer_model in peer.models:
-                listed.add(f"{peer.id}/{peer_model}")
-                data.append(_listing(f"{peer.id}/{peer_model}", "remote",
-                                     f"{peer.id}: {peer_model}", None, None, None,
-                                     {"type": "peer", "peerID": peer.id}))
-        listed.update(config.peer_routes)
-        for selector in config.selectors.values():
-            listed.add(selector.id)
-            if selector.unlisted:
-                continue
-            internal: dict[str, Any] = {"type": "selector", "strategy": str(selector.strategy),
-                                        "targets": list(selector.targets)}
-            if selector.strategy == "spillover":
-                internal["spillover"] = selector.spillover
-            data.append(_listing(selector.id, self._selector_state(config, selector.targets),
-                                 selector.name, selector.description, selector.metadata, None,
-                                 internal))
-        profile = config.profiles.get(self._profiles.active or "")
-        for pin, target in profile.pins if profile else ():
-            if target is not None and pin not in listed:
-                data.append(_listing(pin, self._selector_state(config, (target,)), None, None,
-                                     None, None, {"type": "profile", "target": target}))
-        return web.json_response({"object": "list", "data": data})
-
-    def _selector_state(self, config: Config, targets: tuple[str, ...]) -> str:
-        """The state of the first target that is ready or starting, else of the first."""
-        states = []
-        for target in targets:
-            model = config.resolve(target)
-            states.append(self._state(model.id) if model else "remote")
-        for wanted in ("ready", "starting"):
-            if wanted in states:
-                return wanted
-        return states[0] if states else "stopped"
+        """llama-swap's /v1/models, plus swapd's `state` (swapd.http.listing)."""
+        listed = listing.models(config_of(request), self._scheduler.view, self._starts,
+                                self._profiles.active)
+        return web.json_response({"object": "list", "data": listed})
 
     # -- relay -----------------------------------------------------------------------
 
@@ -825,61 +757,6 @@ def _response(upstream: aiohttp.ClientResponse, sse: bool) -> web.StreamResponse
     elif upstream.content_length is not None:
         resp.content_length = upstream.content_length
     return resp
-
-
-def _listing(model_id: str, state: str, name: str | None, description: str | None,
-             metadata: Any, caps: Capabilities | None,
-             internal: dict[str, Any]) -> dict[str, Any]:
-    """One /v1/models entry."""
-    entry: dict[str, Any] = {
-        "id": model_id, "object": "model", "created": 0, "owned_by": "swapd", "state": state,
-    }
-    if name:
-        entry["name"] = name
-    if description:
-        entry["description"] = description
-    if metadata:
-        entry["metadata"] = metadata
-    meta: dict[str, Any] = {"llamaswap": {**(metadata if isinstance(metadata, dict) else {}),
-                                          **internal}}
-    if caps is not None:
-        _capabilities(entry, caps)
-        if caps.context:
-            meta["n_ctx"] = caps.context
-    entry["meta"] = meta
-    return entry
-
-
-def _capabilities(entry: dict[str, Any], caps: Capabilities) -> None:
-    """llama-swap's rendering of `capabilities` (OpenRouter's field names)."""
-    ins, outs = caps.inputs, caps.outputs
-    arch: dict[str, Any] = {}
-    if ins:
-        arch["input_modalities"] = list(ins)
-    if outs:
-        arch["output_modalities"] = list(outs)
-    if ins and outs:
-        arch["modality"] = "+".join(ins) + "->" + "+".join(outs)
-    found: dict[str, bool] = {}
-    if "image" in ins:
-        found["vision"] = True
-    for need_in, need_out, flag in (("audio", "text", "audio_transcriptions"),
-                                    ("text", "audio", "audio_speech"),
-                                    ("text", "image", "image_generation"),
-                                    ("image", "image", "image_to_image")):
-        if need_in in ins and need_out in outs:
-            found[flag] = True
-    if caps.tools:
-        found["function_calling"] = True
-        entry["supported_parameters"] = ["tools", "tool_choice"]
-    if caps.reranker:
-        found["reranker"] = True
-    if arch:
-        entry["architecture"] = arch
-    if found:
-        entry["capabilities"] = found
-    if caps.context:
-        entry["context_length"] = caps.context
 
 
 def _describe(exc: BaseException) -> str:
