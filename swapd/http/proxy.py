@@ -31,6 +31,7 @@ from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Un
 from swapd.observe.activity import ActivityLog, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
+from swapd.observe.streams import UNBUFFERED, stream_headers
 from swapd.schedule.runner import Scheduler
 
 log = structlog.get_logger("swapd.proxy")
@@ -494,7 +495,7 @@ class Proxy:
             and not self._scheduler.is_ready(model)
         ):
             # A cold model: tell a chat UI that it is loading while it waits (#366).
-            ex.loading = web.StreamResponse(headers=_sse_headers())
+            ex.loading = web.StreamResponse(headers=stream_headers())
             await ex.loading.prepare(request)
             progress = functools.partial(self._loading_progress, ex.loading, model)
         held = False
@@ -752,8 +753,7 @@ def _response(upstream: aiohttp.ClientResponse, sse: bool) -> web.StreamResponse
         if lower not in HOP_BY_HOP and not lower.startswith("access-control-"):
             resp.headers.add(key, value)
     if sse:
-        resp.headers["X-Accel-Buffering"] = "no"
-        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers.update(UNBUFFERED)
     elif upstream.content_length is not None:
         resp.content_length = upstream.content_length
     return resp
@@ -766,14 +766,6 @@ def _describe(exc: BaseException) -> str:
 
 def _is_sse(headers: Any) -> bool:
     return str(headers.get("Content-Type", "")).startswith("text/event-stream")
-
-
-def _sse_headers() -> dict[str, str]:
-    return {
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    }
 
 
 def _loading_chunk(model: str, text: str) -> bytes:

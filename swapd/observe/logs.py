@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 
 from swapd.errors import ApiError
+from swapd.observe.streams import history_then_live, stream_headers
 from swapd.redact import clean_line, redact_text
 
 SWAPD: Final = "swapd"
@@ -478,13 +479,6 @@ def configure_logging(
 
 # -- HTTP -------------------------------------------------------------------------------------
 
-_STREAM_HEADERS: Final = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-    "X-Content-Type-Options": "nosniff",
-}
-
-
 def _not_found(name: str) -> ApiError:
     return ApiError(
         f"no logs for model {name!r}: not a configured model", status=404, code="model_not_found"
@@ -522,37 +516,24 @@ def log_routes(
         text = "\n".join(lines) + "\n" if lines else ""
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
-    def gone(request: web.Request) -> bool:
-        transport = request.transport
-        return transport is None or transport.is_closing()
-
     async def stream(request: web.Request, key: str | None) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_STREAM_HEADERS)
-        resp.content_type = "text/plain"
-        resp.charset = "utf-8"
+        resp = web.StreamResponse(headers=stream_headers("text/plain; charset=utf-8"))
         # recent() and subscribe() in the same loop iteration: no line lost or repeated.
         history = [] if "no-history" in request.query else hub.recent(key)
         async with hub.subscribe(key) as sub:
-            try:
-                await resp.prepare(request)
-                if history:
-                    await resp.write(("\n".join(history) + "\n").encode())
-                while True:
-                    batch = sub.drain_nowait()
-                    if not batch:
-                        try:
-                            async with asyncio.timeout(disconnect_poll):
-                                batch = [await anext(sub)]
-                        except TimeoutError:
-                            if gone(request):
-                                break
-                            continue
-                        except StopAsyncIteration:
-                            break
-                        batch += sub.drain_nowait()
-                    await resp.write(("\n".join(batch) + "\n").encode())
-            except ConnectionError:
-                pass
+
+            async def live() -> bytes | None:
+                batch = sub.drain_nowait()
+                if not batch:
+                    try:
+                        batch = [await anext(sub)]
+                    except StopAsyncIteration:
+                        return None
+                    batch += sub.drain_nowait()
+                return ("\n".join(batch) + "\n").encode()
+
+            text = ("\n".join(history) + "\n").encode() if history else b""
+            await history_then_live(request, resp, text, live, idle=disconnect_poll)
         return resp
 
     async def stream_all(request: web.Request) -> web.StreamResponse:

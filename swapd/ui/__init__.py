@@ -8,7 +8,6 @@ middleware's business (`swapd.app`); the page only sends the key it was given.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 from importlib import resources
@@ -19,6 +18,7 @@ from swapd.errors import ApiError
 from swapd.observe.activity import ActivityLog
 from swapd.observe.capture import CaptureBuffer
 from swapd.observe.metrics import SampleSource
+from swapd.observe.streams import history_then_live, stream_headers
 
 _TYPES = {
     ".html": "text/html",
@@ -34,11 +34,6 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
-}
-_STREAM_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
 }
 # An idle event stream sends a comment this often (proxies close silent connections) and
 # notices a client that went away.
@@ -109,26 +104,17 @@ def api_routes(
             since = int(request.query.get("since", request.headers.get("Last-Event-ID", "0")))
         except ValueError:
             raise ApiError("since must be an integer", status=400, code="bad_query") from None
-        resp = web.StreamResponse(headers=_STREAM_HEADERS)
+        resp = web.StreamResponse(headers=stream_headers())
         async with activity.subscribe() as queue:
+
+            async def live() -> bytes | None:
+                record = await queue.get()
+                return None if record is None else _event(record.id, record.to_json())
+
             # History and subscription in one loop iteration: nothing lost or repeated.
-            history = activity.since(since)
-            try:
-                await resp.prepare(request)
-                for record in history:
-                    await resp.write(_event(record.id, record.to_json()))
-                while True:
-                    try:
-                        async with asyncio.timeout(KEEPALIVE_SECONDS):
-                            item = await queue.get()
-                    except TimeoutError:
-                        await resp.write(b": keep-alive\n\n")
-                        continue
-                    if item is None:
-                        break
-                    await resp.write(_event(item.id, item.to_json()))
-            except ConnectionError:
-                pass
+            history = b"".join(_event(r.id, r.to_json()) for r in activity.since(since))
+            await history_then_live(request, resp, history, live, idle=KEEPALIVE_SECONDS,
+                                    keepalive=b": keep-alive\n\n")
         return resp
 
     async def get_capture(request: web.Request) -> web.Response:
