@@ -6,6 +6,7 @@ scheduler compares `ModelConfig`s by equality to decide which engines keep runni
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -32,7 +33,15 @@ from swapd.config.nodes import (
 )
 
 # EngineKind and the precedence of recipe, preset and file live in swapd.presets.
-from swapd.config.presets import FileWide, Recipe, engine_kind, settle
+from swapd.config.presets import (
+    Call,
+    EngineKind,
+    FileWide,
+    Recipe,
+    engine_kind,
+    preset_for,
+    settle,
+)
 from swapd.config.routing import (
     capabilities,
     compat,
@@ -41,7 +50,13 @@ from swapd.config.routing import (
     no_effect,
     set_params_by_id,
 )
-from swapd.config.sizes import DEFAULT_FLOOR, SizeError, parse_floor, parse_size
+from swapd.config.sizes import (
+    DEFAULT_FLOOR,
+    SizeError,
+    parse_floor,
+    parse_percent,
+    parse_size,
+)
 from swapd.config.types import (
     Config,
     GroupConfig,
@@ -49,6 +64,7 @@ from swapd.config.types import (
     MemoryGuardConfig,
     ModelConfig,
     RestartPolicy,
+    SleepPolicy,
 )
 
 # -- loading ---------------------------------------------------------------------------
@@ -71,8 +87,11 @@ _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
     "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth timeouts capabilities "
-    "compat memory".split()
+    "compat memory sleepMode sleepEndpoints wakeEndpoints sleepMinFreed sleepTimeout "
+    "sleepTtl".split()
 )
+_CALL_KEYS = frozenset({"endpoint", "method", "body", "timeout"})
+_CALL_METHODS = ("GET", "POST", "PUT", "PATCH")
 
 
 def _strip_comments(text: str) -> str:
@@ -401,7 +420,86 @@ def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
         capabilities=capabilities(node),
         set_params_by_id=by_id,
         memory=_size(node, "memory"),
+        sleep=_sleep(node, engine),
     )
+
+
+def _sleep(node: Node, engine: EngineKind | None) -> SleepPolicy | None:
+    """llmsnap's sleep keys: `sleepMode`, `sleepEndpoints`, `wakeEndpoints`, and swapd's
+    `sleepMinFreed`, `sleepTimeout`, `sleepTtl`. None: the engine is stopped as always."""
+    ctx = node.ctx
+    mode = node.get("sleepMode")
+    if isinstance(mode, bool):  # `sleepMode: on` is YAML 1.1's true
+        mode = "enable" if mode else "disable"
+    if mode is not None and (not isinstance(mode, str)
+                             or mode.strip().lower() not in ("enable", "disable")):
+        ctx.fail(node.key("sleepMode"), f"must be enable or disable, got {show(mode)}")
+    sleep, wake = _calls(node, "sleepEndpoints"), _calls(node, "wakeEndpoints")
+    if bool(sleep) != bool(wake):
+        given, missing = ("sleepEndpoints", "wakeEndpoints") if sleep else (
+            "wakeEndpoints", "sleepEndpoints")
+        ctx.fail(node.key(missing), f"required when {given} is given (llmsnap's rule): an "
+                 "engine put to sleep must be woken")
+    timeout = float(node.number("sleepTimeout", 30.0, strict=True))
+    ttl = float(node.number("sleepTtl", 0.0))
+    min_freed, percent = None, 50.0
+    if (raw := node.get("sleepMinFreed")) is not None:
+        try:
+            found = parse_percent(raw)
+            if found is None:
+                min_freed = parse_size(raw)
+            else:
+                percent = found
+        except SizeError as exc:
+            ctx.fail(node.key("sleepMinFreed"), f"{exc} (or a percentage of the learned "
+                     "footprint, \"50%\")")
+    if mode is None or mode.strip().lower() != "enable":
+        if sleep:
+            ctx.warn(node.key("sleepEndpoints"), "not used: sleepMode is not enable, the "
+                     "engine is stopped on a swap")
+        return None
+    if not sleep:
+        preset = preset_for(engine)
+        if preset is None or not preset.sleep:
+            what = f"engine {engine}" if engine else "a recipe without `engine:`"
+            ctx.warn(node.key("sleepMode"), f"{what} has no sleep of its own and no "
+                     "sleepEndpoints are given: the engine is stopped on a swap")
+            return None
+        sleep, wake = preset.sleep, preset.wake
+    return SleepPolicy(sleep=sleep, wake=wake, min_freed=min_freed,
+                       min_freed_percent=percent, timeout=timeout, ttl=ttl)
+
+
+def _calls(node: Node, key: str) -> tuple[Call, ...]:
+    """`sleepEndpoints` / `wakeEndpoints`: a list of `{endpoint, method, body, timeout}`."""
+    ctx = node.ctx
+    raw = node.data.get(key)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        ctx.fail(node.key(key), f"must be a list of {{endpoint, method, body, timeout}}, "
+                 f"got {show(raw)}")
+    out = []
+    for i, item in enumerate(raw):
+        call = Node(ctx, item, f"{node.key(key)}[{i}]", _CALL_KEYS)
+        path = (call.text("endpoint") or "").strip()
+        # The engine's own address only: a recipe cannot make swapd call another host.
+        if not path.startswith("/") or path.startswith("//") or any(
+                c.isspace() or ord(c) < 32 for c in path) or len(path) > 2048:
+            ctx.fail(call.key("endpoint"), "must be a path on the engine's own address "
+                     f"(/sleep?level=2), got {show(path)}")
+        method = (call.text("method") or "POST").strip().upper()
+        if method not in _CALL_METHODS:
+            ctx.fail(call.key("method"), f"must be one of {', '.join(_CALL_METHODS)}, "
+                     f"got {show(method)}")
+        body = call.data.get("body")
+        if isinstance(body, dict | list):
+            body = json.dumps(ctx.tree(body, call.key("body")))
+        else:
+            body = call.text("body")
+        out.append(Call(path=path, method=method, body=body or None,
+                        timeout=float(call.number("timeout", 0.0))))
+    return tuple(out)
 
 
 def _size(node: Node, key: str) -> int | None:

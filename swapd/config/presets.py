@@ -19,6 +19,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+@dataclass(frozen=True)
+class Call:
+    """One HTTP call to the engine's own port: an item of llmsnap's `sleepEndpoints` /
+    `wakeEndpoints` (`{endpoint, method, body, timeout}`). It must answer 2xx."""
+
+    path: str  # `endpoint`: a path on the engine's own address, never another host
+    method: str = "POST"
+    body: str | None = None  # sent as application/json when given
+    timeout: float = 0.0  # seconds; 0: the model's sleepTimeout
+
+
 class EngineKind(StrEnum):
     VLLM = "vllm"
     LLAMA_CPP = "llama.cpp"
@@ -62,6 +73,10 @@ class Preset:
     env_remove: tuple[str, ...] = ()
     # POSTed to the engine before it is signalled (best effort); the body names the model.
     unload_path: str | None = None
+    # `sleepMode: enable` without endpoints of its own: how this engine frees its memory and
+    # takes it back (docs/sleep.md). Empty: the engine cannot sleep, it is stopped.
+    sleep: tuple[Call, ...] = ()
+    wake: tuple[Call, ...] = ()
 
     def unload_request(self, model_name: str) -> tuple[str, str] | None:
         """(path, JSON body) to send before stopping, or None."""
@@ -69,6 +84,20 @@ class Preset:
             return None
         return self.unload_path, json.dumps({"model": model_name, "keep_alive": 0})
 
+
+# vLLM's level 2 (needs `--enable-sleep-mode` and VLLM_SERVER_DEV_MODE=1): weights and KV
+# cache are dropped. Level 1 would "offload" the weights to CPU memory, which on a GB10 is the
+# same memory: it frees nothing there. Level 2 wakes in three calls: wake_up allocates again,
+# reload_weights reads the weights back, reset_prefix_cache drops what the old cache indexed.
+VLLM_SLEEP = (Call("/sleep?level=2"),)
+VLLM_WAKE = (
+    Call("/wake_up"),
+    Call("/collective_rpc", body='{"method": "reload_weights"}'),
+    Call("/reset_prefix_cache"),
+)
+# SGLang: release discards weights and KV cache, resume reloads them.
+SGLANG_SLEEP = (Call("/release_memory_occupation", body="{}"),)
+SGLANG_WAKE = (Call("/resume_memory_occupation", body="{}"),)
 
 PRESETS: dict[EngineKind, Preset] = {
     EngineKind.VLLM: Preset(
@@ -80,6 +109,8 @@ PRESETS: dict[EngineKind, Preset] = {
         # A VLLM_PORT inherited from elsewhere (a service named `vllm` in Kubernetes sets
         # VLLM_PORT=tcp://...) is read by vLLM as its internal port and breaks start-up.
         env_remove=("VLLM_PORT", *_PY_REMOVE),
+        sleep=VLLM_SLEEP,
+        wake=VLLM_WAKE,
     ),
     EngineKind.LLAMA_CPP: Preset(
         engine=EngineKind.LLAMA_CPP,
@@ -98,7 +129,11 @@ PRESETS: dict[EngineKind, Preset] = {
         unload_timeout=30.0,
         env=_PY_ENV,
         env_remove=_PY_REMOVE,
+        sleep=SGLANG_SLEEP,
+        wake=SGLANG_WAKE,
     ),
+    # trtllm-serve: release/resume exist only in some versions, under names that changed; a
+    # recipe names them in sleepEndpoints/wakeEndpoints, else the engine is stopped.
     EngineKind.TRTLLM: Preset(
         engine=EngineKind.TRTLLM,
         check_endpoint="/health",

@@ -83,6 +83,16 @@ def parse_floor(value: object) -> Floor:
     return Floor(bytes=parse_size(value))
 
 
+def parse_percent(value: object) -> float | None:
+    """The number in `"50%"` (above 0, at most 100); None when `value` is not a percentage."""
+    if not isinstance(value, str) or not (m := _PERCENT.match(value)):
+        return None
+    percent = float(m[1])
+    if not 0 < percent <= 100:
+        raise SizeError(f"a percentage must be above 0 and at most 100, got {value!r}")
+    return percent
+
+
 def format_size(size: int) -> str:
     """Bytes as a short human size: `70.0GiB`, `512MiB`, `0B`."""
     sign = "-" if size < 0 else ""

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from swapd.config.presets import EngineKind
+from swapd.config.presets import Call, EngineKind
 from swapd.config.sizes import DEFAULT_FLOOR, Floor, GiB
 from swapd.placement.matrix import Program
 
@@ -23,6 +23,28 @@ class RestartPolicy:
     max_retries: int = 3
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class SleepPolicy:
+    """`sleepMode: enable` with the calls that put this engine to sleep and wake it (the
+    recipe's `sleepEndpoints`/`wakeEndpoints`, else its engine's preset): on a swap or a ttl
+    the engine sleeps instead of stopping, verified by memory (docs/sleep.md)."""
+
+    sleep: tuple[Call, ...]
+    wake: tuple[Call, ...]
+    # What must come back for the sleep to count: bytes, else this percent of the learned
+    # footprint (`sleepMinFreed`, default 50 %).
+    min_freed: int | None = None
+    min_freed_percent: float = 50.0
+    timeout: float = 30.0  # sleepTimeout: seconds for the calls and the memory to come back
+    ttl: float = 0.0  # sleepTtl: seconds asleep before it is stopped; 0 = while memory allows
+
+    def min_freed_of(self, footprint: int) -> int:
+        """The bytes a sleep must free, given the engine's footprint (learned or measured)."""
+        if self.min_freed is not None:
+            return self.min_freed
+        return int(footprint * self.min_freed_percent / 100)
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,8 @@ class ModelConfig:
     # The engine's footprint in bytes (`memory: "70GiB"`); None: learned (swapd/footprints.py).
     # A placement hint, not how the engine runs: changing it does not restart the engine.
     memory: int | None = field(default=None, compare=False)
+    # `sleepMode: enable`: sleep instead of stopping on a swap or ttl; None: stopped as always.
+    sleep: SleepPolicy | None = None
 
     @property
     def port(self) -> int | None:

@@ -12,6 +12,8 @@ The rules (docs/memory.md):
   give back counts as coming. When even stopping all of them cannot make it fit, nothing is
   stopped: the request waits (backpressure) until something changes.
 - A footprint larger than the whole machine (MemTotal − reserve) can never fit: say so at once.
+- Sleeping engines (docs/sleep.md) hold only a residue and serve nobody; they are stopped
+  only when the target cannot fit otherwise, after every idle engine, oldest sleeper first.
 - A model whose footprint is not known yet (no `memory:`, not learned) behaves like the one-
   tenant default: every idle engine is stopped and it starts; the guard is the safety net, and
   what it measures is used the next time.
@@ -41,6 +43,7 @@ class TenantPhase(StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+    SLEEPING = "sleeping"  # asleep: holds its residue; stopped last, oldest first
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) 
         (t for t in others if t.phase == TenantPhase.READY and not t.busy and not t.persistent),
         key=lambda t: (t.last_used, t.model),
     )
+    sleepers = sorted((t for t in others if t.phase == TenantPhase.SLEEPING),
+                      key=lambda t: (t.last_used, t.model))
     if need is None:
         return MemoryPlan(evict=tuple(t.model for t in idle), reason=UNKNOWN_FOOTPRINT,
                          releasing=releasing)
@@ -130,14 +135,15 @@ def place(target: str, need: int | None, tenants: Sequence[Tenant], room: Room) 
         return MemoryPlan(wait=f"{target} fits once {', '.join(releasing)} "
                          "gave back its memory", releasing=releasing)
     chosen: list[str] = []
-    for tenant in idle:
+    for tenant in [*idle, *sleepers]:
         if need <= free + coming:
             break
         chosen.append(tenant.model)
         coming += tenant.holds
     if need <= free + coming:
         return MemoryPlan(evict=tuple(chosen), releasing=releasing)
-    busy = sorted(t.model for t in others if t.phase != TenantPhase.STOPPING and t not in idle)
+    busy = sorted(t.model for t in others if t.phase not in (
+        TenantPhase.STOPPING, TenantPhase.SLEEPING) and t not in idle)
     held = f"; held by {', '.join(busy)}" if busy else ""
     return MemoryPlan(wait=f"{target} needs {format_size(need)}; {format_size(max(free, 0))} "
                      f"free after the {format_size(room.reserve)} reserve, "
@@ -154,6 +160,10 @@ _PHASES: Final = {
     Phase.READY: TenantPhase.READY,
     Phase.DRAINING: TenantPhase.STOPPING,
     Phase.STOPPING: TenantPhase.STOPPING,
+    # Falling asleep gives memory back like a stop; a wake takes it like a start.
+    Phase.FALLING_ASLEEP: TenantPhase.STOPPING,
+    Phase.WAKING: TenantPhase.STARTING,
+    Phase.SLEEPING: TenantPhase.SLEEPING,
 }
 
 
@@ -195,5 +205,48 @@ def memory_router(source: MemoryReadings, config: Config,
             for model in result.evict:
                 evicted(model, result.reason)
         return result.evict
+
+    return route
+
+
+def with_sleepers(router: Router, source: MemoryReadings, config: Config) -> Router:
+    """The groups and matrix routers know no memory, so they never stop a sleeper: this adds
+    the sleepers (oldest first) a start needs stopped when the target's footprint does not
+    fit beside them. Nothing changes while no engine sleeps (the usual case costs one pass
+    over the views)."""
+
+    def route(p: RouteQuery) -> RouteAnswer:
+        answer = router(p)
+        if not isinstance(answer, tuple):
+            return answer
+        sleepers = sorted((v for v in p.models.values()
+                           if v.phase == Phase.SLEEPING and v.id != p.target),
+                          key=lambda v: (v.last_used, v.id))
+        target = config.models.get(p.target)
+        if not sleepers or target is None or not target.gpu:
+            return answer
+        need = source.footprint(target)
+        if need is None:
+            return answer  # unknown: sleepers hold little; the guard is the safety net
+        try:
+            info = source.meminfo()
+        except (OSError, ValueError):
+            return answer
+
+        def holds(model: str) -> int:
+            cfg = config.models.get(model)
+            used = source.used(model)
+            if used is not None:
+                return used
+            return (source.footprint(cfg) or 0) if cfg is not None else 0
+
+        free = info.available - config.memory_reserve + sum(holds(v) for v in answer)
+        chosen = list(answer)
+        for v in sleepers:
+            if need <= free:
+                break
+            chosen.append(v.id)
+            free += holds(v.id)
+        return tuple(chosen)
 
     return route

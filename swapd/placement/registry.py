@@ -65,8 +65,14 @@ def router_for(config: Config, memory: MemoryReadings | None = None,
                evicted: Evicted | None = None) -> Router:
     """The Router `routing.router.use` selects, built over `memory` (what swapd measures:
     the daemon's MemoryWatch; without one, /proc/meminfo and the configured footprints)."""
-    return ROUTERS[RouterKind(config.router)](
-        config, memory if memory is not None else Unmeasured(), evicted)
+    readings = memory if memory is not None else Unmeasured()
+    router = ROUTERS[RouterKind(config.router)](config, readings, evicted)
+    if config.router != RouterKind.MEMORY and any(
+            m.sleep is not None for m in config.models.values()):
+        # Sleepers are stopped when a start needs their memory (docs/sleep.md); the memory
+        # router weighs them itself.
+        router = by_memory.with_sleepers(router, readings, config)
+    return router
 
 
 def queue_key_for(config: Config) -> QueueKey:

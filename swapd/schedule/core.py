@@ -26,6 +26,15 @@ Failure rules (issue 12):
 - After `restart.maxRetries` consecutive failures the model is `FAILED`: 503 until
   `restart.backoffMax` has passed, or until an admin load (`clear_failure`).
 
+Warm swaps (issue 20, docs/sleep.md): a model whose recipe enables sleep is put to sleep
+(`Sleep`) where a swap or its ttl would stop it; the runner verifies by memory and reports
+`sleep_finished`. A sleeping engine is no GPU tenant: it takes no requests, and a request
+for it queues like one for a stopped model and, in its turn, wakes it (`Wake`) instead of
+starting it. A sleep that freed too little is stopped and sleep stays off for that recipe;
+a failed wake is cold-started (the runner killed the tree), and after two failed wakes sleep
+stays off for that recipe. Sleepers are stopped after `sleepTtl`, when a router picks them
+to make room, on unload, on a reload of their recipe and on shutdown.
+
 Which running models a start evicts is the `Router`'s decision (see `RouteQuery`), and
 the queue order is `QueueKey`'s: both are pure functions chosen from the config by
 `swapd.placement`.
@@ -51,7 +60,7 @@ from swapd.placement.types import (
     Wait,
     fifo_key,
 )
-from swapd.schedule.phase import RUNNING, Phase, StopReason
+from swapd.schedule.phase import ALIVE, RUNNING, Phase, SleepResult, StopReason
 from swapd.schedule.rules import backoff, idle_at
 
 
@@ -90,6 +99,25 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class Sleep:
+    """Put the model's engine to sleep and verify by memory; report `sleep_finished`. On any
+    result but SLEPT the engine still runs (the core stops it next)."""
+
+    model: str
+    reason: StopReason  # why it leaves the GPU (swap, idle; unload for an admin sleep)
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Wake the sleeping engine and wait for readiness; report `wake_finished`. On failure
+    the engine's whole tree is gone by then. `after`: as Start's."""
+
+    model: str
+    cfg: ModelConfig
+    after: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     ticket: int
     model: str
@@ -118,7 +146,13 @@ class Forget:
     model: str
 
 
-Effect = Start | Stop | Grant | Fail | ArmTimer | Forget
+Effect = Start | Stop | Sleep | Wake | Grant | Fail | ArmTimer | Forget
+
+# Stops that become sleeps when the recipe allows: the engine is wanted again later. An
+# unload, a reload, a shutdown or a crash stops it for good.
+SLEEP_REASONS = frozenset({StopReason.SWAP, StopReason.IDLE})
+# Failed wakes after which sleep stays off for the recipe (vLLM #50011: wake_up crashed).
+WAKE_FAILURES_MAX = 2
 
 
 # -- the core ----------------------------------------------------------------------------
@@ -142,6 +176,14 @@ class _Model:
     # Reload: when this engine stops, the model becomes `successor` (None: removed).
     successor: ModelConfig | None = None
     removed: bool = False
+    # Warm swaps: when it fell asleep (sleepTtl, oldest sleeper first); why sleep is off for
+    # this recipe (None: on when configured); failed wakes; an admin sleep under way; the
+    # stop owed once a sleep under way ends (unload, reload, shutdown meanwhile).
+    slept_at: float = 0.0
+    sleep_off: str | None = None
+    wake_failures: int = 0
+    want_sleep: bool = False
+    then_stop: StopReason | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -202,6 +244,11 @@ class Core:
     def cfg(self, model: str) -> ModelConfig | None:
         m = self._models.get(model)
         return None if m is None else m.cfg
+
+    def sleep_off(self, model: str) -> str | None:
+        """Why sleep is off for this model's recipe (None: on, or never configured)."""
+        m = self._models.get(model)
+        return None if m is None else m.sleep_off
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -333,8 +380,8 @@ class Core:
         """The engine exited on its own while serving (a crash)."""
         m = self._models.get(model)
         fx: list[Effect] = []
-        if m is None or m.phase not in (Phase.READY, Phase.DRAINING):
-            return fx  # an exit we caused, or one the start reports itself
+        if m is None or m.phase not in (Phase.READY, Phase.DRAINING, Phase.SLEEPING):
+            return fx  # an exit we caused, or one the start (sleep, wake) reports itself
         m.phase = Phase.STOPPING
         m.stop_reason = StopReason.CRASH
         m.last_error = error
@@ -386,8 +433,11 @@ class Core:
             # Decided now, synchronously: a request arriving from here on waits for the
             # stop to finish and then starts the engine again (llama-swap #946).
             m.stop_reason = StopReason.IDLE
-            m.phase = Phase.STOPPING
-            fx.append(Stop(model, StopReason.IDLE))
+            self._put_down(model, m, StopReason.IDLE, fx)
+        for model, m in self._models.items():
+            ttl = m.cfg.sleep.ttl if m.cfg.sleep is not None else 0.0
+            if m.phase == Phase.SLEEPING and ttl > 0 and now >= m.slept_at + ttl:
+                self._stop_sleeper(model, m, StopReason.IDLE, fx)
         self._dispatch(now, fx)
         return self._finish(now, fx)
 
@@ -427,12 +477,102 @@ class Core:
         fx: list[Effect] = []
         targets = [
             k for k, m in self._models.items()
-            if (model is None or k == model) and m.phase in RUNNING
+            if (model is None or k == model) and m.phase in ALIVE
         ]
         for k in targets:
-            self._drain(k, self._models[k], reason, now + drain)
+            m = self._models[k]
+            m.want_sleep = False
+            if m.phase == Phase.SLEEPING:
+                self._stop_sleeper(k, m, reason, fx)
+            elif m.phase == Phase.FALLING_ASLEEP:
+                m.then_stop = reason
+            else:
+                self._drain(k, m, reason, now + drain)
         self._dispatch(now, fx)
         return targets, self._finish(now, fx)
+
+    def sleep(self, model: str, now: float) -> tuple[str | None, list[Effect]]:
+        """Admin `POST /models/{id}/sleep`: put a ready model to sleep once its requests in
+        flight finish. Returns why it cannot (None: it will), and the effects."""
+        m = self._models.get(model)
+        if m is None or m.removed:
+            return f"model {model!r} is not configured", []
+        if m.cfg.sleep is None:
+            return (f"model {model!r} cannot sleep: its recipe has no sleepMode: enable "
+                    "(or its engine no sleep)"), []
+        if m.sleep_off is not None:
+            return f"sleep is off for model {model!r}: {m.sleep_off}", []
+        if m.phase in (Phase.SLEEPING, Phase.FALLING_ASLEEP):
+            return None, []
+        if m.phase != Phase.READY or m.stop_reason is not None:
+            return f"model {model!r} is {m.phase}, not ready", []
+        fx: list[Effect] = []
+        m.want_sleep = True
+        self._drain(model, m, StopReason.UNLOAD, now + self.config.shutdown_timeout)
+        self._dispatch(now, fx)
+        return None, self._finish(now, fx)
+
+    def sleep_finished(self, model: str, now: float, result: SleepResult,
+                       error: str | None = None) -> list[Effect]:
+        """A Sleep ended. SLEPT: asleep, no GPU tenant any more. Otherwise the engine still
+        runs and is stopped now; NO_MEMORY_FREED also turns sleep off for this recipe (the
+        engine's word is not a measurement: its sleep frees nothing on this host)."""
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None or m.phase != Phase.FALLING_ASLEEP:
+            return fx
+        reason = m.stop_reason or StopReason.UNLOAD
+        m.want_sleep = False
+        m.drain_deadline = None
+        if result == SleepResult.SLEPT:
+            m.phase = Phase.SLEEPING
+            m.slept_at = now
+            m.stop_reason = None
+            m.failures, m.start_failed = 0, False
+            owed = m.then_stop
+            if self._closing:
+                owed = StopReason.SHUTDOWN
+            elif m.successor is not None or m.removed:
+                owed = StopReason.RELOAD
+            if owed is not None:
+                self._stop_sleeper(model, m, owed, fx)
+        else:
+            if result == SleepResult.NO_MEMORY_FREED:
+                m.sleep_off = error or "its sleep freed less than sleepMinFreed on this host"
+            m.phase = Phase.STOPPING
+            m.stop_reason = m.then_stop or reason
+            fx.append(Stop(model, m.stop_reason))
+        m.then_stop = None
+        self._dispatch(now, fx)
+        return self._finish(now, fx)
+
+    def wake_finished(self, model: str, now: float, *, ok: bool,
+                      error: str | None = None) -> list[Effect]:
+        """A Wake ended. Ready: serving as after a start. Failed (the tree is gone): the model
+        is cold-started at once, its queued requests keep waiting for that start; after
+        WAKE_FAILURES_MAX failed wakes sleep stays off for this recipe."""
+        m = self._models.get(model)
+        fx: list[Effect] = []
+        if m is None or m.phase != Phase.WAKING:
+            return fx
+        if ok:
+            m.last_used = m.ready_since = now
+            m.phase = Phase.DRAINING if m.stop_reason is not None else Phase.READY
+        else:
+            m.wake_failures += 1
+            if m.wake_failures >= WAKE_FAILURES_MAX:
+                m.sleep_off = (f"{m.wake_failures} wakes failed (last: "
+                               f"{error or 'unknown'}); cold starts from now on")
+            if self._closing or m.removed:
+                m.phase = Phase.STOPPED
+                m.stop_reason = None
+                if m.removed or m.successor is not None:
+                    self._replace(model, m, fx)
+            else:
+                m.phase = Phase.STARTING
+                fx.append(Start(model, m.cfg))
+        self._dispatch(now, fx)
+        return self._finish(now, fx)
 
     def shutdown(self, now: float, drain: float) -> list[Effect]:
         """Refuse new requests, fail queued ones, stop every engine once its requests in
@@ -445,10 +585,14 @@ class Core:
                            "swapd is shutting down", 5.0))
         self._swap = None
         for k, m in self._models.items():
-            if m.phase == Phase.STARTING:
+            if m.phase in (Phase.STARTING, Phase.WAKING):
                 m.phase = Phase.STOPPING  # a start under way is cancelled, not awaited
                 m.stop_reason = StopReason.SHUTDOWN
                 fx.append(Stop(k, StopReason.SHUTDOWN))
+            elif m.phase == Phase.SLEEPING:
+                self._stop_sleeper(k, m, StopReason.SHUTDOWN, fx)
+            elif m.phase == Phase.FALLING_ASLEEP:
+                m.then_stop = StopReason.SHUTDOWN
             elif m.phase in RUNNING:
                 self._drain(k, m, StopReason.SHUTDOWN, now + drain)
         self._advance(now, fx)
@@ -533,13 +677,13 @@ class Core:
         if swap is None:
             return
         victims = [self._models[v] for v in swap.victims if v in self._models]
-        if any(v.phase not in (Phase.DRAINING, Phase.STARTING) for v in victims):
+        if any(v.phase not in (Phase.DRAINING, Phase.STARTING, Phase.WAKING) for v in victims):
             return
         mine = [w.queued.priority for w in self._queue if w.model == swap.target]
         if not mine or not any(
             w.queued.priority > max(mine)
             and w.model not in swap.victims
-            and self._models[w.model].phase == Phase.STOPPED
+            and self._models[w.model].phase in (Phase.STOPPED, Phase.SLEEPING)
             for w in self._queue
         ):
             return
@@ -547,6 +691,8 @@ class Core:
         target = self._models.get(swap.target)
         if target is not None and target.phase == Phase.STARTING:
             target.phase = Phase.STOPPED
+        elif target is not None and target.phase == Phase.WAKING:
+            target.phase = Phase.SLEEPING
         for v in victims:
             if v.stop_reason == StopReason.SWAP:
                 v.stop_reason = None
@@ -583,7 +729,7 @@ class Core:
                 self._fail_waiters(model, fx, Refusal.START_FAILED,
                                    self._failed_message(model, m), m.retry_at - now)
                 return
-        elif m.phase != Phase.STOPPED:
+        elif m.phase not in (Phase.STOPPED, Phase.SLEEPING):
             return  # starting, serving its own batch, or stopping: wait for it
         if m.retry_at > now:
             return  # queued before a crash: the retry timer brings it back
@@ -611,18 +757,22 @@ class Core:
                     f"{self._failed_message(model, m)}; not stopping busy "
                     f"{', '.join(sorted(busy))} to retry it", retry)
                 return
-        m.phase = Phase.STARTING
+        asleep = m.phase == Phase.SLEEPING
+        m.phase = Phase.WAKING if asleep else Phase.STARTING
         m.stop_reason = None
         if not victims:
-            fx.append(Start(model, m.cfg))
+            fx.append(Wake(model, m.cfg) if asleep else Start(model, m.cfg))
             return
         self._swap = _Swap(model, frozenset(victims))
         for v in victims:
             vm = self._models[v]
-            if vm.phase == Phase.READY:
+            if vm.phase == Phase.SLEEPING:
+                # A router stops a sleeper when its residue is the room the target needs.
+                self._stop_sleeper(v, vm, StopReason.SWAP, fx)
+            elif vm.phase == Phase.READY:
                 vm.phase = Phase.DRAINING
                 vm.stop_reason = StopReason.SWAP
-            elif vm.phase == Phase.STARTING and vm.stop_reason is None:
+            elif vm.phase in (Phase.STARTING, Phase.WAKING) and vm.stop_reason is None:
                 vm.stop_reason = StopReason.SWAP
 
     def _advance(self, now: float, fx: list[Effect]) -> None:
@@ -635,17 +785,45 @@ class Core:
                 w.model == k and self._queued_before_ready(w, m) for w in self._queue)
             overdue = m.drain_deadline is not None and now >= m.drain_deadline
             if (m.inflight == 0 and not waiting_own) or overdue:
-                m.phase = Phase.STOPPING
-                fx.append(Stop(k, m.stop_reason))
+                self._put_down(k, m, m.stop_reason, fx)
         swap = self._swap
         if swap is None:
             return
-        if all(self._models[v].phase in (Phase.STOPPED, Phase.FAILED)
+        if all(self._models[v].phase in (Phase.STOPPED, Phase.FAILED, Phase.SLEEPING)
                for v in swap.victims if v in self._models):
             self._swap = None
             target = self._models.get(swap.target)
+            after = tuple(sorted(swap.victims))
             if target is not None and target.phase == Phase.STARTING:
-                fx.append(Start(swap.target, target.cfg, tuple(sorted(swap.victims))))
+                fx.append(Start(swap.target, target.cfg, after))
+            elif target is not None and target.phase == Phase.WAKING:
+                fx.append(Wake(swap.target, target.cfg, after))
+
+    def _sleeps(self, m: _Model, reason: StopReason) -> bool:
+        """Does this stop become a sleep? Only where the recipe enables sleep, sleep has not
+        been turned off for it, and the engine is wanted again (a swap, a ttl, an admin
+        sleep), not when it is unloaded, replaced or swapd stops."""
+        return (
+            m.cfg.sleep is not None and m.sleep_off is None and not self._closing
+            and (reason in SLEEP_REASONS or m.want_sleep)
+            and m.successor is None and not m.removed
+        )
+
+    def _put_down(self, model: str, m: _Model, reason: StopReason, fx: list[Effect]) -> None:
+        """The drain is over: sleep or stop."""
+        if self._sleeps(m, reason):
+            m.phase = Phase.FALLING_ASLEEP
+            fx.append(Sleep(model, reason))
+        else:
+            m.want_sleep = False
+            m.phase = Phase.STOPPING
+            fx.append(Stop(model, reason))
+
+    @staticmethod
+    def _stop_sleeper(model: str, m: _Model, reason: StopReason, fx: list[Effect]) -> None:
+        m.phase = Phase.STOPPING
+        m.stop_reason = reason
+        fx.append(Stop(model, reason))
 
     def _drain(self, model: str, m: _Model, reason: StopReason, deadline: float) -> None:
         if m.phase in (Phase.READY, Phase.DRAINING):
@@ -654,7 +832,7 @@ class Core:
                 m.stop_reason = reason
             m.drain_deadline = deadline if m.drain_deadline is None else min(
                 deadline, m.drain_deadline)
-        elif m.phase == Phase.STARTING and m.stop_reason is None:
+        elif m.phase in (Phase.STARTING, Phase.WAKING) and m.stop_reason is None:
             m.stop_reason = reason
             m.drain_deadline = deadline
 
@@ -663,7 +841,11 @@ class Core:
         m.removed = cfg is None
         if m.phase in (Phase.STOPPED, Phase.FAILED):
             self._replace(model, m, fx)
-        elif m.phase in (Phase.READY, Phase.STARTING) and m.stop_reason is None:
+        elif m.phase == Phase.SLEEPING:
+            self._stop_sleeper(model, m, StopReason.RELOAD, fx)
+        elif m.phase == Phase.FALLING_ASLEEP:
+            m.then_stop = StopReason.RELOAD
+        elif m.phase in (Phase.READY, Phase.STARTING, Phase.WAKING) and m.stop_reason is None:
             if m.phase == Phase.READY:
                 m.phase = Phase.DRAINING
             m.stop_reason = StopReason.RELOAD
@@ -728,6 +910,8 @@ class Core:
                 due.append(m.drain_deadline)
             if m.phase == Phase.STOPPED and m.retry_at > now and m.queued:
                 due.append(m.retry_at)
+            if m.phase == Phase.SLEEPING and m.cfg.sleep is not None and m.cfg.sleep.ttl > 0:
+                due.append(m.slept_at + m.cfg.sleep.ttl)
         return min(due) if due else None
 
     def _view(self, model: str, m: _Model) -> ModelView:

@@ -30,8 +30,19 @@ from swapd.memory.release import MemoryRelease
 from swapd.memory.watch import MemoryWatch
 from swapd.placement import registry
 from swapd.placement.types import Router
-from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Forget, Grant, Refusal, Start, Stop
-from swapd.schedule.phase import RUNNING, Phase, StopReason
+from swapd.schedule.core import (
+    ArmTimer,
+    Core,
+    Effect,
+    Fail,
+    Forget,
+    Grant,
+    Refusal,
+    Sleep,
+    Start,
+    Stop,
+)
+from swapd.schedule.phase import RUNNING, Phase, SleepResult, StopReason
 
 log = structlog.get_logger("swapd.scheduler")
 
@@ -346,6 +357,10 @@ class Scheduler:
                 self._starts[e.model] = self._spawn_task(self._start(e), f"start-{e.model}")
             elif isinstance(e, Stop):
                 self._spawn_task(self._stop(e.model, e.reason), f"stop-{e.model}")
+            elif isinstance(e, Sleep):
+                # Not carried out yet (the engine's sleep calls land next): the core stops it.
+                self._apply(self._core.sleep_finished(e.model, self._clock(), SleepResult.FAILED,
+                                                      "sleep is not carried out yet"))
             elif isinstance(e, ArmTimer):
                 self._arm(e.at)
             elif isinstance(e, Forget):
