@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import structlog
 from aiohttp import web
 
-from swapd.redact import redact_text
+from swapd.redact import clip, redact_text
 
 log = structlog.get_logger("swapd.errors")
 
@@ -104,13 +104,14 @@ class ApiError(Exception):
 
 def error_body(message: str, *, type: str, code: str | None) -> bytes:
     """OpenAI's error object (also the `data:` line of an event stream that fails)."""
-    # Messages quote what failed (a URL, an argv, an exception): never a secret in it.
-    message = redact_text(message)
+    # Messages quote what failed (a URL, an argv, an exception, a client's model name):
+    # bounded, then never a secret in it.
+    message = redact_text(clip(message))
     return json.dumps({"error": {"message": message, "type": type, "code": code}}).encode()
 
 
 def anthropic_error_body(message: str, *, type: str) -> bytes:
-    message = redact_text(message)
+    message = redact_text(clip(message))
     return json.dumps({"type": "error", "error": {"type": type, "message": message}}).encode()
 
 

@@ -7,9 +7,15 @@ A recipe may carry a secret on the command line (`--api-key sk-...`, `--hf-token
 Bearer ...'`, `https://user:pass@host`), and an engine may print one. The process still gets
 the real argv; only the copies that reach logs and HTTP answers are masked.
 
-A name looks secret when one of its words (split at `-`, `_`, `.`) is a secret word:
-`--api-key`, `--hf_token`, `HF_TOKEN`, `--jwt-secret` do; `--max-num-batched-tokens`,
-`--tokenizer` and `--ssl-keyfile` do not (their words are `tokens`, `tokenizer`, `keyfile`).
+A name looks secret when one of its words (split at `-`, `_`, `.`) is a secret word
+(`--api-key`, `--hf_token`, `HF_TOKEN`, `--jwt-secret`), or a word ends in one
+(`PGPASSWORD`, `SECRETKEY`, `DB_PASS`), unless its last word says it names something else
+(`--key-file`, `--token-delay`). `--max-num-batched-tokens`, `--tokenizer` and
+`--ssl-keyfile` are no secrets (their words are `tokens`, `tokenizer`, `keyfile`).
+
+Every pattern here is linear in its input (issue 21: a backtracking pattern took 11 s over a
+20 KB model name, on the event loop): a name or token starts only where no name character
+precedes it, and runs are possessive, so no position is scanned twice by one pattern.
 
 `redact_argv` masks an argv (a flag's value is the next argument); `redact_text` masks free
 text (a log line, an error message, a proxy URL). Both also mask every value registered with
@@ -43,8 +49,21 @@ _SECRET_WORDS = frozenset(
         "cookie",
     }
 )
+# A word that ends in one of these names a secret too: PGPASSWORD, SECRETKEY, DB_PASS.
+_SECRET_ENDINGS = ("password", "passwd", "secret", "secretkey", "apikey", "token", "pass")
+# A last word that says the name is about a secret, not the secret itself.
+_NOT_SECRET_LAST = frozenset(
+    {"file", "files", "path", "dir", "delay", "size", "length", "len", "type", "types",
+     "count", "limit", "timeout", "format", "mode", "prefix", "env", "var", "id", "ids",
+     "name", "header"}
+)
 # Short flags that take a key as their value (`-k VALUE`: a client's or engine's key option).
 _SECRET_SHORT_FLAGS = frozenset({"-k"})
+# Flags whose value is `user:password` (curl's `-u`/`--user`): the part after `:` is masked.
+_USER_FLAGS = frozenset({"-u", "--user", "--proxy-user"})
+# What a flag looks like, as opposed to a secret that starts with `-` (token_urlsafe gives
+# one in 64): `-ngl`, `-O3`, `--port`, `--no-mmap`.
+_FLAG = re.compile(r"(?:-[A-Za-z0-9][A-Za-z0-9-]{0,6}|--[a-z0-9][a-z0-9-]*+)(?:=.*)?", re.DOTALL)
 # Flags whose value is an HTTP header line (`-H 'Authorization: Bearer x'`).
 _HEADER_FLAGS = frozenset({"-H", "--header", "--headers"})
 _WORD_SPLIT = re.compile(r"[-_.]+")
@@ -53,24 +72,40 @@ _WORD_SPLIT = re.compile(r"[-_.]+")
 _ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", re.DOTALL)
 
 # -- free text ------------------------------------------------------------------------------
-# URL userinfo: scheme://user:PASSWORD@host, also user-only (a token as user name).
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s@:'\"]*)(?::([^/\s@'\"]*))?@")
-# An authorization scheme and its credentials: `Bearer x`, `Basic x`, `Token x`.
-_SCHEME = re.compile(
-    r"(?i)\b(bearer)(\s+)([A-Za-z0-9._~+/=:-]{3,})|\b(basic)(\s+)([A-Za-z0-9+/=]{8,})"
+# URL userinfo: scheme://user:PASSWORD@host, also user-only (a token as user name). Found
+# from its `://` (a literal: fast to search for), whatever the scheme before it.
+_USERINFO = re.compile(r"://([^/\s@:'\"]*+)(?::([^/\s@'\"]*+))?@")
+# An authorization scheme and its credentials: `Bearer x`, `Basic x`.
+_BEARER = re.compile(r"(?i)\b(bearer\s++)[A-Za-z0-9._~+/=:-]{3,}+")
+_BASIC = re.compile(r"(?i)\b(basic\s++)[A-Za-z0-9+/=]{8,}+")
+# `Authorization: Token x`, `Authorization: ApiKey x`: any scheme; scheme kept, credential
+# masked (the generic rule below would mask only the scheme word).
+_AUTH_HEADER = re.compile(
+    r"(?i)(?<![A-Za-z0-9_.-])((?:proxy-)?authorization[\"']?\s*+[:=]\s*+[\"']?"
+    r"[A-Za-z][A-Za-z0-9_-]*+[ \t]++)(?!\*\*\*)[^\s\"',;]++"
 )
-# `name: value`, `name=value`, `--name value`, `"name": "value"`, where the name is secret.
+# `name: value`, `name=value`, `--name value`, `"name": "value"`, where the name holds a
+# secret-looking word (is_secret_name decides). Matched only at the start of a name that
+# holds a hint word (_mask_named finds them), and possessive: no backtracking. Only a flag
+# takes its value after a space (`token abc` in prose is no assignment).
 _NAMED = re.compile(
-    r"(?P<name>(?:--?)?[A-Za-z_][A-Za-z0-9_.-]*)(?P<q1>[\"']?)"
-    r"(?P<sep>\s*[:=]\s*|\s+)(?P<q2>[\"']?)(?P<value>[^\s\"',;&}]+)"
+    r"(?P<name>(?P<dash>--?)?[A-Za-z_][A-Za-z0-9_.-]*+)(?P<q1>[\"']?)"
+    r"(?P<sep>\s*+[:=]\s*+|(?(dash)\s++|(?!)))(?P<q2>[\"']?)(?P<value>[^\s\"',;&}]++)"
 )
+# A template, expanded in C: hostile text with a match every few bytes stays fast.
+_MASKED_GROUP = rf"\1{MASK}"
+# The part of text[lo:i] up to its last character that cannot be in a name.
+_BEFORE_NAME = re.compile(r"(?s:.*)[^A-Za-z0-9_.-]")
+_NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]*+")
 # `-k VALUE`: the short key flag of many clients and servers (argv joined into text).
-_SHORT = re.compile(r"(?<!\S)(-k)(\s+|=)(?!-)([\"']?)[^\s\"']+")
+_SHORT = re.compile(r"(?<!\S)(-k)(\s++|=)([\"']?)([^\s\"']++)")
+# `-u user:PASSWORD` (curl).
+_USER = re.compile(r"(?<!\S)(-u|--user|--proxy-user)(\s++|=)([\"']?)([^\s\"':]*+):([^\s\"']++)")
 # Well-known token shapes, whatever names them: OpenAI/Anthropic, Hugging Face, GitHub,
-# Slack, AWS access key ids.
+# Slack, AWS access key ids; each starts where no token character precedes it.
 _SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{16,}|gh[pousr]_[A-Za-z0-9]{20,}"
-    r"|github_pat_[A-Za-z0-9_]{20,}|xox[abpr]-[A-Za-z0-9-]{10,}|AKIA[A-Z0-9]{16})\b"
+    r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{16,}+|hf_[A-Za-z0-9]{16,}+|gh[pousr]_[A-Za-z0-9]{20,}+"
+    r"|github_pat_[A-Za-z0-9_]{20,}+|xox[abpr]-[A-Za-z0-9-]{10,}+|AKIA[A-Z0-9]{16}(?![A-Za-z0-9]))"
 )
 # A line without any of these has no secret name in it (a cheap test before `_NAMED`).
 _HINTS = ("key", "token", "secret", "pass", "auth", "bearer", "credential", "cookie")
@@ -78,6 +113,19 @@ _HINTS = ("key", "token", "secret", "pass", "auth", "bearer", "credential", "coo
 _known: tuple[str, ...] = ()
 # Shorter values would mask ordinary words.
 MIN_KNOWN_LENGTH = 6
+
+
+# The longest string swapd echoes from a request or an engine in one place (an error
+# message, a logged value): what is longer is cut before it is scanned or redacted.
+MAX_ECHO_CHARS = 2048
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how many more there were. Every string swapd
+    echoes is bounded by this before anything else touches it (issue 21)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def remember(values: Iterable[str]) -> None:
@@ -91,56 +139,96 @@ def remember(values: Iterable[str]) -> None:
 
 def is_secret_name(name: str) -> bool:
     """True for a flag or variable name that names a secret (`--api-key`, `HF_TOKEN`)."""
-    words = _WORD_SPLIT.split(name.strip("-\"' ").lower())
-    return any(word in _SECRET_WORDS for word in words)
+    words = [w for w in _WORD_SPLIT.split(name.strip("-\"' ").lower()) if w]
+    if not words or words[-1] in _NOT_SECRET_LAST:
+        return False
+    return any(word in _SECRET_WORDS or word.endswith(_SECRET_ENDINGS) for word in words)
+
+
+def looks_like_flag(arg: str) -> bool:
+    """True for `--port`, `-ngl`, `-O3`; False for a secret value that starts with `-`
+    (`-Xq3…`, from `secrets.token_urlsafe`)."""
+    return _FLAG.fullmatch(arg) is not None
 
 
 def _named(match: re.Match[str]) -> str:
     name = match["name"]
     if not is_secret_name(name):
         return match[0]
-    if not name.startswith("-"):
-        if match["sep"].strip() == "":
-            # `token abc` in prose is no assignment; only flags take a value after a space.
-            return match[0]
-        if "." in name and "=" in match["sep"]:
-            # llama.cpp's `--override-kv tokenizer.ggml.add_bos_token=bool:false`.
-            return match[0]
+    if not match["dash"] and "." in name and "=" in match["sep"]:
+        # llama.cpp's `--override-kv tokenizer.ggml.add_bos_token=bool:false`.
+        return match[0]
     value = match["value"]
-    if value == MASK or (value.startswith("-") and name.startswith("-")):
+    if value == MASK or (name.startswith("-") and looks_like_flag(value)):
         return match[0]  # `--api-key --port`: a flag with no value
     return f"{name}{match['q1']}{match['sep']}{match['q2']}{MASK}"
 
 
 def _mask_named(text: str) -> str:
-    # Not re.sub: after a name that is no secret (`-H` in `-H 'x-api-key: v'`) the search
-    # resumes right after that name, so the name inside its value is seen too.
+    """Mask the values of secret names. Driven by the hint words (a fast search in the
+    lower-cased text): each name that holds one is matched once, from its start, so the
+    work is linear in the text whatever it holds."""
+    lower = text.lower()
+    if len(lower) != len(text):
+        lower = text.translate(_ASCII_LOWER)  # `İ` lower-cases to two characters
     out: list[str] = []
-    pos = 0
-    while (match := _NAMED.search(text, pos)) is not None:
+    pos = 0  # text[:pos] is in `out`
+    lo = 0  # no name starts before lo that is not done with
+    hints = _Hints(lower)
+    while (at := hints.next(lo)) >= 0:
+        before = _BEFORE_NAME.match(text, lo, at)
+        start = before.end() if before is not None else lo
+        match = _NAMED.match(text, start)
+        if match is None:
+            run = _NAME_CHARS.match(text, start)
+            lo = max(run.end() if run is not None else start, at + 1)
+            continue
         replaced = _named(match)
         if replaced == match[0]:
-            out.append(text[pos : match.end("name")])
-            pos = match.end("name")
+            # Not a secret (`-H` in `-H 'x-api-key: v'`): what follows the name is looked
+            # at afresh, so a name inside its value is seen too.
+            lo = match.end("name")
             continue
-        out.append(text[pos : match.start()])
+        out.append(text[pos:start])
         out.append(replaced)
-        pos = match.end()
+        pos = lo = match.end()
     out.append(text[pos:])
     return "".join(out)
 
 
-def _scheme(match: re.Match[str]) -> str:
-    if match[1]:
-        return f"{match[1]}{match[2]}{MASK}"
-    return f"{match[4]}{match[5]}{MASK}"
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+class _Hints:
+    """The next hint word at or after a position, by str.find (a regex alternation of the
+    words is tried at every position: 60 ms over 1 MB). Each word's search only moves
+    forward, so the whole walk is linear."""
+
+    __slots__ = ("_lower", "_next")
+
+    def __init__(self, lower: str) -> None:
+        self._lower = lower
+        self._next = {word: lower.find(word) for word in _HINTS if word in lower}
+
+    def next(self, lo: int) -> int:
+        best = -1
+        for word, at in list(self._next.items()):
+            if at < lo:
+                at = self._lower.find(word, lo)
+                if at < 0:
+                    del self._next[word]
+                    continue
+                self._next[word] = at
+            if best < 0 or at < best:
+                best = at
+        return best
 
 
 def _userinfo(match: re.Match[str]) -> str:
-    if match[3] is None:
+    if match[2] is None:
         # `https://TOKEN@host`: a lone user name is often the credential itself (GitHub).
-        return f"{match[1]}{MASK}@" if match[2] else match[0]
-    return f"{match[1]}{match[2]}:{MASK}@"
+        return f"://{MASK}@" if match[1] else match[0]
+    return f"://{match[1]}:{MASK}@"
 
 
 def redact_text(text: str) -> str:
@@ -151,15 +239,44 @@ def redact_text(text: str) -> str:
     for value in _known:
         if value in text:
             text = text.replace(value, MASK)
+    # Each pattern only where its literal occurs: `in` is a memchr-speed scan, a pattern
+    # tried at every position is not (1 MB of hostile text stays in milliseconds).
     if "://" in text:
         text = _USERINFO.sub(_userinfo, text)
-    text = _SCHEME.sub(_scheme, text)
     lower = text.lower()
+    if "bearer" in lower:
+        text = _BEARER.sub(_MASKED_GROUP, text)
+    if "basic" in lower:
+        text = _BASIC.sub(_MASKED_GROUP, text)
+    if "authorization" in lower:
+        text = _AUTH_HEADER.sub(_MASKED_GROUP, text)
     if any(word in lower for word in _HINTS):
         text = _mask_named(text)
     if "-k" in text:
-        text = _SHORT.sub(lambda m: f"{m[1]}{m[2]}{m[3]}{MASK}", text)
-    return _SHAPES.sub(MASK, text)
+        text = _SHORT.sub(_short, text)
+    if "-u" in text:
+        text = _USER.sub(rf"\1\2\3\4:{MASK}", text)
+    if _may_have_shape(text):
+        text = _SHAPES.sub(MASK, text)
+    return text
+
+
+def _may_have_shape(text: str) -> bool:
+    """Whether _SHAPES can match at all (a few substring scans instead of the pattern
+    tried at every position)."""
+    return (
+        "sk-" in text
+        or "hf_" in text
+        or "xox" in text
+        or "AKIA" in text
+        or ("gh" in text and "_" in text)
+    )
+
+
+def _short(match: re.Match[str]) -> str:
+    if looks_like_flag(match[4]):
+        return match[0]  # `-k --port`: no value
+    return f"{match[1]}{match[2]}{match[3]}{MASK}"
 
 
 def redact_argv(argv: Iterable[str]) -> list[str]:
@@ -167,6 +284,7 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
     out: list[str] = []
     mask_next = False
     header_next = False
+    user_next = False
     for arg in argv:
         if header_next:
             header_next = False
@@ -178,10 +296,16 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
             continue
         if mask_next:
             mask_next = False
-            if not arg.startswith("-") or not arg.lstrip("-"):
+            if not looks_like_flag(arg):
                 out.append(MASK)
                 continue
             # `--api-key --port 8000`: the flag had no value; look at this one afresh.
+        if user_next:
+            user_next = False
+            name, colon, _ = arg.partition(":")
+            if colon:
+                out.append(f"{name}:{MASK}")
+                continue
         if arg.startswith("-") and len(arg) > 1:
             flag, eq, value = arg.partition("=")
             if flag in _HEADER_FLAGS:
@@ -190,6 +314,13 @@ def redact_argv(argv: Iterable[str]) -> list[str]:
                 else:
                     out.append(arg)
                     header_next = True
+            elif flag in _USER_FLAGS:
+                if eq:
+                    name, colon, _ = value.partition(":")
+                    out.append(f"{flag}={name}:{MASK}" if colon else arg)
+                else:
+                    out.append(arg)
+                    user_next = True
             elif is_secret_name(flag) or flag in _SECRET_SHORT_FLAGS:
                 if eq:
                     out.append(f"{flag}={MASK}")
@@ -221,7 +352,9 @@ def clean_line(line: str) -> str:
     CR, ...) removed, tabs and newlines kept, secrets masked."""
     if "\x1b" in line:
         line = _ANSI.sub("", line)
-    return redact_text(_CONTROL.sub("", line))
+    if not line.isprintable():  # a C scan; most lines are
+        line = _CONTROL.sub("", line)
+    return redact_text(line)
 
 
 # Headers whose values are credentials: never kept in a capture or shown on a page.

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from swapd.errors import ApiError
 from swapd.observe.streams import history_then_live, stream_headers
-from swapd.redact import clean_line, redact_text
+from swapd.redact import clean_line, clip, redact_text
 
 SWAPD: Final = "swapd"
 """The source name of swapd's own log lines."""
@@ -363,7 +363,8 @@ def _resolve_exc_info(_: Any, __: str, ed: MutableMapping[str, Any]) -> MutableM
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return redact_text(value)
+        # As long as a served line may be (an engine's output line is a value here).
+        return redact_text(clip(value, MAX_LINE_CHARS))
     if isinstance(value, list | tuple):
         return [_redact_value(v) for v in value]
     if isinstance(value, dict):
