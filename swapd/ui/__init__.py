@@ -3,11 +3,12 @@
 The page is plain HTML, CSS and JavaScript shipped with the package: no CDN, no build step, it
 works offline. Everything it shows comes from routes that also serve curl and scripts: `/status`,
 `/v1/models`, `/logs/stream`, `/api/activity`, `/api/gpu`. Who may read them is the auth
-middleware's business (`swapd.app`); the page only sends the key it was given.
+middleware's business (`swapd.http.gate`); the page only sends the key it was given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from importlib import resources
