@@ -84,18 +84,22 @@ def chat(sw: Swapd, model: str, timeout: float = 120.0) -> tuple[int, float]:
 class Readiness:
     style: str
     lags: list[float] = field(default_factory=list)  # engine ready → swapd's "engine ready"
+    # engine ready → the first queued request reaches the engine (the request that started it)
+    to_request: list[float] = field(default_factory=list)
 
 
 def readiness(workdir: Path, rounds: int = 8, delay: float = 0.3) -> list[Readiness]:
-    """How long after an engine becomes ready swapd notices it: llama.cpp style (/health
-    answers 503 while loading) and vLLM style (the port opens only once loaded). The engine's
+    """How long after an engine becomes ready swapd notices it, and the request that waited
+    for it reaches it: llama.cpp style (/health answers 503 while loading) and vLLM style (the
+    port opens only once loaded). Each round is a cold start by a chat request. The engine's
     own start time varies by tens of ms, so readiness falls anywhere in the probe period."""
     rec = workdir / "ready.jsonl"
     styles = {"health 503 while loading": "--health-503-for", "port opens late": "--boot-delay"}
     cfg = {
         "logLevel": "info",
         "models": {
-            f"r{i}": {"cmd": fake_cmd(f"r{i}", rec, flag, str(delay)), "ttl": 0}
+            f"r{i}": {"cmd": fake_cmd(f"r{i}", rec, flag, str(delay), "--record-requests"),
+                      "ttl": 0}
             for i, flag in enumerate(styles.values())
         },
     }
@@ -104,14 +108,19 @@ def readiness(workdir: Path, rounds: int = 8, delay: float = 0.3) -> list[Readin
     try:
         for i, style in enumerate(styles):
             res = Readiness(style)
+            model = f"r{i}"
             for _ in range(rounds):
-                code, _ = http_post(sw.url + f"/models/r{i}/load", timeout=60)
+                code, _ = chat(sw, model)
                 if code != 200:
-                    raise RuntimeError(f"load answered {code}: {sw.log()[-2000:]}")
-                ready = [r for r in records(rec) if r["event"] == "ready" and r["model"] == f"r{i}"]
-                logged = events(sw, "engine ready", model=f"r{i}")
-                res.lags.append(parse_ts(logged[-1]["timestamp"]) - ready[-1]["t"])
-                http_post(sw.url + f"/models/r{i}/unload", timeout=60)
+                    raise RuntimeError(f"chat answered {code}: {sw.log()[-2000:]}")
+                mine = [r for r in records(rec) if r["model"] == model]
+                t_ready = [r["t"] for r in mine if r["event"] == "ready"][-1]
+                t_request = next(r["t"] for r in mine
+                                 if r["event"] == "request" and r["t"] >= t_ready)
+                logged = events(sw, "engine ready", model=model)
+                res.lags.append(parse_ts(logged[-1]["timestamp"]) - t_ready)
+                res.to_request.append(t_request - t_ready)
+                http_post(sw.url + f"/models/{model}/unload", timeout=60)
             out.append(res)
     finally:
         sw.stop()

@@ -27,6 +27,8 @@ can play each of their awkward behaviours:
 --record FILE           append JSON lines {"event", "pid", "model", "t"}: events "start",
                         "grandchild" (with "child": pid), "ready" and "exit"
 --record-probes         with --record: also "health" (with "status") for each GET /health
+--record-requests       with --record: also "request" (with "path") when any other request
+                        arrives, before it is handled
 --exit-on-sigterm-delay S  on SIGTERM, wait S seconds, then exit 0
 --env-dump FILE         write os.environ as JSON at startup
 --lazy-load S           the first POST under /v1/ waits S seconds (loading the model) before it
@@ -340,6 +342,8 @@ def build_app(eng: Engine) -> web.Application:
     async def log_requests(request: web.Request, handler: Any) -> web.StreamResponse:
         nonlocal lazy_loaded
         if request.path != "/health":
+            if opts.record_requests:
+                eng.record("request", path=request.path)
             say(f"request {request.method} {request.path_qs}")
         if opts.chatty and request.method == "POST":
             pad = "x" * 1000
@@ -748,6 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--record", default=None)
     p.add_argument("--record-probes", action="store_true")
+    p.add_argument("--record-requests", action="store_true")
     p.add_argument("--exit-on-sigterm-delay", type=float, default=0.0)
     p.add_argument("--env-dump", default=None)
     p.add_argument("--lazy-load", type=float, default=0.0)
