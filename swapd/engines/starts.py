@@ -7,8 +7,10 @@ first start (a cold page cache) or one lucky one does not move much.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -55,6 +57,9 @@ class StartTimes:
     def __init__(self, state_dir: Path | None) -> None:
         self._path = state_dir / FILE if state_dir is not None else None
         self._loaded: dict[str, list[float]] | None = None
+        self._lock = threading.Lock()
+        self._version = 0  # records made
+        self._written = 0  # the newest record on disk
 
     @property
     def _times(self) -> dict[str, list[float]]:
@@ -65,14 +70,32 @@ class StartTimes:
         return self._loaded
 
     def record(self, model: str, seconds: float) -> None:
+        """Remember a successful start. On an event loop the file is written by a worker
+        thread: its two fsyncs must not delay the requests the start has just released."""
         times = self._times.setdefault(model, [])
         times.append(round(seconds, 3))
         del times[:-KEEP]
-        if self._path is not None:
+        if self._path is None:
+            return
+        data = json.dumps(self._times, sort_keys=True).encode()
+        self._version += 1
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(data, self._version)
+            return
+        loop.run_in_executor(None, self._write, data, self._version)
+
+    def _write(self, data: bytes, version: int) -> None:
+        assert self._path is not None
+        with self._lock:
+            if version <= self._written:
+                return  # a newer record was written already (writes may finish out of order)
             try:
-                write_atomic(self._path, json.dumps(self._times, sort_keys=True).encode())
+                write_atomic(self._path, data)
             except OSError as exc:
                 log.warning("cannot remember start times", path=str(self._path), error=str(exc))
+            self._written = version
 
     def expected(self, model: str) -> float | None:
         return estimate(self._times.get(model, []))
