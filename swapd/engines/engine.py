@@ -35,9 +35,9 @@ log = structlog.get_logger("swapd.engine")
 # event per line. Already in the LogHub through the sink, hence _hub=False.
 output_log = structlog.get_logger("swapd.engine.output")
 
-# Readiness is polled this often: a ready engine is noticed within ~50 ms
+# Readiness is polled this often: a ready engine is noticed within ~25 ms
 # (llama-swap waits 250 ms and then polls every second).
-PROBE_INTERVAL = 0.05
+PROBE_INTERVAL = 0.025
 # A single probe may not hang longer than this (a wedged /health must not outlive
 # the start deadline, nor delay noticing an exit).
 PROBE_TIMEOUT = 2.0
@@ -48,6 +48,14 @@ UNLOAD_REQUEST_TIMEOUT = 5.0
 # Container CLIs: the server listening on the port runs in the container runtime's tree,
 # not in ours, so only the port's being free before the start is checked for them.
 CONTAINER_CLIS = frozenset({"docker", "podman", "nerdctl"})
+
+
+class Probe(StrEnum):
+    """What one readiness probe found on the engine's port."""
+
+    SILENT = "silent"  # nothing answered (not listening yet, or no answer in time)
+    NOT_READY = "not_ready"  # an answer other than 200 (llama-server's 503 while loading)
+    READY = "ready"
 
 
 class EngineState(StrEnum):
@@ -361,7 +369,11 @@ class Engine:
 
     async def _wait_ready(self, deadline: float, timeout: float) -> None:
         exited = asyncio.create_task(self._exited.wait())
-        probe: asyncio.Future[bool] | None = None
+        probe: asyncio.Future[Probe] | None = None
+        # Whether the socket answering on the engine's port is the engine's is checked when
+        # the port first answers (while /health still says 503, for engines that answer
+        # early), not after the 200: the check reads /proc and would delay every start.
+        owned = False
         try:
             while True:
                 if self._exited.is_set():
@@ -378,7 +390,10 @@ class Engine:
                 await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
                 if not probe.done():
                     continue  # it exited: the loop's top reports it, `finally` drops the probe
-                if probe.result() and await asyncio.to_thread(self._owns_port):
+                answer = probe.result()
+                if answer != Probe.SILENT and not owned:
+                    owned = await asyncio.to_thread(self._owns_port)
+                if answer == Probe.READY and owned:
                     return
                 # Sleep until the next probe, but wake at once if the engine dies.
                 await asyncio.wait({exited}, timeout=min(PROBE_INTERVAL, max(remaining, 0)))
@@ -407,7 +422,7 @@ class Engine:
         port = local_port(self.cfg.proxy)
         return f"; port {port} is held by {self._squatter}, not by the engine"
 
-    async def _probe(self, timeout: float) -> bool:
+    async def _probe(self, timeout: float) -> Probe:
         if self.cfg.check_endpoint is None:
             parts = urlsplit(self.cfg.proxy)
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -416,20 +431,20 @@ class Engine:
                     asyncio.open_connection(parts.hostname or "127.0.0.1", port), timeout
                 )
             except (TimeoutError, OSError):
-                return False
+                return Probe.SILENT
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            return True
+            return Probe.READY
         url = self.upstream + "/" + self.cfg.check_endpoint.lstrip("/")
         try:
             async with self._http().get(
                 url, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
             ) as resp:
                 await resp.read()
-                return resp.status == 200
+                return Probe.READY if resp.status == 200 else Probe.NOT_READY
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+            return Probe.SILENT
 
     def _http(self) -> aiohttp.ClientSession:
         """The session for probes and unload requests: one per engine lifetime, not
