@@ -102,6 +102,15 @@ class _Observer:
     def evicted(self, model: str, reason: str) -> None:
         self._daemon.metrics.placement_evictions.labels(model, reason).inc()
 
+    def engine_slept(self, model: str, result: str, seconds: float) -> None:
+        self._daemon.metrics.engine_sleeps.labels(model, result).inc()
+
+    def engine_woken(self, model: str, ok: bool, seconds: float) -> None:
+        metrics = self._daemon.metrics
+        metrics.engine_wakes.labels(model, "woken" if ok else "failed").inc()
+        if ok:
+            metrics.engine_wake_seconds.labels(model).observe(seconds)
+
 
 class Daemon:
     """One running swapd: owns the config reference, the scheduler and the server."""

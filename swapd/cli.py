@@ -217,7 +217,7 @@ def _status(url: str, admin_key: str | None, raw: bool) -> int:
 
 
 # Engine states in which a process runs: its last exit belongs to an earlier run.
-_RUNNING = ("starting", "ready", "stopping")
+_RUNNING = ("starting", "ready", "stopping", "sleeping", "waking")
 
 
 def _ago(seconds: float) -> str:
@@ -292,4 +292,8 @@ def format_status(doc: dict[str, object], now: float | None = None) -> str:
                 else "next request tries again")
         lines.append(f"{model}: failed {count} time{'s' if count != 1 else ''}, {when}: "
                      f"{failure.get('reason')}")
+    for model, info in models.items():
+        sleep = info.get("sleep")
+        if isinstance(sleep, dict) and sleep.get("off"):
+            lines.append(f"{model}: sleep off: {sleep['off']}")
     return "\n".join(lines)

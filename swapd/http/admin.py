@@ -119,6 +119,10 @@ def status_document(scheduler: Scheduler, config: Config,
                 "last_lines": [clean_line(line) for line in exit_info.tail[-5:]],
             },
             "failure": failure_document(view, now),
+            # Warm swaps (docs/sleep.md): configured, and why it is off (None: on).
+            "sleep": None if view.cfg.sleep is None else {
+                "off": None if view.sleep_off is None else clean_line(view.sleep_off),
+            },
         }
         if details is not None:
             models[view.id].update(details(view.id))
@@ -163,6 +167,7 @@ class Admin:
             web.get("/status", self.status),
             web.post("/models/{id}/load", self.load),
             web.post("/models/{id}/unload", self.unload_one),
+            web.post("/models/{id}/sleep", self.sleep_one),
             web.get("/admin/recipes/{id}", self.get_recipe),
             web.put("/admin/recipes/{id}", self.put_recipe),
             web.delete("/admin/recipes/{id}", self.delete_recipe),
@@ -178,7 +183,7 @@ class Admin:
     async def running(self, request: web.Request) -> web.Response:
         out = []
         for view in self._scheduler.views():
-            if not view.running:
+            if not view.alive:
                 continue
             out.append(
                 {
@@ -239,6 +244,18 @@ class Admin:
         model = self._model(request)
         stopped = await self._scheduler.unload(model)
         return web.json_response({"unloaded": stopped})
+
+    async def sleep_one(self, request: web.Request) -> web.Response:
+        """Put a ready model to sleep by hand (its recipe must enable sleep)."""
+        model = self._model(request)
+        t0 = time.monotonic()
+        view = await self._scheduler.sleep(model)
+        return web.json_response({
+            "model": model,
+            "state": view.state,
+            "sleep_off": None if view.sleep_off is None else clean_line(view.sleep_off),
+            "seconds": round(time.monotonic() - t0, 3),
+        })
 
     async def load(self, request: web.Request) -> web.Response:
         model = self._model(request)

