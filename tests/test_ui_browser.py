@@ -139,3 +139,35 @@ def test_with_admin_keys_the_page_asks_for_the_key_and_sends_it_as_a_header(
     assert page.evaluate("sessionStorage.getItem('swapd.adminKey')") == "s3cret-admin"
     assert "Bearer s3cret-admin" in sent
     assert not any("s3cret" in url for url in urls)
+
+
+def test_the_sleep_button_puts_a_sleepy_model_to_sleep_and_load_wakes_it(
+    start_swapd, page, tmp_path,
+) -> None:
+    """Warm swaps (docs/sleep.md): Sleep beside Unload, only for recipes that may sleep."""
+    daemon = start_swapd({"models": {
+        "alpha": model(fake_cmd("--alloc-mb", "64", name="alpha"), engine="vllm",
+                       sleepMode="enable", healthCheckTimeout=60),
+        "beta": model(fake_cmd(name="beta")),
+    }})
+    page.goto(daemon.url + "/ui")
+    page.wait_for_selector(card(page, "alpha") + "[data-state='stopped']")
+    expect(page.locator(card(page, "beta") + " button.sleep")).to_be_hidden()
+    expect(page.locator(card(page, "alpha") + " button.sleep")).to_be_disabled()
+    page.click(card(page, "alpha") + " button.load")
+    page.wait_for_selector(card(page, "alpha") + "[data-state='ready']")
+    pid = daemon.status()["models"]["alpha"]["pid"]
+    page.click(card(page, "alpha") + " button.sleep")
+    page.wait_for_selector(card(page, "alpha") + "[data-state='sleeping']")
+    assert daemon.status()["models"]["alpha"]["pid"] == pid
+    expect(page.locator("#tenant")).to_have_text("none")
+    expect(page.locator(card(page, "alpha") + " .badge")).to_have_text("sleeping")
+    expect(page.locator(card(page, "alpha") + " button.unload")).to_be_enabled()
+    page.screenshot(path=str(tmp_path / "ui-sleeping.png"))
+    shots = os.environ.get("SWAPD_SCREENSHOTS")
+    if shots:
+        page.screenshot(path=os.path.join(shots, "ui-sleeping.png"))
+    page.click(card(page, "alpha") + " button.load")  # a load wakes it
+    page.wait_for_selector(card(page, "alpha") + "[data-state='ready']")
+    assert daemon.status()["models"]["alpha"]["pid"] == pid
+    assert page.errors == []

@@ -190,10 +190,12 @@ function modelCard(id) {
   ref.dl = h("dl");
   ref.load = h("button", { type: "button", class: "load", onclick: () => act(id, "load") }, "Load");
   ref.unload = h("button", { type: "button", class: "unload danger", onclick: () => act(id, "unload") }, "Unload");
+  // Warm swaps (docs/sleep.md): only for recipes with sleepMode: enable.
+  ref.sleep = h("button", { type: "button", class: "sleep ghost", hidden: true, title: "keep the process, give its memory back", onclick: () => act(id, "sleep") }, "Sleep");
   ref.el = h("div", { class: "model", "data-model": id },
     h("div", { class: "head" }, h("span", { class: "name", title: id }, id), ref.badge),
     ref.desc, ref.progress, ref.dl,
-    h("div", { class: "actions" }, ref.load, ref.unload,
+    h("div", { class: "actions" }, ref.load, ref.sleep, ref.unload,
       h("button", { type: "button", class: "ghost", onclick: () => showLogs(id) }, "Logs")));
   return ref;
 }
@@ -222,7 +224,9 @@ function renderModels(models) {
     if (m.start_seconds != null) rows.push(["usual start", "~" + dur(m.start_seconds)]);
     rows.push(["last exit", lastExit(m)]);
     if (m.pid) rows.push(["pid", m.pid]);
-    const running = m.state === "ready" || m.state === "starting";
+    if (m.sleep && m.sleep.off) rows.push(["sleep", "off: " + m.sleep.off]);
+    const running = m.state === "ready" || m.state === "starting" || m.state === "waking";
+    const alive = running || m.state === "sleeping";
     ref.el.dataset.state = m.state;
     ref.badge.className = "badge " + m.state;
     ref.badge.textContent = m.state;
@@ -233,7 +237,9 @@ function renderModels(models) {
     if (showBar) ref.bar.style.width = Math.min(98, (100 * m.uptime) / (m.uptime + m.eta_seconds)).toFixed(1) + "%";
     ref.dl.replaceChildren(...rows.map(([k, v]) => [h("dt", {}, k), h("dd", { title: String(v) }, v)]).flat());
     ref.load.disabled = running || busy.has(id);
-    ref.unload.disabled = !running || busy.has(id);
+    ref.unload.disabled = !alive || busy.has(id);
+    ref.sleep.hidden = !m.sleep;
+    ref.sleep.disabled = m.state !== "ready" || !m.sleep || !!m.sleep.off || busy.has(id);
   }
 }
 
