@@ -374,6 +374,9 @@ class Daemon:
             shutdown_timeout=1.0,
             # aiohttp's default (3630 s) lets a slowloris client hold a socket an hour.
             keepalive_timeout=75,
+            # Bodies are inflated by swapd.http.bodies, after the gate and within limits;
+            # aiohttp would inflate gzip on the loop as it arrives, before any key check.
+            auto_decompress=False,
         )
         await runner.setup()  # the app's cleanup context opens the upstream session
         resources.push_async_callback(runner.cleanup)

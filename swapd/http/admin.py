@@ -32,8 +32,8 @@ from swapd.config.types import Config, RouterKind
 from swapd.errors import ApiError
 from swapd.files import write_atomic
 from swapd.http.appstate import config_of
+from swapd.http.bodies import parse_json, read_body
 from swapd.http.modelnames import Profiles
-from swapd.http.proxy import parse_json, read_body
 from swapd.memory.watch import MemoryWatch
 from swapd.redact import clean_line, redact_argv, redact_text
 from swapd.schedule.runner import EngineView, Scheduler

@@ -26,6 +26,7 @@ from swapd.engines.starts import StartTimes
 from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.http import listing, modelnames
 from swapd.http.appstate import UPSTREAM, config_of
+from swapd.http.bodies import parse_json, read_body
 from swapd.http.clients import Clients
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
 from swapd.observe.activity import ActivityLog, Tracker, session_of
@@ -123,48 +124,6 @@ class Exchange:
     status: int = 0
 
 
-async def read_body(request: web.Request, limit: int, timeout: float | None = None) -> bytes:
-    """The whole request body, or 413 past `limit` (checked before reading it all), or 408
-    when it has not arrived in full within `timeout` seconds (`bodyTimeout`: a client that
-    trickles a byte a second must not hold its connection forever)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    if timeout is None or request.content.is_eof():
-        return await _read_body(request, limit)  # all there already: no timer to arm
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read_body(request, limit)
-    except TimeoutError:
-        # The connection is closed after the answer: aiohttp would otherwise linger up to
-        # 10 s reading what the slow client still sends.
-        raise ApiError(
-            f"request body did not arrive within {timeout:g} s (bodyTimeout)",
-            status=408,
-            code="body_timeout",
-            close_connection=True,
-        ) from None
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None:
-        # Known and within the limit: one read (half the CPU of the loop below).
-        return await request.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        f"request body exceeds {limit} bytes (maxBodyBytes)", status=413, code="body_too_large"
-    )
-
-
 def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
     """A text field of a multipart/form-data body, without consuming the body."""
     boundary = None
@@ -217,19 +176,6 @@ def json_model(body: bytes) -> tuple[dict[str, Any], str]:
             "'model' is missing or not a non-empty string", status=400, code="missing_model"
         )
     return data, name
-
-
-def parse_json(body: bytes, what: str) -> Any:
-    """JSON from a client, or a 400 that says why (nesting deep enough to exhaust Python's
-    recursion limit included: that is the client's input, not swapd failing)."""
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(f"{what} is not valid JSON: {exc}", status=400, code="bad_json") from None
-    except RecursionError:
-        raise ApiError(
-            f"{what} is nested too deeply to parse", status=400, code="bad_json"
-        ) from None
 
 
 def find_model(config: Config, name: str) -> ModelConfig:
@@ -298,10 +244,14 @@ CLIENT_AUTH = frozenset({"authorization", "x-api-key"})
 
 
 def forward_headers(headers: CIMultiDict[str] | Any, strip_auth: bool = False) -> CIMultiDict[str]:
+    """A client's request headers as they go to an engine. Without `Content-Encoding`: the
+    body swapd relays is the one it inflated (swapd.http.bodies)."""
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         lower = key.lower()
-        if lower not in HOP_BY_HOP and not (strip_auth and lower in CLIENT_AUTH):
+        if lower in HOP_BY_HOP or lower == "content-encoding":
+            continue
+        if not (strip_auth and lower in CLIENT_AUTH):
             out.add(key, value)
     return out
 
