@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu_smoke import FAKE, ROOT, call, smi
-from tests.conftest import free_port
+from tests.support import free_port
 
 GiB = 1024**3
 

@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import yaml
 
-from tests.conftest import free_port, port_block, wait_until
+from tests.support import free_port, port_block, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

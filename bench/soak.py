@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import (
+from tests.support import (
     PY,
     fake_cmd,
     free_port,

@@ -25,8 +25,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import FAKE_ENGINE, free_port, port_block, wait_until  # noqa: E402
-from tests.test_observability import FAKE_PYNVML  # noqa: E402
+from tests.support import FAKE_ENGINE, free_port, port_block, wait_until  # noqa: E402
+from tests.support.nvml import FAKE_PYNVML  # noqa: E402
 
 PY = sys.executable
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
 import structlog
 from aiohttp import web
@@ -190,15 +190,3 @@ async def answer(request: web.Request, exc: Exception) -> web.StreamResponse:
         ),
         request.path,
     )
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """`answer` as a middleware of its own, for an app without swapd's (whose one
-    middleware also checks keys: swapd.http.gate)."""
-    try:
-        return await handler(request)
-    except Exception as exc:
-        return await answer(request, exc)

@@ -14,7 +14,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import fake_cmd, http, metric_value, model, stream_lines, wait_until
+from tests.support import fake_cmd, http, metric_value, model, stream_lines, wait_until
 
 CHAT = "/v1/chat/completions"
 

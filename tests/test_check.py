@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import FAKE_ENGINE, Swapd, free_port, http, port_block, wait_until
+from tests.support import FAKE_ENGINE, Swapd, free_port, http, port_block, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # What systemd gives a service (systemd.exec(5), "Environment variables in spawned processes").

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swapd.memory.gpu import Sampler
 from swapd.observe.metrics import ENGINE_STATES, START_RESULTS, STOP_REASONS, Metrics
-from tests.test_gpu import FakeProcess, gb10_device, make_nvml, meminfo_text, tree
+from tests.support.nvml import FakeProcess, gb10_device, make_nvml, meminfo_text, tree
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json"
 

@@ -19,8 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from swapd.errors import ApiError, error_middleware
-from tests.conftest import Swapd, fake_cmd, http, model, raw_request
+from swapd.errors import ApiError
+from tests.support import Swapd, fake_cmd, gate_middleware, http, model, raw_request
 
 SECRET = "sk-live-0123456789abcdef"
 
@@ -45,7 +45,7 @@ async def _raise_after_start(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def client() -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[gate_middleware()])
     for path in ("/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens"):
         app.router.add_post(path, _raise_busy)
         app.router.add_get(path + "/bug", _raise_bug)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from tests.conftest import PY, fake_cmd, model, read_records, stream_lines, wait_until
+from tests.support import PY, fake_cmd, model, read_records, stream_lines, wait_until
 
 CHAT = "/v1/chat/completions"
 

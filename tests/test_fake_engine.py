@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import FAKE_ENGINE as FAKE
-from tests.conftest import free_port, pid_alive, wait_until_async
+from tests.support import FAKE_ENGINE as FAKE
+from tests.support import free_port, pid_alive, wait_until_async
 
 
 class Fake:

@@ -11,7 +11,7 @@ import pytest
 from swapd.config.sizes import GiB
 from swapd.config.types import ModelConfig
 from swapd.memory.footprints import FILE_NAME, FootprintStore, Learner, Run, fingerprint, learn
-from tests.conftest import wait_until_async
+from tests.support import wait_until_async
 
 CFG = ModelConfig(id="brain", cmd=("vllm", "serve", "openai/gpt-oss-120b"))
 

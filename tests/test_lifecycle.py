@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import Swapd, fake_cmd, model, pid_alive, wait_until
+from tests.support import Swapd, fake_cmd, model, pid_alive, wait_until
 
 
 def test_a_port_in_use_exits_1_with_the_reason_and_leaves_nothing(

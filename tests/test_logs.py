@@ -16,10 +16,9 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from swapd.errors import error_middleware
 from swapd.observe import logs
 from swapd.observe.logs import ENGINES, LogHub, configure_logging, log_routes, parse_level
-from tests.conftest import wait_until_async
+from tests.support import gate_middleware, wait_until_async
 
 # -- ring buffers -----------------------------------------------------------------------------
 
@@ -149,7 +148,7 @@ async def test_append_threadsafe_from_a_worker_thread() -> None:
 @pytest.fixture
 async def hub_client() -> AsyncIterator[tuple[LogHub, TestClient[web.Request, web.Application]]]:
     hub = LogHub()
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[gate_middleware()])
     app.add_routes(log_routes(hub, known_sources=lambda: ["m1", "m2"], disconnect_poll=0.05))
     async with TestClient(TestServer(app)) as client:
         yield hub, client
@@ -269,7 +268,7 @@ async def test_stream_ends_at_hub_close(
 async def test_unknown_sources_without_known_sources_callback() -> None:
     hub = LogHub()
     hub.append("m1", "x")
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[gate_middleware()])
     app.add_routes(log_routes(hub))
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/logs/stream/nope")).status == 404

@@ -22,7 +22,7 @@ import yaml
 
 from swapd.config.sizes import MiB
 from swapd.memory.meminfo import MemReader
-from tests.conftest import (
+from tests.support import (
     HOG,
     Swapd,
     fake_cmd,
@@ -32,7 +32,7 @@ from tests.conftest import (
     read_records,
     wait_until,
 )
-from tests.test_memory_placement import available
+from tests.support.memory import available
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux")
 

@@ -13,33 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from swapd.config.sizes import MiB
-from swapd.memory.meminfo import MemReader
-from tests.conftest import HOG, Swapd, fake_cmd, model, pid_alive, wait_until
-
-
-def available() -> int:
-    reader = MemReader()
-    try:
-        return reader.read().available
-    finally:
-        reader.close()
-
-
-def total() -> int:
-    reader = MemReader()
-    try:
-        return reader.read().total
-    finally:
-        reader.close()
-
-
-def chat(daemon: Swapd, name: str, timeout: float = 60) -> tuple[int, Any]:
-    return daemon.post("/v1/chat/completions",
-                       {"model": name, "messages": [{"role": "user", "content": "hi"}]},
-                       timeout=timeout)
+from tests.support import HOG, Swapd, fake_cmd, model, pid_alive, wait_until
+from tests.support.memory import chat, total
 
 
 def measured(daemon: Swapd, name: str, at_least: int) -> int:

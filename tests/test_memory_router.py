@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from swapd.config.sizes import MiB
-from tests.conftest import (
+from tests.support import (
     Swapd,
     fake_cmd,
     metric_value,
@@ -27,7 +27,7 @@ from tests.conftest import (
     read_records,
     wait_until,
 )
-from tests.test_memory_placement import available, chat
+from tests.support.memory import available, chat
 
 # -- the memory router ---------------------------------------------------------------------
 

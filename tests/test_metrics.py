@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,43 +24,11 @@ from swapd.observe.metrics import (
     UNROUTED_CODES,
     Metrics,
 )
-from tests.conftest import wait_until
-from tests.test_gpu import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text, tree
+from tests.support import wait_until
+from tests.support.nvml import FakeDevice, FakeProcess, gb10_device, make_nvml, meminfo_text, tree
+from tests.support.samples import FixedSampler, gb10_sample
 
 GiB = 1 << 30
-
-
-class FixedSampler:
-    """Stands in for swapd.gpu.Sampler: `latest()` returns whatever the test set."""
-
-    def __init__(self, sample: Sample) -> None:
-        self.sample = sample
-
-    def latest(self) -> Sample:
-        return self.sample
-
-
-def gb10_sample() -> Sample:
-    return Sample(
-        gpus=(
-            GpuSample(
-                index=0,
-                name="NVIDIA GB10",
-                uuid="GPU-gb10",
-                driver="580.95.05",
-                memory_used_bytes=28 * GiB,
-                memory_total_bytes=128 * GiB,
-                memory_source="meminfo",
-                temperature_celsius=41.0,
-                power_watts=11.5,
-                energy_joules=5000.0,
-                utilization_ratio=0.25,
-            ),
-        ),
-        group_rss_bytes={"qwen": 3 * GiB},
-        group_gpu_bytes={"qwen": 60 * GiB},
-        taken_at=time.time(),
-    )
 
 
 def scrape(metrics: Metrics) -> dict[str, list[PromSample]]:

@@ -12,8 +12,8 @@ import pytest
 
 from bench.metrics_scrape import tuner_ids
 from swapd.observe.metrics import MODEL_CODES, UNROUTED_CODES, Metrics
-from tests.conftest import fake_cmd, http, metric_value, model
-from tests.test_metrics import FixedSampler, gb10_sample
+from tests.support import fake_cmd, http, metric_value, model
+from tests.support.samples import FixedSampler, gb10_sample
 
 CHAT = "/v1/chat/completions"
 needs_promtool = pytest.mark.skipif(

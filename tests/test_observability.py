@@ -31,7 +31,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from swapd import __version__
-from tests.conftest import PY, fake_cmd, http, model, stream_lines, wait_until
+from tests.support import PY, fake_cmd, http, model, stream_lines, wait_until
+from tests.support.nvml import FAKE_PYNVML
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -233,50 +234,6 @@ def timed(fn: Any, *args: Any) -> tuple[float, Any]:
     t0 = time.monotonic()
     out = fn(*args)
     return time.monotonic() - t0, out
-
-
-# -- a fake pynvml that a swapd subprocess imports --------------------------------------------
-
-# Written as `pynvml.py` into a folder put first on swapd's PYTHONPATH. It reuses the fake of
-# tests/test_gpu.py (the repo is on the path too) and replaces itself in sys.modules.
-FAKE_PYNVML = """
-import os, sys, time
-import psutil
-from tests.test_gpu import FakeProcess, gb10_device, make_nvml
-
-GiB = 1 << 30
-_mod = make_nvml([gb10_device(utilization=37)], driver="580.95.05")
-
-
-def _engine_processes(handle):
-    # Every engine swapd runs holds 1 GiB "on the GPU" (NVML lists compute processes by pid).
-    procs = psutil.Process(os.getpid()).children(recursive=True)
-    return [FakeProcess(p.pid, GiB) for p in procs]
-
-
-_mod.nvmlDeviceGetComputeRunningProcesses = _engine_processes
-
-_delay = float(os.environ.get("FAKE_NVML_DELAY", "0"))
-if _delay:
-    _marker = os.environ["FAKE_NVML_MARKER"]
-
-    def _slow(fn):
-        def call(*args, **kw):
-            with open(_marker, "a") as f:
-                f.write(fn.__name__ + "\\n")
-            # a driver call stuck on its lock, until the test lets go ({marker}.release)
-            end = time.monotonic() + _delay
-            while time.monotonic() < end and not os.path.exists(_marker + ".release"):
-                time.sleep(0.01)
-            return fn(*args, **kw)
-        return call
-
-    for _name in dir(_mod):
-        if _name.startswith(("nvmlDevice", "nvmlSystem")):
-            setattr(_mod, _name, _slow(getattr(_mod, _name)))
-
-sys.modules[__name__] = _mod
-"""
 
 
 def fake_nvml_env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -29,7 +29,7 @@ import yaml
 
 from swapd.redact import MASK, is_secret_name, redact_argv
 from swapd.systemd import SYSTEMD_ENV_VARS
-from tests.conftest import (
+from tests.support import (
     FAKE_ENGINE,
     PY,
     Swapd,

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from swapd.engines import orphans, procgroup
 from swapd.engines.orphans import OwnedGroups, is_same_process, reap_leftovers
-from tests.conftest import IDLE, wait_until
+from tests.support import IDLE, wait_until
 
 # Ignores SIGTERM, and says so only once the handler is in place.
 STUBBORN = (

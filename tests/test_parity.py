@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Swapd, fake_cmd, free_port, http, model, wait_until
+from tests.support import Swapd, fake_cmd, free_port, http, model, wait_until
 
 
 def state(daemon: Swapd, name: str) -> str:
@@ -223,7 +223,7 @@ def test_peers_another_swapd_and_a_stub(start_swapd, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import FAKE_ENGINE
+    from tests.support import FAKE_ENGINE
     stub = subprocess.Popen([sys.executable, str(FAKE_ENGINE), "--port", str(stub_port),
                              "--model-name", "stub"])
     slow_port = free_port()

@@ -8,7 +8,7 @@ import concurrent.futures
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Swapd, fake_cmd, model, read_records, wait_until
+from tests.support import Swapd, fake_cmd, model, read_records, wait_until
 
 
 def chat(daemon: Swapd, name: str) -> tuple[int, Any]:

@@ -29,7 +29,7 @@ from swapd.config.presets import (
 from swapd.config.types import ModelConfig
 from swapd.engines import engine as engine_mod
 from swapd.engines.launch import engine_environment
-from tests.conftest import (
+from tests.support import (
     FAKE_ENGINE,
     fake_cmd,
     free_port,

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from swapd.engines import procgroup
-from tests.conftest import (
+from tests.support import (
     IDLE,
     PY,
     Swapd,

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import http
+from tests.support import http
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

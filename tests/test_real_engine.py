@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.conftest import metric_value, pid_alive, wait_until
+from tests.support import metric_value, pid_alive, wait_until
 
 pytestmark = [
     pytest.mark.realengine,

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 from bench import soak
 from swapd.config.types import Config, ModelConfig
 from swapd.errors import ApiError
-from swapd.http.proxy import multipart_field, rewrite, route_json
-from tests.conftest import (
+from swapd.http import modelnames
+from swapd.http.proxy import json_model, multipart_field, rewrite
+from tests.support import (
     FAKE_ENGINE,
     IDLE,
     PY,
@@ -594,19 +595,26 @@ json_values = st.recursive(
 model_names = st.sampled_from(KNOWN) | st.text(max_size=12)
 
 
-def _route(body: bytes) -> tuple[str, Any] | ApiError:
+def _route(body: bytes) -> tuple[str, Any] | ApiError | modelnames.Unroutable:
+    """What the inference handler does with a JSON body: `json_model`, then the name
+    through `modelnames.resolve` (profile pin, selector, local name, peer)."""
     try:
-        cfg, data, _ = route_json(FUZZ_CONFIG, body)
+        data, name = json_model(body)
+        where, _ = modelnames.resolve(FUZZ_CONFIG, None, name, None)
     except ApiError as exc:
-        assert exc.status in (400, 404) and exc.message and exc.code, exc
+        assert exc.status == 400 and exc.message and exc.code, exc
         return exc
-    return cfg.id, data
+    except modelnames.Unroutable as exc:
+        assert exc.status == 404 and exc.message and exc.code == "model_not_found", exc
+        return exc
+    assert isinstance(where, modelnames.Local)
+    return where.model.id, data
 
 
 @FUZZ
 @given(st.binary(max_size=512))
 def test_fuzz_route_json_bytes(body):
-    _route(body)  # never anything but ApiError
+    _route(body)  # never anything but ApiError or Unroutable
 
 
 @FUZZ
@@ -621,7 +629,7 @@ def test_fuzz_route_json_documents(doc, name):
     elif not isinstance(doc.get("model"), str) or not doc["model"]:
         assert isinstance(result, ApiError) and result.code == "missing_model"
     elif FUZZ_CONFIG.resolve(doc["model"]) is None:
-        assert isinstance(result, ApiError) and result.status == 404
+        assert isinstance(result, modelnames.Unroutable) and result.status == 404
     else:
         assert result == (FUZZ_CONFIG.resolve(doc["model"]).id, doc)  # type: ignore[union-attr]
 

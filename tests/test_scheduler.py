@@ -14,8 +14,8 @@ import pytest
 
 from swapd.config.types import Config, GroupConfig, ModelConfig, RestartPolicy
 from swapd.schedule.runner import QueueTimeout, Scheduler, StartFailed
-from tests.conftest import FAKE_ENGINE, free_port, pid_alive, read_records
-from tests.conftest import wait_until_async as until
+from tests.support import FAKE_ENGINE, free_port, pid_alive, read_records
+from tests.support import wait_until_async as until
 
 
 def fake(name: str, *flags: str, record: Path | None = None, **kw: object) -> ModelConfig:

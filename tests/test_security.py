@@ -22,8 +22,7 @@ from swapd.config.nodes import ConfigError
 from swapd.config.recipes import RecipeError, recipe_path
 from swapd.http.origins import foreign_origin, host_allowed, same_origin, split_host
 from swapd.redact import MASK, clean_line, redact_argv, redact_text
-
-from .conftest import (
+from tests.support import (
     FAKE_ENGINE,
     PY,
     Swapd,

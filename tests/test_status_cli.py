@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from swapd.cli import format_status
-from tests.conftest import PY, fake_cmd, model, wait_until
+from tests.support import PY, fake_cmd, model, wait_until
 
 NOW = 1_800_000_000.0
 

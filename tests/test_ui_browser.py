@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import fake_cmd, model, wait_until
+from tests.support import fake_cmd, model, wait_until
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -50,11 +50,6 @@ def _boot_id() -> str | None:
         return None
 
 
-def _since_boot(pid: int) -> float:
-    """Start time of `pid` in seconds after boot; raises psutil.Error when it is gone."""
-    return psutil.Process(pid).create_time() - psutil.boot_time()
-
-
 def _write_atomic(path: Path, data: object) -> bool:
     """Replace `path` with JSON `data` atomically; False (logged) when that fails."""
     try:

@@ -371,13 +371,6 @@ def _children_of(pid: int) -> list[int]:
         return [p for p, info in _snapshot().items() if info.ppid == pid]
 
 
-async def reap_adopted_loop(interval: float = 1.0) -> None:
-    """Run `reap_adopted` every `interval` seconds until cancelled (the daemon's task)."""
-    while True:
-        await asyncio.sleep(interval)
-        reap_adopted()
-
-
 # -- signals -------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """Placement by measured memory: does a model fit, and whom to stop so it does.
 
-Pure functions of their inputs (no processes, no clocks, no /proc): tests/test_memory_router.py
-drives every rule as a table. The scheduler feeds them MemAvailable, each engine's footprint
-(configured `memory:` or learned) and what it measures each engine using right now.
+Pure functions of their inputs (no processes, no clocks, no /proc):
+tests/test_memory_router_units.py drives every rule as a table. The scheduler feeds them
+MemAvailable, each engine's footprint (configured `memory:` or learned) and what it measures
+each engine using right now.
 
 The rules (docs/memory.md):
 - A model fits when its footprint ≤ MemAvailable − reserve − what the engines still starting

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -941,7 +940,3 @@ def retry_after(seconds: float | None) -> int | None:
     if seconds is None:
         return None
     return max(1, math.ceil(seconds))
-
-
-def models_of(views: Iterable[ModelView]) -> dict[str, ModelView]:
-    return {v.id: v for v in views}

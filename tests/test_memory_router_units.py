@@ -1,4 +1,5 @@
-"""Placement by measured memory (swapd/memrouter.py): every rule as a table, no processes."""
+"""Placement by measured memory (swapd/placement/by_memory.py): every rule as a table, no
+processes (end to end: test_memory_router.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The core promises, end to end: a real swapd process, real fake engines, the
+"""The daemon's core promises, end to end: a real swapd process, real fake engines, the
 official `openai` client. Overlap and orphan checks use the engines' own records
 and /proc, never swapd's word for it."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import (
+from tests.support import (
     fake_cmd,
     http,
     model,

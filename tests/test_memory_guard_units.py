@@ -1,4 +1,5 @@
-"""The memory guard's decisions (swapd/memguard.py) as tables, and its loop with a fake meminfo."""
+"""The memory guard's decisions (swapd/memory/guard.py) as tables, and its loop with a fake
+meminfo: no processes (end to end: test_memory_guard.py)."""
 
 from __future__ import annotations
 
