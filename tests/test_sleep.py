@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 
 from swapd.config.sizes import MiB
-from tests.conftest import Swapd, fake_cmd, http, metric_value, model, read_records, wait_until
+from tests.support import Swapd, fake_cmd, http, metric_value, model, read_records, wait_until
 
 BALLAST_MB = 240
 # The cold start pays this (a model read from disk); a wake does not.
