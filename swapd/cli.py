@@ -173,6 +173,15 @@ def format_check(result: LoadResult) -> str:
                      "(unloadTimeout)")
         if m.cmd_stop:
             lines.append(f"    cmdStop:  {shlex.join(redact_argv(m.cmd_stop))}")
+        if m.sleep is not None:
+            calls = ", ".join(f"{c.method} {c.path}" for c in m.sleep.sleep)
+            wakes = ", ".join(f"{c.method} {c.path}" for c in m.sleep.wake)
+            need = (format_size(m.sleep.min_freed) if m.sleep.min_freed is not None
+                    else f"{spell(m.sleep.min_freed_percent)}% of the footprint")
+            ttl = f"{spell(m.sleep.ttl)}s" if m.sleep.ttl else "while memory allows"
+            lines += [f"    sleep:    {calls} instead of a stop on a swap or ttl; "
+                      f"≥ {need} freed within {spell(m.sleep.timeout)}s; kept {ttl}",
+                      f"    wake:     {wakes}, then the readiness check"]
         if m.forward_client_auth:
             lines.append("    auth:     the client's Authorization / x-api-key reach the engine "
                          "(forwardClientAuth)")

@@ -130,3 +130,11 @@ def test_swapd_check_exits_2_on_a_bad_sleep_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "models.m.sleepMode" in proc.stderr + proc.stdout
+
+
+def test_swapd_check_shows_the_sleep_and_wake_calls(tmp_path: Path) -> None:
+    from swapd.cli import format_check
+
+    text = format_check(load(tmp_path, LLMSNAP))
+    assert "sleep:    POST /sleep instead of a stop" in text
+    assert "wake:     POST /wake_up, POST /collective_rpc, POST /reset_prefix_cache" in text

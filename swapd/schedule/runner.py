@@ -504,6 +504,7 @@ class Scheduler:
             await self._release_wait.wait(e.after, self._core.cfg(model),
                                           self.config.memory_reserve,
                                           lambda: self._to_come(model))
+        log.info("waking engine", model=model, pid=engine.pid)
         try:
             seconds = await engine.wake()
         except StartError as exc:
