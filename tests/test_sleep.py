@@ -121,10 +121,11 @@ def test_a_sleeps_on_a_swap_and_wakes_faster_than_it_starts(start_swapd, tmp_pat
 def test_a_sleep_that_frees_nothing_is_stopped_and_remembered(start_swapd,
                                                               tmp_path: Path) -> None:
     record = tmp_path / "events.jsonl"
-    daemon = start_swapd({"models": {
+    config = {"models": {
         "a": sleepy("a", record, "--sleep-frees-nothing", sleepTimeout=1.5),
         "b": model(fake_cmd(record=record, name="b")),
-    }})
+    }}
+    daemon = start_swapd(config)
     _, doc = timed_chat(daemon, "a")
     pid = doc["x_pid"]
     timed_chat(daemon, "b")
@@ -143,6 +144,11 @@ def test_a_sleep_that_frees_nothing_is_stopped_and_remembered(start_swapd,
     timed_chat(daemon, "b")
     assert sum(r["event"] == "sleep" for r in read_records(record)) == 1
     assert state(daemon, "a") == "stopped"
+    # Remembered across a restart (stateDir/sleep.json), for this recipe only.
+    off = daemon.status()["models"]["a"]["sleep"]["off"]
+    assert daemon.stop() == 0
+    again = start_swapd(config)
+    assert again.status()["models"]["a"]["sleep"]["off"] == off
 
 
 def test_a_wake_that_crashes_is_cold_started_and_the_request_answered(

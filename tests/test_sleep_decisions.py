@@ -359,3 +359,35 @@ def test_the_groups_router_gains_the_sleepers_a_start_needs_stopped() -> None:
     # 20 GiB free + b's 6 GiB (swapped out) < 30 GiB: the sleeper a is stopped too.
     _, fx = c.request("big", 4.0)
     assert Stop("a", StopReason.SWAP) in fx and Sleep("b", StopReason.SWAP) in fx
+
+
+# -- the memory check (swapd.memory.sleep): pure parts ------------------------------------
+
+
+def test_freed_reads_the_tree_where_its_memory_shows_else_memavailable() -> None:
+    from swapd.memory.sleep import Before, freed, min_freed
+
+    # CPU host: the tree held the ballast in its RSS; other processes' churn is ignored.
+    before = Before(available=10 * GiB, tree=5 * GiB)
+    assert freed(before, available=9 * GiB, tree=1 * GiB, need=2 * GiB) == 4 * GiB
+    # GB10: CUDA memory is in no RSS (the tree held less than must come back): MemAvailable.
+    before = Before(available=10 * GiB, tree=3 * GiB)
+    assert freed(before, available=50 * GiB, tree=3 * GiB, need=20 * GiB) == 40 * GiB
+    assert freed(Before(None, None), None, None, need=1) == 0
+    # sleepMinFreed: a size, else its percent of the footprint, else of the tree before.
+    assert min_freed(GiB, 50.0, 80 * GiB, before) == GiB
+    assert min_freed(None, 50.0, 80 * GiB, before) == 40 * GiB
+    assert min_freed(None, 50.0, None, before) == int(1.5 * GiB)
+
+
+def test_sleep_verdicts_are_kept_per_recipe(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from swapd.memory.sleep import SleepVerdicts
+
+    a = cfg("a")
+    SleepVerdicts(tmp_path).remember(a, "sleep freed 0B of the 1.0GiB sleepMinFreed asks")
+    kept = SleepVerdicts(tmp_path)  # a restart
+    assert kept.off(a) == "sleep freed 0B of the 1.0GiB sleepMinFreed asks"
+    assert kept.off(cfg("a", env=(("X", "1"),))) is None  # another recipe
+    assert SleepVerdicts(None).off(a) is None
+    (tmp_path / "sleep.json").write_text("{not json")
+    assert SleepVerdicts(tmp_path).off(a) is None  # a cache: unreadable means try again

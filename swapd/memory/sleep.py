@@ -15,12 +15,22 @@ rise of MemAvailable. The tree's own figure is not disturbed by other processes 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
 
 from swapd.config.sizes import format_size
+from swapd.config.types import ModelConfig
+from swapd.files import write_atomic
+from swapd.memory.footprints import fingerprint
 from swapd.memory.meminfo import MemInfo
+
+log = structlog.get_logger("swapd.memory")
 
 # How often memory is re-read while waiting for a sleep to free it.
 POLL: Final = 0.05
@@ -93,3 +103,59 @@ async def verify(
         if now >= deadline:
             return Verdict(False, got, need, now - start)
         await asyncio.sleep(POLL)
+
+
+FILE_NAME: Final = "sleep.json"
+# The longest reason kept (a measurement or an engine's error, already bounded upstream).
+MAX_REASON: Final = 500
+
+
+class SleepVerdicts:
+    """Recipes whose sleep is off on this host, and why (its sleep freed too little, or its
+    wakes failed twice), kept in `stateDir/sleep.json` so that a restart of swapd does not
+    try again what failed; per recipe fingerprint (argv and environment: the same rule as
+    learned footprints), so a changed recipe starts with sleep on."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self._path = state_dir / FILE_NAME if state_dir is not None else None
+        self._entries: dict[str, tuple[str, str]] = {}  # model → (fingerprint, reason)
+        self._load()
+
+    def off(self, cfg: ModelConfig) -> str | None:
+        entry = self._entries.get(cfg.id)
+        if entry is None or entry[0] != fingerprint(cfg):
+            return None
+        return entry[1]
+
+    def remember(self, cfg: ModelConfig, reason: str) -> None:
+        self._entries[cfg.id] = (fingerprint(cfg), reason[:MAX_REASON])
+        self._save()
+
+    def _load(self) -> None:
+        if self._path is None:
+            return
+        try:
+            doc: Any = json.loads(self._path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read sleep verdicts; trying sleep afresh",
+                        path=str(self._path), error=str(exc))
+            return
+        models = doc.get("models") if isinstance(doc, dict) else None
+        for model, entry in (models or {}).items() if isinstance(models, dict) else ():
+            if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) \
+                    and isinstance(entry.get("off"), str):
+                self._entries[str(model)] = (entry["fingerprint"], entry["off"][:MAX_REASON])
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        doc = {"version": 1, "models": {
+            model: {"fingerprint": fp, "off": reason, "updated": time.time()}
+            for model, (fp, reason) in sorted(self._entries.items())}}
+        try:
+            # Rare (a sleep that failed): written on the spot, small.
+            write_atomic(self._path, (json.dumps(doc, indent=1) + "\n").encode())
+        except OSError as exc:
+            log.warning("cannot save sleep verdicts", path=str(self._path), error=str(exc))

@@ -25,6 +25,7 @@ from swapd.memory import gpu
 from swapd.memory.footprints import FootprintStore, Learner
 from swapd.memory.guard import GuardEvent, MemoryGuard, Watched
 from swapd.memory.meminfo import MemInfo, MemReader
+from swapd.memory.sleep import SleepVerdicts
 
 log = structlog.get_logger("swapd.memwatch")
 
@@ -46,6 +47,8 @@ class MemoryWatch:
     ) -> None:
         self._config = config
         self.store = FootprintStore(state_dir)
+        # Recipes whose sleep is off on this host (docs/sleep.md), kept across restarts.
+        self.sleep_verdicts = SleepVerdicts(state_dir)
         self.learner = Learner(self.store)
         self._sample = sample
         self._seen_sample = 0.0

@@ -249,6 +249,13 @@ class Core:
         m = self._models.get(model)
         return None if m is None else m.sleep_off
 
+    def turn_sleep_off(self, model: str, reason: str) -> None:
+        """Sleep is off for this model's recipe (a verdict kept from an earlier run, see
+        swapd.memory.sleep.SleepVerdicts); a changed recipe starts with it on again."""
+        m = self._models.get(model)
+        if m is not None and m.cfg.sleep is not None:
+            m.sleep_off = reason
+
     def queue_length(self) -> int:
         return len(self._queue)
 

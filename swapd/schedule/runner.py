@@ -246,6 +246,7 @@ class Scheduler:
         self._changed = asyncio.Event()
         for cfg in config.models.values():
             self._engines[cfg.id] = self._factory(cfg, self._engine_state)
+        self._recall_sleep_verdicts(config.models)
 
     # -- read-only views (for /status, /running, metrics) ------------------------------
 
@@ -422,6 +423,7 @@ class Scheduler:
             await self._release_wait.wait(e.after, self._core.cfg(model),
                                           self.config.memory_reserve,
                                           lambda: self._to_come(model))
+        self._recall_sleep_verdicts([model])  # a reloaded recipe: what this host found
         self._release_wait.spawning(e.cfg)
         self._guard_events.pop(model, None)
         try:
@@ -494,6 +496,25 @@ class Scheduler:
                error: str | None) -> None:
         self._observer.engine_slept(model, str(result), seconds)
         self._apply(self._core.sleep_finished(model, self._clock(), result, error), notify=True)
+        self._keep_sleep_verdict(model)
+
+    def _recall_sleep_verdicts(self, models: Iterable[str]) -> None:
+        """Sleep off for the recipes an earlier run found it failing on (stateDir)."""
+        if self._memory is None:
+            return
+        for model in models:
+            cfg = self._core.cfg(model)
+            why = self._memory.sleep_verdicts.off(cfg) if cfg is not None else None
+            if why is not None:
+                self._core.turn_sleep_off(model, why)
+
+    def _keep_sleep_verdict(self, model: str) -> None:
+        """Sleep was just turned off for this recipe: keep that across restarts."""
+        why = self._core.sleep_off(model)
+        cfg = self._core.cfg(model)
+        if self._memory is not None and why is not None and cfg is not None \
+                and self._memory.sleep_verdicts.off(cfg) != why:
+            self._memory.sleep_verdicts.remember(cfg, why)
 
     async def _wake(self, e: Wake) -> None:
         """Carry out a Wake: the wake calls, then readiness. A failed wake has killed the
@@ -518,6 +539,7 @@ class Scheduler:
         finally:
             self._starts.pop(model, None)
         self._apply(fx, notify=True)
+        self._keep_sleep_verdict(model)
 
     def _available(self) -> int | None:
         try:
@@ -582,7 +604,7 @@ class Scheduler:
         hold."""
         total = 0
         for view in self._core.views().values():
-            if view.phase != Phase.STARTING or view.id == target:
+            if view.phase not in (Phase.STARTING, Phase.WAKING) or view.id == target:
                 continue
             cfg = self._core.cfg(view.id)
             footprint = self._readings.footprint(cfg) if cfg is not None else None
@@ -669,6 +691,7 @@ class Scheduler:
         self._core.router = self._router_for(config)
         self._core.queue_key = registry.queue_key_for(config)
         changes, fx = self._core.apply_config(config, self._clock())
+        self._recall_sleep_verdicts(changes["added"])  # a changed one: at its next start
         for model in changes["added"]:
             self._engines[model] = self._factory(config.models[model], self._engine_state)
         for model in changes["changed"]:
