@@ -31,6 +31,7 @@ from swapd.engines.starts import StartTimes
 from swapd.engines.trees import EngineTrees
 from swapd.http.admin import Admin
 from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
+from swapd.http.connections import LoopErrors, Runner, connection_cap, raise_fd_limit
 from swapd.http.gate import Gate
 from swapd.http.modelnames import Profiles
 from swapd.http.proxy import Proxy
@@ -367,8 +368,15 @@ class Daemon:
             log.info("GPU sampling off (performance.disabled)")
         self.memory.start()
         resources.callback(self.memory.stop)
-        runner = web.AppRunner(
+        # Connections are capped below the open-files limit, raised to its hard value
+        # first (swapd.http.connections); one kind of loop error is logged once per
+        # interval (a failing accept repeats as fast as the loop turns).
+        fd_limit = raise_fd_limit()
+        loop.set_exception_handler(LoopErrors())
+        runner = Runner(
             self.build_app(),
+            max_connections=connection_cap(fd_limit),
+            header_timeout=self.config.header_timeout,
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=1.0,
@@ -398,6 +406,8 @@ class Daemon:
             version=__version__,
             models=len(self.config.models),
             state_dir=str(self.state_dir),
+            open_files=fd_limit,
+            max_connections=connection_cap(fd_limit),
             loop=type(loop).__module__.split(".")[0],
         )
         # What startup built lives as long as the daemon: keep it out of the cyclic GC's

@@ -27,10 +27,13 @@ from tests.support import (
     PY,
     Swapd,
     fake_cmd,
+    free_port,
     http,
     model,
     port_block,
+    wait_healthy,
     wait_until,
+    write_config,
 )
 
 JSON = {"Content-Type": "application/json"}
@@ -818,6 +821,108 @@ def test_gzip_bodies_are_inflated_after_the_key_and_within_the_limit(start, tmp_
     assert code == 415, answer
     code, answer = http("POST", daemon.url + "/v1/chat/completions", b"not gzip", key)
     assert code == 400 and answer["error"]["code"] == "bad_content_encoding", answer
+
+
+def test_idle_connections_cannot_exhaust_file_descriptors(tmp_path):
+    """Issue 21 item 5: under `ulimit -n 200`, 320 idle connections made /health time out and
+    the failing accept wrote 118 MB of log in 40 s. Connections are capped below the limit
+    (the oldest that never sent a header makes room), and a header that never completes
+    gets 408 after headerTimeout."""
+    port = free_port()
+    path = write_config(tmp_path, {"listen": f"127.0.0.1:{port}", "headerTimeout": 2,
+                                   "stateDir": str(tmp_path / "state"), "models": {}})
+    log_path = tmp_path / "swapd.log"
+    # Soft and hard 200: swapd cannot raise it, so the cap must hold under it.
+    proc = subprocess.Popen(
+        ["sh", "-c", f'ulimit -n 200 && exec "{PY}" -m swapd serve --config "{path}"'],
+        stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path))
+    daemon = Swapd(path, port, proc, log_path, tmp_path / "state")
+    idle: list[socket.socket] = []
+    try:
+        wait_healthy(daemon)
+        baseline = health_baseline(daemon)
+        with HealthProbe(daemon) as probe:
+            for _ in range(320):
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            fresh = []
+            for _ in range(10):  # new connections, one request each
+                t0 = time.monotonic()
+                assert http("GET", daemon.url + "/health", timeout=5)[0] == 200
+                fresh.append(time.monotonic() - t0)
+            wait_until(lambda: len(probe.latencies) >= 10, message="health answers")
+        assert_health_held(probe, baseline)
+        assert max(fresh) < max(0.5, 5 * max(baseline)), fresh
+        # A header that never completes: 408 in JSON after headerTimeout, then closed.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as late:
+            late.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            t0 = time.monotonic()
+            answer = b""
+            while chunk := late.recv(65536):
+                answer += chunk
+            took = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b'"code": "header_timeout"' in answer
+        assert 1.5 < took < 6, took
+    finally:
+        for sock in idle:
+            sock.close()
+        daemon.stop()
+    log = daemon.log()
+    assert len(log) < 200_000, len(log)
+    assert "out of system resource" not in log
+
+
+def test_a_failing_accept_is_logged_once_per_interval():
+    import asyncio
+
+    from swapd.http.connections import LoopErrors
+
+    now = [0.0]
+    seen: list[str] = []
+
+    class Loop:
+        def default_exception_handler(self, context: dict[str, Any]) -> None:
+            seen.append(context["message"])
+
+    errors = LoopErrors(interval=10, clock=lambda: now[0])
+    loop: Any = Loop()
+    for i in range(1000):
+        now[0] = i / 100  # 1000 failures over 10 s
+        errors(loop, {"message": "socket.accept() out of system resource"})
+    now[0] = 10.5
+    errors(loop, {"message": "socket.accept() out of system resource"})
+    errors(loop, {"message": "another error"})
+    assert seen == ["socket.accept() out of system resource",
+                    "socket.accept() out of system resource (and 999 more like it in the last "
+                    "10 s)", "another error"]
+    assert asyncio  # the real loop's handler is LoopErrors (swapd.app)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n",
+    b"G<script>ET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
+    b"\r\n\r\nZZ<script>\r\n",
+    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil<script>\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: <script>x\r\n"
+    b"Content-Length: 2\r\n\r\n{}",
+], ids=["oversized header", "bad request line", "CL and TE", "bad chunk", "two Hosts",
+        "Expect"])
+def test_aiohttp_own_errors_are_json_and_echo_nothing(start, tmp_path, request_bytes):
+    """Issue 21 item 8: aiohttp's own 400s and 417 answered text/plain, echoing the request."""
+    daemon = start({"models": {}})
+    answer = raw_request(daemon.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] in (b"400", b"417", b"421"), answer[:300]
+    assert b"application/json" in head, head
+    if b"chunked" in head:
+        body = body.split(b"\r\n", 1)[1]
+    error = json.loads(body.split(b"\r\n0\r\n")[0])["error"]
+    assert set(error) == {"message", "type", "code"}, error
+    assert b"script" not in answer and b"xxxxxxxx" not in answer, answer[:300]
 
 
 # -- pure rules ---------------------------------------------------------------------------------

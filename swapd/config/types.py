@@ -148,6 +148,8 @@ class Config:
     cors_allow_origins: tuple[str, ...] = ("*",)
     # Seconds a request body may take to arrive in full (a trickling client gets 408).
     body_timeout: float = 60.0
+    # Seconds a new connection may take to send a complete request header (408 after).
+    header_timeout: float = 10.0
     # Activity records (the /ui activity panel, /api/activity, token metrics): ring size
     # (0 turns them off), whether to ask engines for usage in streams, SQLite under stateDir.
     activity_size: int = 1000
