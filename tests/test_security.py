@@ -925,6 +925,43 @@ def test_aiohttp_own_errors_are_json_and_echo_nothing(start, tmp_path, request_b
     assert b"script" not in answer and b"xxxxxxxx" not in answer, answer[:300]
 
 
+def test_smaller_items_of_issue_21(start, tmp_path):
+    """Issue 21 item 8: /ui names that are no file name, bad bytes in a session header with
+    the SQLite store, credentials in the `upstream` a load answers, deeply nested metadata."""
+    import sqlite3
+
+    cfg = recipes_config(tmp_path, activity={"store": "sqlite"})
+    cfg["models"]["cred"] = model(fake_cmd(name="cred"), gpu=False,
+                                  proxy="http://admin:Sup3rS3cretPw@127.0.0.1:${PORT}")
+    daemon = start(cfg)
+    for path in ("/ui/" + "a" * 4096, "/ui/%00", "/ui/..%2fconfig.yaml", "/ui/a%00.js"):
+        t0 = time.monotonic()
+        code, answer = daemon.get(path)
+        assert code == 404 and answer["error"]["code"] == "not_found", (path, answer)
+        assert len(json.dumps(answer)) < 400 and time.monotonic() - t0 < 1, path
+    # A session id with a byte that is not UTF-8, between two good records of the same second.
+    chat_body = json.dumps({"model": "base", "messages": []}).encode()
+    for session in (b"good-1", b"bad-\xff", b"good-2"):
+        answer = raw_request(daemon.port, b"POST /v1/chat/completions HTTP/1.1\r\n"
+                             b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nX-Session-ID: " + session + b"\r\n"
+                             b"Content-Length: " + str(len(chat_body)).encode() + b"\r\n\r\n"
+                             + chat_body)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    code, answer = daemon.post("/models/cred/load")
+    assert code == 200 and "Sup3rS3cretPw" not in json.dumps(answer), answer
+    assert answer["upstream"].startswith("http://admin:***@"), answer
+    deep = {"cmd": fake_cmd(name="r"), "metadata": {"x": json.loads("[" * 900 + "]" * 900)}}
+    code, answer = http("PUT", daemon.url + "/admin/recipes/r", deep)
+    assert code == 400 and "nested" in answer["error"]["message"], answer
+    daemon.stop()
+    db_path = tmp_path / "state" / "activity.sqlite3"
+    assert db_path.stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(db_path) as db:
+        sessions = [row[0] for row in db.execute("SELECT session FROM activity ORDER BY id")]
+    assert sessions == ["good-1", "bad-\ufffd", "good-2"], sessions
+
+
 # -- pure rules ---------------------------------------------------------------------------------
 
 

@@ -90,14 +90,39 @@ def parse_body(raw: bytes, kind: str) -> Any:
     try:
         text = raw.decode("utf-8")
         if kind == "json":
-            return json.loads(text, object_pairs_hook=_no_duplicates)
-        return yaml.load(text, Loader=_RecipeLoader)
+            data = json.loads(text, object_pairs_hook=_no_duplicates)
+        else:
+            data = yaml.load(text, Loader=_RecipeLoader)
+        if _deeper_than(data, MAX_DEPTH):
+            # Parsed, but 900 nested lists in `metadata` exhausted the recursion of what
+            # checks and renders a recipe (a 500): refused here, as the client's input.
+            raise RecursionError
+        return data
     except UnicodeDecodeError:
         raise RecipeError(400, "recipe body is not UTF-8 text", "bad_recipe") from None
     except RecursionError:
-        raise RecipeError(400, "recipe body is nested too deeply", "bad_recipe") from None
+        raise RecipeError(
+            400, f"recipe body is nested too deeply (more than {MAX_DEPTH} levels)", "bad_recipe"
+        ) from None
     except (ValueError, yaml.YAMLError) as exc:
         raise RecipeError(400, f"recipe body does not parse: {exc}", "bad_recipe") from None
+
+
+# Nesting deeper than this is no recipe (metadata is a few levels at most).
+MAX_DEPTH = 64
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """True when lists and mappings in `data` nest more than `limit` deep (no recursion)."""
+    stack = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= limit:
+                return True
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return False
 
 
 def recipe_path(config: Config, recipe_id: str) -> Path:

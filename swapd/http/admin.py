@@ -266,7 +266,8 @@ class Admin:
             {
                 "model": model,
                 "state": view.state,
-                "upstream": view.upstream,
+                # A proxy URL may carry the engine's credentials (http://user:pass@…).
+                "upstream": redact_text(view.upstream),
                 "seconds": round(time.monotonic() - t0, 3),
             }
         )

@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -239,8 +240,26 @@ def session_of(headers: Mapping[str, str], names: Iterable[str]) -> str | None:
     for name in names:
         session = headers.get(name)
         if session:
-            return session
+            # A client's header: bounded, and bytes that are not UTF-8 (which aiohttp hands
+            # over as lone surrogates, and SQLite refuses) replaced.
+            return _text(session[:MAX_SESSION_CHARS])
     return None
+
+
+MAX_SESSION_CHARS = 256
+
+
+def _text(value: str) -> str:
+    """`value` with lone surrogates (undecodable bytes) replaced by U+FFFD."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a JSON "\ud800")
+        return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _without_usage_event(chunk: bytes) -> bytes:
@@ -363,22 +382,48 @@ _CREATE = (
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Prompts' models, paths and sessions: for swapd's user only (SQLite gives its -wal and
+    # -shm files the database's mode).
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
     db = sqlite3.connect(path, timeout=5)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(_CREATE)
     return db
 
 
+def _row(record: Record) -> tuple[Any, ...]:
+    return tuple(
+        _text(v) if isinstance(v := getattr(record, c), str) else v for c in _COLUMNS
+    )
+
+
+_INSERT = (
+    f"INSERT OR REPLACE INTO activity ({', '.join(_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _COLUMNS)})"
+)
+
+
 def _write(path: Path, records: Iterable[Record], retention: float) -> None:
+    """Write the records; one that cannot be written is logged and skipped, never the
+    others of its batch."""
+    rows = [_row(r) for r in records]
     db = _connect(path)
     try:
+        try:
+            with db:
+                db.executemany(_INSERT, rows)
+        except (sqlite3.Error, ValueError) as exc:
+            log.warning("activity batch refused; writing its records one by one",
+                        error=str(exc))
+            for row in rows:
+                try:
+                    with db:
+                        db.execute(_INSERT, row)
+                except (sqlite3.Error, ValueError) as one:
+                    log.warning("activity record not stored", id=row[0], error=str(one))
         with db:
-            db.executemany(
-                f"INSERT OR REPLACE INTO activity ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                [tuple(getattr(r, c) for c in _COLUMNS) for r in records],
-            )
             db.execute("DELETE FROM activity WHERE time < ?", (time.time() - retention,))
     finally:
         db.close()

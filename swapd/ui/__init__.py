@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from importlib import resources
 
 from aiohttp import web
@@ -41,12 +42,17 @@ _PAGE_HEADERS = {
 KEEPALIVE_SECONDS = 15.0
 
 
+# The page's files have short plain names: anything else is no file of it, and is not
+# handed to the file system (a 4 KB name raised ENAMETOOLONG, a NUL ValueError: 500s).
+_ASSET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
 def _asset(name: str) -> bytes | None:
-    if "/" in name or name.startswith(".") or not name:
+    if not _ASSET_NAME.fullmatch(name) or ".." in name:
         return None
     try:
         return resources.files(__package__).joinpath(name).read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+    except (OSError, ValueError):
         return None
 
 
@@ -76,7 +82,7 @@ def _file(name: str) -> web.Response:
     data = _asset(name)
     suffix = "." + name.rpartition(".")[2]
     if data is None or suffix not in _TYPES:
-        raise ApiError(f"no file {name!r} in the page", code="not_found", status=404)
+        raise ApiError(f"no file {name[:100]!r} in the page", code="not_found", status=404)
     return web.Response(body=data, content_type=_TYPES[suffix], headers=_PAGE_HEADERS)
 
 
