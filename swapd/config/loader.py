@@ -78,7 +78,7 @@ _TOP_KEYS = frozenset(
     "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
     "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
     "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include allowedHosts cors "
-    "bodyTimeout headerTimeout "
+    "bodyTimeout headerTimeout writeTimeout "
     # llama-swap's, loaded by swapd/config_routing.py
     "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
     "performance logRequests store activity captureBuffer ui memoryGuard".split()
@@ -734,6 +734,7 @@ def _settings(top: Node, source: str) -> Config:
         cors_allow_origins=_origins(top),
         body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
         header_timeout=float(top.number("headerTimeout", 10.0, strict=True)),
+        write_timeout=float(top.number("writeTimeout", 60.0, strict=True)),
         memory_guard=_memory_guard(top),
         source=source,
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),

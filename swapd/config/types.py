@@ -150,6 +150,9 @@ class Config:
     body_timeout: float = 60.0
     # Seconds a new connection may take to send a complete request header (408 after).
     header_timeout: float = 10.0
+    # Seconds a client may accept no byte of its answer before it is cut (499), so that a
+    # client that never reads cannot hold its engine (and the tenant) forever.
+    write_timeout: float = 60.0
     # Activity records (the /ui activity panel, /api/activity, token metrics): ring size
     # (0 turns them off), whether to ask engines for usage in streams, SQLite under stateDir.
     activity_size: int = 1000

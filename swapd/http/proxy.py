@@ -121,6 +121,7 @@ class Exchange:
     loading: web.StreamResponse | None = None  # a loading stream: its 200 has left
     tracker: Tracker | None = None
     capture: Capture | None = None
+    write_timeout: float = 60.0  # writeTimeout: a client that accepts nothing is cut
     status: int = 0
 
 
@@ -362,7 +363,7 @@ class Proxy:
             raise
         try:
             if isinstance(routed, PeerRouted):
-                return await self._serve_peer(request, routed, request.path_qs, t0)
+                return await self._serve_peer(request, config, routed, request.path_qs, t0)
             return await self._serve(request, config, routed, request.path_qs, t0, record=True)
         finally:
             if routed.chosen is not None:
@@ -404,7 +405,7 @@ class Proxy:
         query = "?" + request.query_string if request.query_string else ""
         if isinstance(target, Remote):
             return await self._serve_peer(
-                request, PeerRouted(target, body, False), path + query, t0)
+                request, config, PeerRouted(target, body, False), path + query, t0)
         ignored = any(p.search(path) for p in config.ignore_paths)
         return await self._serve(request, config, Routed(target.model, body, False), path + query,
                                  t0, ready_only=ignored)
@@ -435,7 +436,7 @@ class Proxy:
             else None
         )
         ex = Exchange(request, model, f"engine for model {model!r}", t0, routed.model.timeouts,
-                      tracker=tracker, capture=capture)
+                      tracker=tracker, capture=capture, write_timeout=config.write_timeout)
         progress = None
         if (
             not ready_only
@@ -447,16 +448,22 @@ class Proxy:
             # A cold model: tell a chat UI that it is loading while it waits (#366).
             ex.loading = web.StreamResponse(headers=stream_headers())
             await ex.loading.prepare(request)
-            progress = functools.partial(self._loading_progress, ex.loading, model)
+            progress = functools.partial(self._loading_progress, ex)
         held = False
         try:
             async with self._scheduler.lease(model, progress, ready_only=ready_only) as lease:
                 held = True
                 if ex.loading is not None:
-                    await ex.loading.write(_loading_chunk(model, f"{model} is ready\n"))
+                    await write_within(ex, ex.loading, _loading_chunk(model, f"{model} is ready\n"))
                 url = lease.upstream + path
                 headers = engine_headers(request.headers, url, _strip_auth(config, routed.model))
                 return await self._relay(ex, url, headers, routed.body)
+        except ClientStalled:
+            # Only a loading stream is written before the relay: its client stopped reading
+            # while it waited (the scheduler gave back what it was granted, if anything).
+            assert ex.loading is not None
+            ex.status = 499
+            return ex.loading
         except ApiError as exc:
             ex.status = exc.status
             if ex.loading is not None and not held:  # the lease was refused
@@ -474,14 +481,14 @@ class Proxy:
             if tracker is not None:
                 self._record(request, config, model, tracker, ex.status or 499, capture)
 
-    async def _loading_progress(
-        self, resp: web.StreamResponse, model: str, waited: float
-    ) -> None:
+    async def _loading_progress(self, ex: Exchange, waited: float) -> None:
+        model = ex.model
         text = f"loading {model}… {waited:.0f}s"
         eta = self._starts.wait_eta(model, self._scheduler.view(model))
         if eta is not None:
             text += f", about {eta:.0f} s left"
-        await resp.write(_loading_chunk(model, text + "\n"))
+        assert ex.loading is not None
+        await write_within(ex, ex.loading, _loading_chunk(model, text + "\n"))
 
     def _record(
         self,
@@ -514,7 +521,7 @@ class Proxy:
             )
 
     async def _serve_peer(
-        self, request: web.Request, routed: PeerRouted, path: str, t0: float
+        self, request: web.Request, config: Config, routed: PeerRouted, path: str, t0: float
     ) -> web.StreamResponse:
         """Relay to a peer: its base URL plus the request's path, its key injected. No
         local engine is involved, so no lease, no queue, no swap."""
@@ -532,7 +539,7 @@ class Proxy:
             headers["Authorization"] = f"Bearer {peer.api_key}"
             headers["x-api-key"] = peer.api_key
         ex = Exchange(request, label, f"peer {peer.id!r} (model {remote.model!r})", t0,
-                      peer.timeouts)
+                      peer.timeouts, write_timeout=config.write_timeout)
         try:
             return await self._relay(ex, peer.proxy + path, headers, routed.body)
         except ApiError as exc:
@@ -641,7 +648,10 @@ class Proxy:
                         self._capture.feed(capture, chunk)
                     if not chunk:
                         continue
-                await resp.write(chunk)
+                await write_within(ex, resp, chunk)
+        except ClientStalled:
+            ex.status = 499
+            return False
         except UPSTREAM_BROKE as exc:
             message = f"{ex.who} failed mid-response: {_describe(exc)}"
             log.warning("upstream died mid-response", model=ex.model, error=_describe(exc))
@@ -661,7 +671,11 @@ class Proxy:
         if not resp.prepared:
             await resp.prepare(request)
         ex.status = resp.status
-        await resp.write_eof()
+        try:
+            await write_within(ex, resp, b"", eof=True)
+        except ClientStalled:
+            ex.status = 499
+            return False
         ex.status = upstream.status
         return True
 
@@ -671,7 +685,12 @@ class Proxy:
         """End an event stream whose 200 already left with an error event."""
         self._metrics.series(ex.model).stream_errors.inc()
         ex.status = resp.status
-        await _sse_error(resp, message, code, path=ex.request.path)
+        try:
+            await write_within(ex, resp, _sse_error(message, code, ex.request.path), eof=True)
+        except ClientStalled:
+            ex.status = 499
+        except (ConnectionError, RuntimeError):
+            pass
 
     def _count(self, model: str, code: int, t0: float) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
@@ -729,17 +748,42 @@ def _loading_chunk(model: str, text: str) -> bytes:
     return b"data: " + json.dumps(chunk).encode() + b"\n\n"
 
 
-async def _sse_error(
-    resp: web.StreamResponse, message: str, code: str, *, path: str = ""
-) -> None:
+def _sse_error(message: str, code: str, path: str) -> bytes:
+    """The event that ends a stream broken off by an error."""
     if path.startswith("/v1/messages"):
         # Anthropic's SDKs read an `event: error` with their own error shape; a bare
         # data line would look like a stream that simply ended.
-        frame = b"event: error\ndata: " + anthropic_error_body(message, type="api_error") + b"\n\n"
-    else:
-        frame = b"data: " + error_body(message, type="server_error", code=code) + b"\n\n"
+        return b"event: error\ndata: " + anthropic_error_body(message, type="api_error") + b"\n\n"
+    return b"data: " + error_body(message, type="server_error", code=code) + b"\n\n"
+
+
+class ClientStalled(Exception):
+    """The client accepted no byte of its answer for writeTimeout seconds; its connection
+    is cut (counted as 499)."""
+
+
+# Bytes a transport can hold without pausing its writer: below the low-water mark of
+# asyncio's and uvloop's transports (16 KiB), so a write that leaves at most this much
+# buffered returns at once and needs no timer (the common case: a client that reads).
+NEVER_BLOCKS = 8 * 1024
+
+
+async def write_within(
+    ex: Exchange, resp: web.StreamResponse, data: bytes, *, eof: bool = False
+) -> None:
+    """Write `data` (and end the answer with `eof`) to the client, or raise ClientStalled,
+    its connection cut, when it accepts nothing for `ex.write_timeout` seconds: a client
+    that never reads must not hold its engine (the lease, the tenant) forever."""
+    transport = ex.request.transport
+    if transport is not None and transport.get_write_buffer_size() + len(data) <= NEVER_BLOCKS:
+        await (resp.write_eof(data) if eof else resp.write(data))
+        return
     try:
-        await resp.write(frame)
-        await resp.write_eof()
-    except (ConnectionError, RuntimeError):
-        pass
+        async with asyncio.timeout(ex.write_timeout):
+            await (resp.write_eof(data) if eof else resp.write(data))
+    except TimeoutError:
+        log.warning("client stopped reading; connection cut", model=ex.model,
+                    write_timeout=ex.write_timeout)
+        if transport is not None:
+            transport.abort()
+        raise ClientStalled from None
