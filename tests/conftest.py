@@ -20,12 +20,12 @@ def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
 
     def start(config: dict[str, Any], *, args: tuple[str, ...] = (), wait: bool = True,
               env: dict[str, str] | None = None, port: int | None = None,
-              state_dir: Path | None = None) -> Swapd:
+              state_dir: Path | None = None, name: str = "config.yaml") -> Swapd:
         port = port or free_port()
         state = state_dir or tmp_path / "state"
         config = {"stateDir": str(state), "startPort": port_block(), **config}
         config.setdefault("listen", f"127.0.0.1:{port}")
-        path = write_config(tmp_path, config)
+        path = write_config(tmp_path, config, name)  # a name of its own for a second daemon
         log_path = tmp_path / f"swapd-{len(started)}.log"
         proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         proc = subprocess.Popen(

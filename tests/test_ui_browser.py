@@ -171,3 +171,30 @@ def test_the_sleep_button_puts_a_sleepy_model_to_sleep_and_load_wakes_it(
     page.wait_for_selector(card(page, "alpha") + "[data-state='ready']")
     assert daemon.status()["models"]["alpha"]["pid"] == pid
     assert page.errors == []
+
+
+def test_the_chat_sends_the_api_key_it_is_given_never_the_admin_key(start_swapd, page) -> None:
+    """Issue 21 item 7: the chat box sent the admin key to /v1 (and, with
+    forwardClientAuth, to the engine). It sends the API key typed beside it, or none."""
+    daemon = start_swapd({
+        **two_models(), "adminKeys": ["s3cret-admin"], "apiKeys": ["chat-api-key"],
+    })
+    chats: list[str | None] = []
+    page.on("request", lambda r: chats.append(r.headers.get("authorization"))
+            if r.url.endswith("/v1/chat/completions") else None)
+    page.goto(daemon.url + "/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "s3cret-admin")
+    page.click("#key-save")
+    page.wait_for_selector(card(page, "alpha"))
+    page.select_option("#chat-model", "alpha")
+    page.fill("#chat-input", "hello without a key")
+    page.press("#chat-input", "Enter")
+    expect(page.locator("#chat-log .msg.note")).to_contain_text("needs an API key")
+    page.fill("#chat-key", "chat-api-key")
+    page.dispatch_event("#chat-key", "change")
+    page.fill("#chat-input", "hello")
+    page.press("#chat-input", "Enter")
+    expect(page.locator("#chat-log .msg.assistant").last).to_contain_text("tok")
+    assert chats == [None, "Bearer chat-api-key"]
+    assert page.evaluate("sessionStorage.getItem('swapd.apiKey')") == "chat-api-key"

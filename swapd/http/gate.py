@@ -9,7 +9,6 @@ module applies them to routes and keys.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +18,7 @@ from swapd.config.types import Config
 from swapd.errors import ApiError, answer
 from swapd.http import origins
 from swapd.http.appstate import LiveConfig
+from swapd.http.keys import key_in, presented_key
 from swapd.http.proxy import INFERENCE_POST_PATHS
 from swapd.observe.metrics import Metrics
 
@@ -46,26 +46,6 @@ def is_loopback(request: web.Request) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-def presented_key(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
-def key_in(key: str | None, keys: tuple[str, ...]) -> bool:
-    if key is None:
-        return False
-    # aiohttp decodes header bytes that are not UTF-8 as lone surrogates: give the bytes
-    # back (such a key matches none, and is refused like any wrong key).
-    presented = key.encode("utf-8", "surrogateescape")
-    found = False
-    for candidate in keys:
-        # No early exit: the time taken must not say which key came close.
-        found |= hmac.compare_digest(presented, candidate.encode())
-    return found
 
 
 class Gate:
@@ -197,7 +177,7 @@ class Gate:
             return
         if path == "/" and "text/html" in request.headers.get("Accept", ""):
             return  # a browser, redirected to /ui
-        key = presented_key(request)
+        key = presented_key(request.headers)
         if path.startswith(ADMIN_PREFIXES):
             if config.admin_keys:
                 if not key_in(key, config.admin_keys):

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import structlog
@@ -28,6 +29,7 @@ from swapd.http import listing, modelnames
 from swapd.http.appstate import UPSTREAM, config_of
 from swapd.http.bodies import parse_json, read_body
 from swapd.http.clients import Clients
+from swapd.http.keys import key_in
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
 from swapd.observe.activity import ActivityLog, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
@@ -186,16 +188,18 @@ def find_model(config: Config, name: str) -> ModelConfig:
     return model
 
 
-def rewrite(model: ModelConfig, data: dict[str, Any], requested: str,
+def rewrite(model: ModelConfig, data: dict[str, Any], requested: str | None,
             resolved: str | None = None) -> bool:
     """Apply aliases, useModelName and filters in place; True if anything changed.
 
-    `requested` is the body's `model`; `resolved` the name it led to after a profile pin
-    or a selector (what filters.setParamsByID is looked up by), `requested` if none.
+    `requested` is the body's `model` (None: the body names none, and gets none, as on
+    /upstream where the path names the model); `resolved` the name it led to after a
+    profile pin or a selector (what filters.setParamsByID is looked up by), `requested`
+    if none.
     """
     changed = False
     upstream_name = model.use_model_name or model.id
-    if requested != upstream_name:
+    if requested is not None and requested != upstream_name:
         data["model"] = upstream_name
         changed = True
     by_id = (model.set_params_by_id or {}).get(resolved or requested)
@@ -330,6 +334,14 @@ class Proxy:
         else:
             data, name = json_model(body)
         target, chosen = self._target(config, name)
+        return self._routed(config, request.path, target, body, data, name, chosen)
+
+    def _routed(
+        self, config: Config, path: str, target: Local | Remote, body: bytes,
+        data: dict[str, Any] | None, name: str | None, chosen: Chosen | None = None,
+    ) -> Routed | PeerRouted:
+        """An inference request's body as its upstream gets it: the name it knows the
+        model by (when the body names one: `name`), then the filters (peers': the peer's)."""
         stream = data is not None and data.get("stream") is True
         if isinstance(target, Remote):
             if data is not None:
@@ -343,7 +355,7 @@ class Proxy:
             and data is not None
             and config.activity_inject_usage
             and self._activity is not None
-            and request.path in USAGE_PATHS
+            and path in USAGE_PATHS
         ):
             strip_usage = ask_for_usage(data)
             changed = changed or strip_usage
@@ -375,40 +387,60 @@ class Proxy:
         A profile pin applies; a selector is refused (which target would a browser tab's
         next asset go to?). A path matching `upstream.ignorePaths` is relayed only to an
         engine that is ready now: it never starts or swaps one (llama-swap answers 409).
+        An inference path (POST, one of INFERENCE_POST_PATHS) gets what it gets on /v1:
+        the model's filters and an activity record. Through a peer, only inference paths
+        are relayed: a peer is another trust zone (docs/security.md), and its operations
+        and admin routes are not the client's to reach with swapd's key for it.
         """
         t0 = time.monotonic()
         config = config_of(request)
-        parts = request.match_info["tail"].split("/")
-        target: Local | Remote | None = None
-        # Longest prefix first: "org/model/v1/x" may name model "org/model".
+        try:
+            target, rest = self._upstream_target(config, request.match_info["tail"])
+            path = under_root(rest)
+            if path is None:
+                raise ApiError(f"path {rest[:200]!r} climbs above the model's root",
+                               status=400, code="bad_path")
+            inference = request.method == "POST" and path in INFERENCE_POST_PATHS
+            if isinstance(target, Remote) and not inference:
+                raise ApiError(
+                    f"/upstream relays only inference requests to peer {target.peer.id!r} "
+                    f"(POST /v1/chat/completions, /v1/embeddings, …), not {request.method} "
+                    f"{path[:200]!r}", status=403, code="peer_path_forbidden")
+            body = await read_body(request, config.max_body_bytes, config.body_timeout)
+            data = _json_body(request, body) if inference else None
+        except ApiError as exc:
+            self._metrics.unrouted(exc.status)
+            raise
+        query = "?" + request.query_string if request.query_string else ""
+        url_path = quote(path, safe=PATH_SAFE) + query
+        if inference:
+            name = data.get("model") if data is not None else None
+            routed = self._routed(config, path, target, body, data,
+                                  name if isinstance(name, str) and name else None)
+            if isinstance(routed, PeerRouted):
+                return await self._serve_peer(request, config, routed, url_path, t0)
+            return await self._serve(request, config, routed, url_path, t0,
+                                     ready_only=_ignored(config, path), record=True)
+        assert isinstance(target, Local)
+        return await self._serve(request, config, Routed(target.model, body, False), url_path,
+                                 t0, ready_only=_ignored(config, path))
+
+    def _upstream_target(self, config: Config, tail: str) -> tuple[Local | Remote, str]:
+        """The model an /upstream path names (its longest prefix that is a name: "org/model/
+        v1/x" may name model "org/model"), and the rest of the path; 404 when none does."""
+        parts = tail.split("/")
+        profile = config.profiles.get(self._profiles.active or "")
         for i in range(len(parts), 0, -1):
             name = "/".join(parts[:i])
-            profile = config.profiles.get(self._profiles.active or "")
             try:
                 target, _ = self._target(config, name, selectors=False)
             except ApiError as exc:
                 if exc.status == 404 and not (profile and profile.pin(name)[0]):
                     continue  # a shorter prefix may name it
                 raise
-            rest = "/".join(parts[i:])
-            break
-        if target is None:
-            name = parts[0] if parts else ""
-            self._metrics.unrouted(404)
-            raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
-        try:
-            body = await read_body(request, config.max_body_bytes, config.body_timeout)
-        except ApiError as exc:
-            self._metrics.unrouted(exc.status)
-            raise
-        path = "/" + rest
-        query = "?" + request.query_string if request.query_string else ""
-        if isinstance(target, Remote):
-            return await self._serve_peer(
-                request, config, PeerRouted(target, body, False), path + query, t0)
-        ignored = any(p.search(path) for p in config.ignore_paths)
-        return await self._serve(request, config, Routed(target.model, body, False), path + query,
-                                 t0, ready_only=ignored)
+            return target, "/".join(parts[i:])
+        raise ApiError(f"model {parts[0][:200]!r} is not configured", status=404,
+                       code="model_not_found")
 
     async def handle_models(self, request: web.Request) -> web.Response:
         """llama-swap's /v1/models, plus swapd's `state` (swapd.http.listing)."""
@@ -456,7 +488,8 @@ class Proxy:
                 if ex.loading is not None:
                     await write_within(ex, ex.loading, _loading_chunk(model, f"{model} is ready\n"))
                 url = lease.upstream + path
-                headers = engine_headers(request.headers, url, _strip_auth(config, routed.model))
+                headers = engine_headers(request.headers, url, _strip_auth(config, routed.model),
+                                         config.admin_keys)
                 return await self._relay(ex, url, headers, routed.body)
         except ClientStalled:
             # Only a loading stream is written before the relay: its client stopped reading
@@ -696,14 +729,65 @@ class Proxy:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
 
 
+# What stays unescaped in a relayed path: RFC 3986's pchar and "/". A "%" is escaped, so a
+# client's "%252e" reaches the engine as the "%2e" it decoded to, never as a dot.
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def under_root(rest: str) -> str | None:
+    """`rest` (already percent-decoded: "%2e%2e" is "..") as an absolute path with its dot
+    segments resolved (RFC 3986 §5.2.4); None when it climbs above its root, so that a
+    relayed path stays under the upstream URL's own path."""
+    out: list[str] = []
+    segments = rest.split("/")
+    last = len(segments) - 1
+    for i, segment in enumerate(segments):
+        if segment == "..":
+            if not out:
+                return None
+            out.pop()
+        elif segment != ".":
+            out.append(segment)
+            continue
+        if i == last:
+            out.append("")  # "a/b/.." is "a/", not "a"
+    return "/" + "/".join(out)
+
+
+def _ignored(config: Config, path: str) -> bool:
+    """`upstream.ignorePaths`: relayed only to an engine that is ready now."""
+    return any(p.search(path) for p in config.ignore_paths)
+
+
+def _json_body(request: web.Request, body: bytes) -> dict[str, Any] | None:
+    """An /upstream inference body as an object to filter (None for a multipart form,
+    which filters leave alone on /v1 too); 400 for JSON that is broken or no object."""
+    if request.headers.get("Content-Type", "").lower().startswith("multipart/form-data"):
+        return None
+    data = parse_json(body, "request body")
+    if not isinstance(data, dict):
+        raise ApiError("request body must be a JSON object", status=400, code="bad_json")
+    return data
+
+
 def _strip_auth(config: Config, model: ModelConfig) -> bool:
     return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
 
 
-def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool) -> CIMultiDict[str]:
+def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool,
+                   admin_keys: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """The client's headers as an engine gets them (without the client's credentials
-    with `strip_auth`)."""
+    with `strip_auth`; never with an admin key, which is swapd's alone, not even with
+    forwardClientAuth: the status page's chat once sent it)."""
     out = forward_headers(headers, strip_auth)
+    if not strip_auth and admin_keys:
+        for name in CLIENT_AUTH:
+            for value in out.getall(name, ()):
+                # The value itself (x-api-key), or what follows a scheme (Bearer, Token…).
+                if key_in(value.strip(), admin_keys) or key_in(
+                        value.partition(" ")[2].strip(), admin_keys):
+                    out.popall(name)
+                    break
     if "@" in url and URL(url).user is not None:
         # The proxy URL carries the engine's own credentials: they are what the engine
         # reads, and a client's Authorization cannot go along with them.

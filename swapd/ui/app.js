@@ -5,6 +5,9 @@
 "use strict";
 
 const KEY_STORE = "swapd.adminKey";
+// The chat's own key: an API key the user gives, for inference only. The admin key never goes
+// to /v1 (with forwardClientAuth the engine would receive it).
+const CHAT_KEY_STORE = "swapd.apiKey";
 const POLL_MS = 1000;
 const MAX_LOG_LINES = 800;
 const MAX_ACTIVITY_ROWS = 300;
@@ -479,13 +482,18 @@ async function sendChat(ev) {
   out.append(thinking, answer);
   $("#chat-send").disabled = true;
   try {
-    const resp = await api("/v1/chat/completions", {
+    const chatHeaders = { "Content-Type": "application/json", "X-Session-ID": SESSION_ID };
+    const chatKey = sessionStorage.getItem(CHAT_KEY_STORE) || "";
+    if (chatKey) chatHeaders["Authorization"] = "Bearer " + chatKey;
+    // fetch(), not api(): api() adds the admin key.
+    const resp = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json", "X-Session-ID": SESSION_ID },
+      headers: chatHeaders,
       body: JSON.stringify({ model, messages: chatHistory, stream: true, max_tokens: 256 }),
     });
     if (!resp.ok) {
       const body = await resp.json().catch(() => ({}));
+      if (resp.status === 401) throw new Error("this swapd needs an API key for chat: enter one above");
       throw new Error((body.error && body.error.message) || resp.statusText);
     }
     await readLines(resp, (raw) => {
@@ -513,6 +521,12 @@ async function sendChat(ev) {
   }
 }
 $("#chat-form").addEventListener("submit", sendChat);
+$("#chat-key").value = sessionStorage.getItem(CHAT_KEY_STORE) || "";
+$("#chat-key").addEventListener("change", () => {
+  const key = $("#chat-key").value.trim();
+  if (key) sessionStorage.setItem(CHAT_KEY_STORE, key);
+  else sessionStorage.removeItem(CHAT_KEY_STORE);
+});
 $("#chat-input").addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("#chat-form").requestSubmit(); }
 });
