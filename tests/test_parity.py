@@ -293,9 +293,13 @@ def test_peers_another_swapd_and_a_stub(start_swapd, tmp_path):
         assert models["lab/far"]["meta"]["llamaswap"] == {"type": "peer", "peerID": "lab"}
         assert models["lab/far"]["name"] == "lab: far"
         assert {"stub/echo-m", "down/gone", "slow/late"} <= set(models)
-        # /upstream reaches peers too, by their qualified name
+        # /upstream reaches peers too, by their qualified name, on inference paths only
+        # (issue 21: a peer's other routes are not the client's to reach with its key)
+        code, body = daemon.post("/upstream/stub/echo-m/v1/rerank", {"x": 1}, headers=auth)
+        assert code == 200 and body["path"] == "/v1/rerank"
+        assert json.loads(body["body"]) == {"x": 1, "model": "echo-m"}
         code, body = daemon.post("/upstream/stub/echo-m/anything", {"x": 1}, headers=auth)
-        assert code == 200 and body["path"] == "/anything"
+        assert code == 403 and body["error"]["code"] == "peer_path_forbidden", body
         assert "sk-peer" not in daemon.log() and "sk-stub" not in daemon.log()
     finally:
         for proc in (stub, slow):
