@@ -200,6 +200,9 @@ def test_upstream_inference_gets_the_models_filters_and_an_activity_record(start
         assert code == 200, doc
         assert doc["x_request"] == {"model": "filt", "messages": [], "top_p": 0.5,
                                     "effort": "low"}, doc
+    # Spelled with extra slashes, it is the same path, and gets the same filters.
+    code, doc = daemon.post("/upstream/filt//v1//chat/completions/", body)
+    assert code == 200 and "temperature" not in doc["x_request"], doc
     # The path names the model: a body without one gets the filters and no `model`.
     code, doc = daemon.post("/upstream/filt/v1/chat/completions",
                             {"temperature": 1, "messages": []})
@@ -213,8 +216,9 @@ def test_upstream_inference_gets_the_models_filters_and_an_activity_record(start
 
     def records() -> list[str]:
         return [r["path"] for r in daemon.get("/api/activity")[1]["data"]]
-    wait_until(lambda: len(records()) == 3, message="three activity records")
+    wait_until(lambda: len(records()) == 4, message="four activity records")
     assert records() == ["/v1/chat/completions", "/upstream/filt/v1/chat/completions",
+                         "/upstream/filt//v1//chat/completions/",
                          "/upstream/filt/v1/chat/completions"]
 
 

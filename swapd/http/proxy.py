@@ -400,7 +400,12 @@ class Proxy:
             if path is None:
                 raise ApiError(f"path {rest[:200]!r} climbs above the model's root",
                                status=400, code="bad_path")
-            inference = request.method == "POST" and path in INFERENCE_POST_PATHS
+            # "v1//chat/completions/" is an inference path too (engines read it as one):
+            # it gets the filters, and goes out as the path it is.
+            canonical = "/" + "/".join(filter(None, path.split("/")))
+            inference = request.method == "POST" and canonical in INFERENCE_POST_PATHS
+            if inference:
+                path = canonical
             if isinstance(target, Remote) and not inference:
                 raise ApiError(
                     f"/upstream relays only inference requests to peer {target.peer.id!r} "
