@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ import structlog
 from aiohttp import web
 
 from swapd import __version__, redact, systemd
-from swapd.config.loader import load_config
+from swapd.config.loader import config_files, load_config
 from swapd.config.nodes import ConfigError, include_files, split_host_port
 from swapd.config.types import Config, LoadResult
 from swapd.engines import procgroup
@@ -118,13 +119,18 @@ class Daemon:
 
     def __init__(
         self,
-        config_path: str,
+        config_path: str | None,
         loaded: LoadResult,
         *,
         listen: str | None = None,
         watch_config: bool = False,
+        config_dir: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        # llama-swap's -config and -config-dir (either may be absent): what a reload reads.
         self.config_path = config_path
+        self.config_dir = config_dir
+        self._tls = tls
         # --listen wins over the file, also across reloads (the socket is bound once).
         self._listen_override = listen
         # The config in force: what handlers read (app[CONFIG]); a reload swaps it.
@@ -252,7 +258,12 @@ class Daemon:
         """Load the config again and adopt it; raises ConfigError and keeps the old one."""
         async with self._reload_lock:
             ports = {m.id: m.port for m in self.config.models.values() if m.port is not None}
-            loaded = await asyncio.to_thread(load_config, self.config_path, None, ports)
+            loaded = await asyncio.to_thread(
+                load_config, self.config_path, None, ports, self.config_dir)
+            if loaded.config.start_port != self.config.start_port:
+                # A new startPort renumbers every ${PORT}: the ports kept would hide it.
+                loaded = await asyncio.to_thread(
+                    load_config, self.config_path, None, None, self.config_dir)
             redact.remember(config_secrets(loaded.config))
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
@@ -276,9 +287,14 @@ class Daemon:
             log.error("config reload refused; keeping the running config", error=str(exc))
 
     def _config_files(self) -> list[Path]:
-        files = [Path(self.config_path)]
+        try:
+            files = [Path(f) for f in config_files(self.config_path, self.config_dir)]
+        except ConfigError:
+            files = []  # the folder is gone or empty: the next reload says so
+        if self.config_dir is not None:
+            files.append(Path(self.config_dir))  # a file added or removed changes its mtime
         if self.config.include:
-            files += map(Path, include_files(self.config_path, self.config.include))
+            files += map(Path, include_files(self.config.source, self.config.include))
         return files
 
     def _snapshot(self) -> dict[Path, float]:
@@ -394,15 +410,20 @@ class Daemon:
         # Likewise /api/activity/stream; the SQLite store gets what is pending.
         resources.push_async_callback(self.activity.close)
         host, port = split_host_port(self._listen)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        # host "" (`:PORT`): every interface, IPv4 and IPv6 (asyncio binds one socket each).
+        site = web.TCPSite(runner, host or None, port, reuse_address=True,
+                           ssl_context=self._tls)
         try:
             await site.start()
         except OSError as exc:
             log.error("cannot listen", listen=self._listen, error=str(exc))
             return None
+        urls = listening_urls(site, "https" if self._tls else "http")
+        print(f"swapd listening on {', '.join(urls)}", flush=True)
         log.info(
             "swapd listening",
             listen=f"{host}:{port}",
+            urls=urls,
             version=__version__,
             models=len(self.config.models),
             state_dir=str(self.state_dir),
@@ -479,9 +500,31 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def serve(config_path: str, loaded: LoadResult, listen: str | None, watch: bool) -> int:
+def listening_urls(site: web.TCPSite, scheme: str) -> list[str]:
+    """Where `site` accepts connections, as URLs (`http://[::]:28080` for IPv6)."""
+    server = site._server  # aiohttp keeps the asyncio server here; it has no public getter
+    urls = []
+    for sock in getattr(server, "sockets", None) or ():
+        host, port = sock.getsockname()[:2]
+        urls.append(f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}")
+    return urls
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """llama-swap's -tls-cert-file/-tls-key-file: serve HTTPS with this certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        raise ValueError(f"cannot use {cert_file} and {key_file}: {exc.reason or exc}") from None
+    return context
+
+
+def serve(config_path: str | None, loaded: LoadResult, listen: str | None, watch: bool, *,
+          tls: ssl.SSLContext | None = None, config_dir: str | None = None) -> int:
     async def main() -> int:
-        return await Daemon(config_path, loaded, listen=listen, watch_config=watch).run()
+        return await Daemon(config_path, loaded, listen=listen, watch_config=watch,
+                            config_dir=config_dir, tls=tls).run()
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main())

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -13,9 +14,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+import yaml
+
 from swapd import __version__
 from swapd.config.loader import load_config
-from swapd.config.nodes import ConfigError, spell, split_host_port
+from swapd.config.nodes import ConfigError, local_url, spell, split_host_port
 from swapd.config.routing import check_lines
 from swapd.config.sizes import format_size
 from swapd.config.types import LoadResult, RouterKind
@@ -30,21 +33,29 @@ def _parser() -> argparse.ArgumentParser:
         prog="swapd",
         description="One OpenAI endpoint that starts, swaps and evicts inference engines.",
     )
-    parser.add_argument("--version", action="version", version=f"swapd {__version__}")
+    # llama-swap's -version too; neither needs a config.
+    parser.add_argument("--version", "-version", action="version",
+                        version=f"swapd {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     serve = sub.add_parser("serve", help="run the daemon")
     _serve_args(serve)
 
     check = sub.add_parser("check", help="validate a config and print the resolved models")
-    check.add_argument("--config", "-config", required=True, help="config file (YAML)")
+    _config_args(check)
     check.add_argument(
         "--strict", action="store_true", help="exit 2 on any warning (for CI and deploy scripts)"
     )
 
     status = sub.add_parser("status", help="show a running swapd's engines")
-    status.add_argument("--url", default="http://127.0.0.1:28080", help="swapd's base URL")
+    status.add_argument("--url", default=None,
+                        help="swapd's base URL (default: from --config's listen, else "
+                        "http://127.0.0.1:28080)")
+    status.add_argument("--config", "-config", default=None,
+                        help="the config swapd runs with: its listen address is the URL")
     status.add_argument("--admin-key", default=None, help="an adminKeys entry, if set")
+    status.add_argument("--admin-key-file", default=None,
+                        help="a file holding the key (kept out of the process list)")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     litellm = sub.add_parser("litellm-config", help="print a LiteLLM model_list for this node")
@@ -53,18 +64,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve_args(parser: argparse.ArgumentParser) -> None:
+def _config_args(parser: argparse.ArgumentParser) -> None:
     # llama-swap spells its flags with one dash (-config, -listen): accept both.
-    parser.add_argument("--config", "-config", required=True, help="config file (YAML)")
-    parser.add_argument("--listen", "-listen", default=None, help="HOST:PORT (overrides config)")
+    parser.add_argument("--config", "-config", default=None, help="config file (YAML)")
+    parser.add_argument(
+        "--config-dir", "-config-dir", default=None,
+        help="a folder of *.yml/*.yaml files merged into the config, by file name "
+        "(llama-swap's -config-dir)")
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    _config_args(parser)
+    parser.add_argument("--listen", "-listen", default=None,
+                        help="HOST:PORT, or :PORT for every interface (overrides config)")
     parser.add_argument(
         "--watch-config", "-watch-config", action="store_true", help="reload when the file changes"
     )
+    parser.add_argument("--tls-cert-file", "-tls-cert-file", default=None,
+                        help="serve HTTPS with this certificate (PEM; with --tls-key-file)")
+    parser.add_argument("--tls-key-file", "-tls-key-file", default=None,
+                        help="the certificate's private key (PEM)")
 
 
-def _load(path: str) -> LoadResult | None:
+def _load(path: str | None, config_dir: str | None = None) -> LoadResult | None:
+    if path is None and config_dir is None:
+        print("swapd: give --config FILE (or --config-dir FOLDER)", file=sys.stderr)
+        return None
     try:
-        return load_config(path)
+        return load_config(path, config_dir=config_dir)
     except ConfigError as exc:
         print(f"swapd: bad config: {exc}", file=sys.stderr)
         return None
@@ -92,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (
         args_list
         and args_list[0] not in commands
-        and args_list[0] not in ("-h", "--help", "--version")
+        and args_list[0] not in ("-h", "--help", "--version", "-version")
     ):
         # Drop-in for llama-swap: `swapd --config FILE` means `swapd serve --config FILE`.
         args_list.insert(0, "serve")
@@ -103,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
 
     if args.command == "check":
-        loaded = _load(args.config)
+        loaded = _load(args.config, args.config_dir)
         if loaded is None:
             return EXIT_BAD_CONFIG
         loaded = _with_exec_warnings(loaded)
@@ -114,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     if args.command == "serve":
-        loaded = _load(args.config)
+        if (args.tls_cert_file is None) != (args.tls_key_file is None):
+            print("swapd: --tls-cert-file and --tls-key-file go together", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        loaded = _load(args.config, args.config_dir)
         if loaded is None:
             return EXIT_BAD_CONFIG
         loaded = _with_exec_warnings(loaded)  # logged at startup, with the other warnings
@@ -124,22 +154,70 @@ def main(argv: Sequence[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"swapd: --listen: {exc}", file=sys.stderr)
                 return EXIT_BAD_CONFIG
-        from swapd.app import serve
+        from swapd.app import serve, tls_context
 
-        return serve(args.config, loaded, args.listen, args.watch_config)
+        tls = None
+        if args.tls_cert_file is not None:
+            try:
+                tls = tls_context(args.tls_cert_file, args.tls_key_file)
+            except (OSError, ValueError) as exc:
+                print(f"swapd: TLS: {exc}", file=sys.stderr)
+                return EXIT_BAD_CONFIG
+        return serve(args.config, loaded, args.listen, args.watch_config, tls=tls,
+                     config_dir=args.config_dir)
 
     if args.command == "status":
-        return _status(args.url, args.admin_key, args.json)
+        return _status_command(args)
 
     if args.command == "litellm-config":
+        return _litellm(args.config, args.url)
+    return EXIT_BAD_CONFIG
+
+
+class _Unset(dict[str, str]):
+    """os.environ, where an unset variable reads as a stand-in: `litellm-config` writes only
+    the names of the variables, never their values."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
+
+    def __missing__(self, name: str) -> str:
+        return f"unset-{name}"
+
+
+def _litellm(path: str, url: str | None) -> int:
+    from swapd.litellm import key_env_name, litellm_config
+
+    try:
+        loaded = load_config(path, _Unset(os.environ))
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except (ConfigError, OSError, yaml.YAMLError) as exc:
+        print(f"swapd: bad config: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    keys = raw.get("apiKeys") if isinstance(raw, dict) else None
+    print(litellm_config(loaded.config, url, key_env_name(keys)), end="")
+    return EXIT_OK
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    """`swapd status`: the URL from --url, else from --config's listen; the admin key from
+    --admin-key or --admin-key-file."""
+    url = args.url
+    if url is None and args.config is not None:
         loaded = _load(args.config)
         if loaded is None:
             return EXIT_BAD_CONFIG
-        from swapd.litellm import litellm_config
-
-        print(litellm_config(loaded.config, args.url), end="")
-        return EXIT_OK
-    return EXIT_BAD_CONFIG
+        url = local_url(loaded.config.listen)
+    key = args.admin_key
+    if args.admin_key_file is not None:
+        try:
+            with open(args.admin_key_file, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            print(f"swapd: --admin-key-file: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+    return _status(url or "http://127.0.0.1:28080", key, args.json)
 
 
 def format_check(result: LoadResult) -> str:

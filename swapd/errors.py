@@ -103,11 +103,14 @@ class ApiError(Exception):
 
 
 def error_body(message: str, *, type: str, code: str | None) -> bytes:
-    """OpenAI's error object (also the `data:` line of an event stream that fails)."""
+    """OpenAI's error object (also the `data:` line of an event stream that fails), with
+    llama-swap's fields beside it: `param` (OpenAI's, always null here) and `src`, which
+    tells a script that swapd answered, not an engine (llama-swap writes "llama-swap")."""
     # Messages quote what failed (a URL, an argv, an exception, a client's model name):
     # bounded, then never a secret in it.
     message = redact_text(clip(message))
-    return json.dumps({"error": {"message": message, "type": type, "code": code}}).encode()
+    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code},
+                       "src": "swapd"}).encode()
 
 
 def anthropic_error_body(message: str, *, type: str) -> bytes:

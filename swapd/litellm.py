@@ -9,8 +9,11 @@ to the first (docs/scale-out.md). `model_list` comes last so that the entries ar
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
+from swapd.config.nodes import local_url
 from swapd.config.types import Config
 
 MASTER_KEY = "os.environ/LITELLM_MASTER_KEY"
@@ -19,15 +22,26 @@ HEADER = """\
 # LiteLLM will not start without a master key: general_settings.master_key reads it from
 # the environment variable LITELLM_MASTER_KEY (the key is never written here), e.g.
 #   LITELLM_MASTER_KEY=sk-... litellm --config litellm.yaml --port 4000
-# Clients then use that key as their API key. With apiKeys set in swapd's config, LiteLLM
-# also needs SWAPD_API_KEY (api_key below).
+# Clients then use that key as their API key.
 """
+# The variable LiteLLM reads swapd's API key from when the config writes its key literally.
+DEFAULT_KEY_ENV = "SWAPD_API_KEY"
+_ENV_REF = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def litellm_config(config: Config, url: str | None = None) -> str:
-    base = (url or f"http://{config.listen}").rstrip("/")
-    if base.startswith("http://0.0.0.0"):
-        base = base.replace("0.0.0.0", "127.0.0.1", 1)
+def key_env_name(raw_api_keys: object) -> str:
+    """The environment variable that holds swapd's API key for LiteLLM: the one the config's
+    first `apiKeys` entry reads (`${env.LLAMA_KEY}`), else SWAPD_API_KEY."""
+    first = raw_api_keys[0] if isinstance(raw_api_keys, list) and raw_api_keys else raw_api_keys
+    found = _ENV_REF.fullmatch(first.strip()) if isinstance(first, str) else None
+    return found[1] if found else DEFAULT_KEY_ENV
+
+
+def litellm_config(config: Config, url: str | None = None,
+                   key_env: str = DEFAULT_KEY_ENV) -> str:
+    """`key_env`: the variable LiteLLM reads swapd's API key from (only its name is
+    written: `os.environ/NAME`)."""
+    base = (url or local_url(config.listen)).rstrip("/")
     entries = []
     for model in config.models.values():
         if model.unlisted:
@@ -37,11 +51,15 @@ def litellm_config(config: Config, url: str | None = None) -> str:
                 # LiteLLM's "openai/" provider speaks the OpenAI API to api_base.
                 "model": f"openai/{name}",
                 "api_base": f"{base}/v1",
-                "api_key": "os.environ/SWAPD_API_KEY" if config.api_keys else "none",
+                "api_key": f"os.environ/{key_env}" if config.api_keys else "none",
             }
             entry: dict[str, object] = {"model_name": name, "litellm_params": params}
             if model.description:
                 entry["model_info"] = {"description": model.description}
             entries.append(entry)
+    header = HEADER
+    if config.api_keys:
+        header += (f"# swapd's config sets apiKeys: LiteLLM reads the key from {key_env} "
+                   "(api_key below).\n")
     settings = yaml.safe_dump({"general_settings": {"master_key": MASTER_KEY}}, sort_keys=False)
-    return HEADER + settings + yaml.safe_dump({"model_list": entries}, sort_keys=False)
+    return header + settings + yaml.safe_dump({"model_list": entries}, sort_keys=False)

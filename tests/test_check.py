@@ -50,12 +50,12 @@ def test_misspelled_keys_get_a_suggestion_and_strict_exits_2(tmp_path: Path) -> 
     done = check(config)
     assert done.returncode == 0, done.stderr  # usable: the misspelled keys are ignored
     assert warnings(done) == [
-        "warning: healthcheckTimeout: not supported by swapd, ignored; "
+        "warning: healthcheckTimeout: unknown key, ignored; "
         "did you mean healthCheckTimeout?",
-        "warning: models.m.aliasses: not supported by swapd, ignored; did you mean aliases?",
-        "warning: models.m.checkEndpont: not supported by swapd, ignored; "
+        "warning: models.m.aliasses: unknown key, ignored; did you mean aliases?",
+        "warning: models.m.checkEndpont: unknown key, ignored; "
         "did you mean checkEndpoint?",
-        "warning: models.m.ttll: not supported by swapd, ignored; did you mean ttl?",
+        "warning: models.m.ttll: unknown key, ignored; did you mean ttl?",
         "warning: logRequests: swapd counts every request in /metrics and logs failed ones; "
         "it writes no line per request",
     ]

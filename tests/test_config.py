@@ -564,7 +564,7 @@ def test_include_merges_models_in_order(tmp_path: Path) -> None:
     assert cfg.models["rb"].cmd == ("rb", "--port", "5802", "--fast")
     assert cfg.resolve("bee") is cfg.models["rb"]
     assert cfg.groups[0].members == ("ra", "rb")
-    assert f"{tmp_path / 'recipes' / 'a.yaml'}: extra: not supported by swapd, ignored" in (
+    assert f"{tmp_path / 'recipes' / 'a.yaml'}: extra: unknown key, ignored" in (
         result.warnings)
 
 
@@ -717,7 +717,7 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
 def test_split_host_port() -> None:
     assert split_host_port("0.0.0.0:28080") == ("0.0.0.0", 28080)
     assert split_host_port("[::1]:8080") == ("::1", 8080)
-    assert split_host_port(":9000") == ("127.0.0.1", 9000)
+    assert split_host_port(":9000") == ("", 9000)  # every interface, as in Go
     for bad in ("28080", "host:", "host:0", "host:65536", "host:http"):
         with pytest.raises(ValueError, match="HOST:PORT"):
             split_host_port(bad)

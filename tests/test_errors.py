@@ -61,8 +61,11 @@ async def test_api_error_is_openai_shaped_with_retry_after(
     assert resp.status == 503
     assert resp.headers["Retry-After"] == "3"  # rounded up, never 0
     assert resp.content_type == "application/json"
+    # llama-swap's fields beside OpenAI's: `param` and `src` (who answered: swapd, not an engine).
     assert await resp.json() == {
-        "error": {"message": "model m is loading", "type": "server_error", "code": "loading"}
+        "error": {"message": "model m is loading", "type": "server_error", "param": None,
+                  "code": "loading"},
+        "src": "swapd",
     }
 
 

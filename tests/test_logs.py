@@ -232,15 +232,16 @@ async def test_stream_llama_swap_names(
         assert await read_line(resp) == "[m1] engine line"
 
 
-async def test_stream_unknown_model_is_404_openai_shaped(
+async def test_stream_unknown_model_is_400_openai_shaped(
     hub_client: tuple[LogHub, TestClient[web.Request, web.Application]],
 ) -> None:
+    """400, as llama-swap answers a log source it does not know."""
     hub, client = hub_client
     hub.append("ghost", "a source that is not a configured model")
     resp = await client.get("/logs/stream/ghost")
-    assert resp.status == 404
+    assert resp.status == 400
     body = await resp.json()
-    assert set(body["error"]) == {"message", "type", "code"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     assert "ghost" in body["error"]["message"]
 
 
@@ -271,7 +272,7 @@ async def test_unknown_sources_without_known_sources_callback() -> None:
     app = web.Application(middlewares=[gate_middleware()])
     app.add_routes(log_routes(hub))
     async with TestClient(TestServer(app)) as client:
-        assert (await client.get("/logs/stream/nope")).status == 404
+        assert (await client.get("/logs/stream/nope")).status == 400
         async with client.get("/logs/stream/m1") as resp:
             assert await read_line(resp) == "x"
     hub.close()

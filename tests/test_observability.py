@@ -502,12 +502,12 @@ def test_model_log_stream_sends_recent_lines_then_live_ones(start_swapd, readers
     )
     assert reader.index("listening on port", live) is None  # beta's start is not in it
 
-    # GET /logs: everything, tagged by source; /logs/stream/nope: 404
+    # GET /logs: everything, tagged by source; /logs/stream/nope: 400 (llama-swap's answer)
     code, text = daemon.get("/logs")
     assert code == 200 and "[alpha] request POST /live-marker-1234" in text
     assert "[beta] listening on port" in text and "[swapd]" in text
     code, body = daemon.get("/logs/stream/nope")
-    assert code == 404 and body["error"]["code"] == "model_not_found"
+    assert code == 400 and body["error"]["code"] == "unknown_log_source"
 
 
 def test_engine_lines_in_swapd_json_log_carry_the_model(start_swapd) -> None:

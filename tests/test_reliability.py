@@ -381,7 +381,7 @@ os.execv(sys.executable, [sys.executable, fake, *args, *extra])
 
 def test_crash_loop_backs_off_then_503_then_recovers(start_swapd, tmp_path):
     """An engine that dies at its first two starts, maxRetries 1: failed after the first
-    failure, then 503 with Retry-After and no start until the cool-down (backoffMax) ends;
+    failure, then 503 (no Retry-After) and no start until the cool-down (backoffMax) ends;
     the retry fails once more, the next one works."""
     wrapper, counter = tmp_path / "crash_twice.py", tmp_path / "starts"
     wrapper.write_text(CRASH_TWICE)
@@ -395,7 +395,8 @@ def test_crash_loop_backs_off_then_503_then_recovers(start_swapd, tmp_path):
     code, headers, doc = _post_with_headers(daemon.url + CHAT, {"model": "loop"})
     assert code == 503 and is_openai_error(doc, "engine_start_failed"), doc
     assert "is failed after 1 failure" in doc["error"]["message"]
-    assert int(headers["retry-after"]) == 1  # 0.5 s left at most, rounded up
+    # A failed start is no wait: no Retry-After, and SDKs told not to retry.
+    assert "retry-after" not in headers and headers["x-should-retry"] == "false"
     assert counter.read_text() == "1"  # refused without another start
 
     results: list[int] = []

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -20,7 +21,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from swapd.config import configdir
 from swapd.config.nodes import (
+    ConfigError,
     Ctx,
     DuplicateKeyLoader,
     Node,
@@ -667,8 +670,8 @@ def _check_names(ctx_of: Mapping[str, Ctx], models: Mapping[str, ModelConfig]) -
 
 
 def load_config(
-    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None,
-    keep_ports: Mapping[str, int] | None = None,
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None,
+    keep_ports: Mapping[str, int] | None = None, config_dir: str | None = None,
 ) -> LoadResult:
     """Load and validate a config file (llama-swap's format plus swapd's keys).
 
@@ -680,18 +683,52 @@ def load_config(
     In phases: the files' texts (the main file, then what its `include` names), the
     top-level settings, then each model (macros and ports → preset → build, in `_model`),
     then what refers to models (groups, preload).
+
+    `config_dir` is llama-swap's `-config-dir`: its files merge into the main file's
+    settings (swapd.config.configdir), each keeping its own models; without `path`, its
+    first file is the main one.
     """
     environ = os.environ if environ is None else environ
     warnings: list[str] = []
-    ctx = Ctx(os.fspath(path), environ, warnings)
-    top = Node(ctx, _read(ctx, os.fspath(path)), "", _TOP_KEYS)
-    base = _settings(top, os.path.abspath(os.fspath(path)))
-    if top.data.get("models") is None and base.include is None:
+    extra = config_files(path, config_dir)[1:]
+    main = os.fspath(path) if path is not None else config_files(None, config_dir)[0]
+    ctx = Ctx(main, environ, warnings)
+    data = _read(ctx, main)
+    merged: list[tuple[Ctx, Node]] = []
+    for file in extra:
+        sub = Ctx(file, environ, warnings, label=f"{file}: ")
+        more = _read(sub, file)
+        entries = more.pop("models", None)
+        configdir.merge(sub, data, more)
+        merged.append((sub, Node(sub, {"models": entries}, "", frozenset({"models"}))))
+    top = Node(ctx, data, "", _TOP_KEYS)
+    base = _settings(top, os.path.abspath(main))
+    if top.data.get("models") is None and base.include is None and not merged:
         ctx.fail("models", "required: a mapping of model ids to their settings")
-    files = [(ctx, top), *_included(ctx, base)]
+    files = [(ctx, top), *merged, *_included(ctx, base)]
     models, ctx_of = _models(files, base, keep_ports or {})
     _check_names(ctx_of, models)
     return LoadResult(config=_with_models(top, base, models), warnings=tuple(warnings))
+
+
+def config_files(path: str | os.PathLike[str] | None, config_dir: str | None) -> list[str]:
+    """The files a config is read from: `path`, then the `config_dir` files (llama-swap's
+    `-config` and `-config-dir`). Raises ConfigError when there is none, or when `path` is
+    also in `config_dir` (llama-swap refuses that too)."""
+    files = [os.fspath(path)] if path is not None else []
+    if config_dir is not None:
+        ctx = Ctx(config_dir, os.environ, [])
+        try:
+            found = configdir.dir_files(config_dir)
+        except OSError as exc:
+            ctx.fail("", str(exc))
+        if path is not None and os.path.abspath(files[0]) in map(os.path.abspath, found):
+            ctx.fail("", f"{path} is also in -config-dir; remove it from one")
+        files += found
+    if not files:
+        raise ConfigError("no config file: give -config FILE, or -config-dir with *.yaml "
+                          "files in it", file=config_dir)
+    return files
 
 
 def _settings(top: Node, source: str) -> Config:
@@ -704,12 +741,10 @@ def _settings(top: Node, source: str) -> Config:
         ctx.fail("logLevel", f"must be one of {', '.join(_LOG_LEVELS)}, got {show(level)}")
     listen = top.text("listen") or "127.0.0.1:28080"
     try:
-        split_host_port(listen)
-        explicit_host = bool(listen.rpartition(":")[0].strip("[]"))
+        split_host_port(listen)  # ":PORT" is every interface, as llama-swap's -listen
     except ValueError:
-        explicit_host = False
-    if not explicit_host:
-        ctx.fail("listen", f"must be HOST:PORT (e.g. 127.0.0.1:28080), got {show(listen)}")
+        ctx.fail("listen", f"must be HOST:PORT or :PORT (e.g. 127.0.0.1:28080), "
+                 f"got {show(listen)}")
     state_dir = top.text("stateDir")
     return Config(
         models={},
@@ -737,6 +772,7 @@ def _settings(top: Node, source: str) -> Config:
         write_timeout=float(top.number("writeTimeout", 60.0, strict=True)),
         memory_guard=_memory_guard(top),
         source=source,
+        loaded_at=time.time(),
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
         capture_buffer_mb=float(top.number("captureBuffer", 0.0, maximum=4096)),
         **_activity(top),

@@ -91,12 +91,24 @@ class DuplicateKeyLoader(yaml.SafeLoader):
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[::1]:28080` for IPv6) as (host, port); an empty host is 127.0.0.1.
+    """`HOST:PORT` (`[::1]:28080` for IPv6) as (host, port). An empty host (`:28080`) is
+    "" and means every interface, IPv4 and IPv6, as in Go (llama-swap's `-listen :8080`).
     ValueError when it is not one."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:28080), got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+        raise ValueError(f"expected HOST:PORT or :PORT (e.g. 127.0.0.1:28080), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def local_url(listen: str, scheme: str = "http") -> str:
+    """The URL a client on this machine reaches a swapd listening on `listen` at: a
+    wildcard address (`:PORT`, `0.0.0.0`, `::`) is where it listens, not where to connect."""
+    host, port = split_host_port(listen)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def include_pattern(source: str | None, include: str) -> str:
@@ -197,8 +209,10 @@ class Node:
         self.ctx, self.data, self.path = ctx, ctx.mapping(data, path), path
         for key in self.data:
             if known is not None and key not in known:
+                # Neither swapd nor llama-swap knows it (llama-swap's keys that change
+                # nothing here get their own warning, saying why): most likely a slip.
                 hint = did_you_mean(key, known)
-                ctx.warn(self.key(key), f"not supported by swapd, ignored{hint}")
+                ctx.warn(self.key(key), f"unknown key, ignored{hint}")
 
     def key(self, key: Any) -> str:
         return f"{self.path}.{key}" if self.path else str(key)
@@ -251,7 +265,26 @@ def did_you_mean(key: Any, known: frozenset[str]) -> str:
     found = lower.get(key.lower())
     if found is None:
         close = difflib.get_close_matches(key.lower(), lower, n=1, cutoff=0.8)
+        if not close:
+            # Short keys: one slip (`tll`, `tl`, `ttls`) is too large a share of the
+            # word for the ratio above.
+            close = [k for k in lower if one_slip(key.lower(), k)][:1]
         # A known key plus a word (setParamsByID) is another key, not a slip of setParams.
         if close and not (key.lower().startswith(close[0]) and len(key) > len(close[0]) + 1):
             found = lower[close[0]]
     return f"; did you mean {found}?" if found else ""
+
+
+def one_slip(a: str, b: str) -> bool:
+    """`a` and `b` differ by one typing slip: a letter swapped with its neighbour, added,
+    dropped or replaced (Damerau-Levenshtein distance 1). Linear in their length."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        swapped = a[i + 1:i + 2] + a[i:i + 1] == b[i:i + 2] and a[i + 2:] == b[i + 2:]
+        return swapped or a[i + 1:] == b[i + 1:]
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return longer[i + 1:] == shorter[i:]

@@ -165,6 +165,8 @@ class Config:
     session_headers: tuple[str, ...] = ("X-Session-ID", "X-Litellm-Session-Id")
     # Where the file came from: `include` globs resolve relative to it.
     source: str | None = None
+    # When it was loaded (wall clock): /v1/models' `created`.
+    loaded_at: float = 0.0
     # Global macros in file order, ${env.*} already substituted, other references not yet:
     # each model resolves them again with its own MODEL_ID, PORT and overrides.
     macros: tuple[tuple[str, Any], ...] = ()

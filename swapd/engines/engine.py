@@ -29,7 +29,7 @@ from swapd.config.presets import Call
 from swapd.config.types import ModelConfig
 from swapd.engines import procgroup
 from swapd.engines.launch import engine_environment
-from swapd.redact import redact_argv
+from swapd.redact import clean_line, redact_argv
 
 log = structlog.get_logger("swapd.engine")
 # Engine stdout/stderr, echoed into swapd's own structured log (journald), one
@@ -79,6 +79,10 @@ class GroupRecord(Protocol):
     def remove(self, pid: int) -> None: ...
 
 
+# How much of an engine's last line a failed start's message quotes.
+MAX_LAST_LINE = 300
+
+
 class StartError(Exception):
     """An engine that could not be made ready. The message is what clients see."""
 
@@ -87,9 +91,12 @@ class StartError(Exception):
         self.reason = reason
         self.exit_code = exit_code
         self.tail = tail
-        # The engine's own lines stay out of the message: API clients see it, and an engine
-        # may print anything (its key, a token in a URL). They are in /logs (admin).
+        # The engine's last line says why it failed (a crash's message has its lines too),
+        # masked and bounded like every line swapd serves; the rest is in /logs (admin).
         message = f"model {model!r} failed to start: {reason}"
+        last = next((clean_line(line).strip() for line in reversed(tail) if line.strip()), "")
+        if last:
+            message += f"; last output: {last[:MAX_LAST_LINE]}"
         if tail:
             message += f"; its output is in GET /logs/stream/{model}"
         super().__init__(message)

@@ -165,12 +165,14 @@ class Admin:
             web.post("/unload", self.unload_all),
             web.get("/unload", self.unload_all),  # llama-swap answers GET too
             web.get("/status", self.status),
-            web.post("/models/{id}/load", self.load),
-            web.post("/models/{id}/unload", self.unload_one),
-            web.post("/models/{id}/sleep", self.sleep_one),
-            web.get("/admin/recipes/{id}", self.get_recipe),
-            web.put("/admin/recipes/{id}", self.put_recipe),
-            web.delete("/admin/recipes/{id}", self.delete_recipe),
+            # `{id:.+}`: a model id may hold '/' (Qwen/Qwen3-8B), written unencoded, as
+            # swapd's own messages print it.
+            web.post("/models/{id:.+}/load", self.load),
+            web.post("/models/{id:.+}/unload", self.unload_one),
+            web.post("/models/{id:.+}/sleep", self.sleep_one),
+            web.get("/admin/recipes/{id:.+}", self.get_recipe),
+            web.put("/admin/recipes/{id:.+}", self.put_recipe),
+            web.delete("/admin/recipes/{id:.+}", self.delete_recipe),
             # llama-swap's profile API (its UI and scripts use these paths)
             web.get("/api/profiles", self.get_profiles),
             web.put("/api/profiles/active", self.put_active_profile),
@@ -191,7 +193,7 @@ class Admin:
                     "state": view.state,
                     "cmd": " ".join(redact_argv(view.cfg.cmd)),
                     "proxy": redact_text(view.upstream),
-                    "ttl": view.cfg.ttl,
+                    "ttl": round(view.cfg.ttl),  # llama-swap's is an integer
                     "name": view.cfg.name or "",
                     "description": view.cfg.description or "",
                     "pid": view.pid,
@@ -237,8 +239,11 @@ class Admin:
         return web.json_response({"active": self._profiles.active})
 
     async def unload_all(self, request: web.Request) -> web.Response:
+        """llama-swap answers `OK` as text; a client that asks for JSON gets what stopped."""
         stopped = await self._scheduler.unload(None)
-        return web.json_response({"unloaded": stopped, "msg": "OK"})
+        if wants_json(request):
+            return web.json_response({"unloaded": stopped, "msg": "OK"})
+        return web.Response(text="OK")
 
     async def unload_one(self, request: web.Request) -> web.Response:
         model = self._model(request)
@@ -401,6 +406,11 @@ class Admin:
                 path.unlink()
             else:
                 write_atomic(path, previous)
+
+
+def wants_json(request: web.Request) -> bool:
+    """The client's Accept names JSON (`application/json`, `*/json`, `+json`)."""
+    return "json" in request.headers.get("Accept", "").lower()
 
 
 def _invalid(exc: ConfigError) -> ApiError:

@@ -73,6 +73,8 @@ def models(config: Config, view_of: ViewOf, starts: StartTimes,
         if target is not None and pin not in listed:
             data.append(_entry(pin, _selector_state(config, view_of, (target,)), None, None,
                                None, None, {"type": "profile", "target": target}))
+    for entry in data:
+        entry["created"] = int(config.loaded_at)  # the config's load time, not 0
     return data
 
 
@@ -93,12 +95,19 @@ def _selector_state(config: Config, view_of: ViewOf, targets: tuple[str, ...]) -
     return states[0] if states else "stopped"
 
 
+# States in which no process of the model runs (llama-swap: stopped, shutdown); a peer's
+# model is "unloaded" there too.
+_UNLOADED = frozenset({"stopped", "failed", "remote"})
+
+
 def _entry(model_id: str, state: str, name: str | None, description: str | None,
            metadata: Any, caps: Capabilities | None,
            internal: dict[str, Any]) -> dict[str, Any]:
     """One /v1/models entry."""
     entry: dict[str, Any] = {
         "id": model_id, "object": "model", "created": 0, "owned_by": "swapd", "state": state,
+        # llama-swap's field (what its clients read): loaded while a process is up.
+        "status": {"value": "unloaded" if state in _UNLOADED else "loaded"},
     }
     if name:
         entry["name"] = name

@@ -35,7 +35,7 @@ from swapd.observe.activity import ActivityLog, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
 from swapd.observe.streams import UNBUFFERED, stream_headers
-from swapd.schedule.runner import Scheduler
+from swapd.schedule.runner import Scheduler, StartFailed
 
 log = structlog.get_logger("swapd.proxy")
 
@@ -508,8 +508,9 @@ class Proxy:
                 # The loading stream's 200 went out first: a stream that broke off.
                 await self._break_off(ex, ex.loading, exc.message, exc.code)
                 return ex.loading
-            if exc.status in (503, 504):
-                # While the model loads, its ETA is when to come back (SDKs obey Retry-After).
+            if exc.status in (503, 504) and exc.code != StartFailed.code:
+                # While the model loads, its ETA is when to come back (SDKs obey Retry-After);
+                # a failed start is no wait (StartFailed).
                 eta = self._starts.loading_eta(self._scheduler.view(model))
                 if eta is not None:
                     exc.retry_after = eta

@@ -481,8 +481,10 @@ def configure_logging(
 # -- HTTP -------------------------------------------------------------------------------------
 
 def _not_found(name: str) -> ApiError:
+    # 400, as llama-swap answers a logger it does not know.
     return ApiError(
-        f"no logs for model {name!r}: not a configured model", status=404, code="model_not_found"
+        f"no logs for {name[:200]!r}: use 'proxy', 'upstream' or a configured model's id",
+        status=400, code="unknown_log_source",
     )
 
 
@@ -550,5 +552,5 @@ def log_routes(
     return [
         web.get("/logs", logs),
         web.get("/logs/stream", stream_all),
-        web.get("/logs/stream/{model}", stream_one),
+        web.get("/logs/stream/{model:.+}", stream_one),  # an id may hold '/'
     ]

@@ -12,6 +12,7 @@ frozen `EngineView` snapshots; nothing outside this module touches an `Engine`.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -80,7 +81,18 @@ class QueueTimeout(SchedulerError):
 
 
 class StartFailed(SchedulerError):
+    """A failed start, or a model in backoff after one: not a wait. No Retry-After (the
+    OpenAI SDK honours up to 60 s of it, twice per call: a broken model cost each call two
+    minutes, issue 22), and `x-should-retry: false`, which the OpenAI and Anthropic SDKs
+    obey, so a client fails at once. When the next try is stays in the message and in
+    /status (`failure.retry_in`)."""
+
     code = "engine_start_failed"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        if retry_after is not None and retry_after > 0:
+            message += f"; next start in {math.ceil(retry_after)}s at the earliest"
+        super().__init__(message, headers={"x-should-retry": "false"})
 
 
 class ShuttingDown(SchedulerError):
