@@ -662,7 +662,7 @@ def test_without_admin_keys_admin_routes_answer_loopback_only(start, tmp_path):
         body = {"cmd": fake_cmd(name="r")} if method == "PUT" else None
         code, answer = http(method, remote + path, body)
         assert code == 403, (path, answer)
-        assert answer["error"]["code"] == "forbidden"
+        assert answer["error"]["code"] == "operations_loopback_only", answer
     assert not (tmp_path / "recipes" / "r.yaml").exists()
     assert http("GET", remote + "/health")[0] == 200
     code, answer = http("POST", remote + "/v1/chat/completions", {"model": "base", "messages": []})

@@ -198,3 +198,47 @@ def test_the_chat_sends_the_api_key_it_is_given_never_the_admin_key(start_swapd,
     expect(page.locator("#chat-log .msg.assistant").last).to_contain_text("tok")
     assert chats == [None, "Bearer chat-api-key"]
     assert page.evaluate("sessionStorage.getItem('swapd.apiKey')") == "chat-api-key"
+
+
+def test_from_another_machine_the_page_says_what_to_set_then_takes_an_api_key(
+    start_swapd, page, tmp_path,
+) -> None:
+    """Issue 22: on the LAN with no key set, one line says what to set instead of every panel
+    failing; with apiKeys set (and no adminKeys), the API key opens the page's routes."""
+    from tests.conftest import free_port
+    from tests.test_operations import _non_loopback_address
+
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to connect from")
+    port = free_port()
+    start_swapd({**two_models(), "listen": f":{port}"}, port=port)
+    page.goto(f"http://{address}:{port}/ui")
+    line = page.locator("#refused")
+    expect(line).to_be_visible()
+    expect(line).to_contain_text("set adminKeys (or apiKeys)")
+    expect(page.locator("#models")).to_be_hidden()
+    expect(page.locator("#key-dialog")).not_to_have_attribute("open", "")
+    shot(page, tmp_path, "ui-refused-on-the-lan.png")
+    # Only the refused data calls themselves are errors in the console: no script error.
+    assert not [e for e in page.errors if "403" not in e], page.errors
+
+    port = free_port()
+    daemon = start_swapd({**two_models(), "listen": f":{port}", "apiKeys": ["sk-lan-key"]},
+                         port=port)
+    page.goto(f"http://{address}:{port}/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "sk-lan-key")
+    page.click("#key-save")
+    page.wait_for_selector(card(page, "beta") + "[data-state='stopped']")
+    expect(page.locator("#refused")).to_be_hidden()
+    page.click(card(page, "beta") + " button.load")
+    wait_until(lambda: "beta" in running(daemon), message="beta loaded from the LAN page")
+    shot(page, tmp_path, "ui-lan-with-api-key.png")
+
+
+def shot(page: Any, tmp_path: Any, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name))
+    shots = os.environ.get("SWAPD_SCREENSHOTS")
+    if shots:
+        page.screenshot(path=os.path.join(shots, name))

@@ -28,6 +28,15 @@ OPEN_PATHS = ("/health", "/metrics")
 OPEN_PREFIXES = ("/ui/",)
 # /api/: profiles, and the page's activity, captures and GPU sample.
 ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/")
+# Recipes (files written, commands to run): an admin key or loopback, never an API key.
+RECIPE_PREFIX = "/admin/"
+# What a client of another machine is told when no key of any kind is set; the status page
+# shows it as its one line.
+OPERATIONS_LOOPBACK_ONLY = (
+    "no key is set, so this swapd answers /status, /running, /logs, /unload and /api/ only on "
+    "its own machine: set adminKeys (or apiKeys) in its config to use them from here, with "
+    "that key"
+)
 # Where browsers of other origins are served (CORS): the inference API, nothing else.
 CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
 
@@ -182,13 +191,21 @@ class Gate:
             if config.admin_keys:
                 if not key_in(key, config.admin_keys):
                     raise ApiError("admin key required", status=401, code="invalid_admin_key")
-            elif not is_loopback(request):
-                raise ApiError(
-                    "operations routes answer only loopback clients when adminKeys is empty",
-                    status=403,
-                    code="forbidden",
-                )
-            return
+                return
+            if is_loopback(request):
+                return
+            if config.api_keys and not path.startswith(RECIPE_PREFIX):
+                # llama-swap's rule: without adminKeys, an API key opens the operations
+                # routes (/running, /unload, /logs, /api/...) from any address; never the
+                # recipes, which write files and commands to run.
+                if not key_in(key, config.api_keys):
+                    raise ApiError("invalid or missing API key (apiKeys)", status=401,
+                                   code="invalid_api_key")
+                return
+            if config.api_keys:
+                raise ApiError("recipes answer only loopback clients when adminKeys is empty",
+                               status=403, code="forbidden")
+            raise ApiError(OPERATIONS_LOOPBACK_ONLY, status=403, code="operations_loopback_only")
         if config.api_keys and not key_in(key, config.api_keys + config.admin_keys):
             self._metrics.unrouted(401)  # an API request refused before routing
             raise ApiError("invalid or missing API key", status=401, code="invalid_api_key")

@@ -707,6 +707,11 @@ class Proxy:
                 if request.transport is not None:
                     request.transport.close()
             return False
+        except (ConnectionError, asyncio.CancelledError):
+            # The client left mid-response: counted 499 (client closed request), not the
+            # status its headers carried.
+            ex.status = 499
+            raise
         if not resp.prepared:
             await resp.prepare(request)
         ex.status = resp.status

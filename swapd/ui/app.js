@@ -79,12 +79,29 @@ $("#key-forget").addEventListener("click", () => {
 });
 $("#key-button").addEventListener("click", () => askForKey(""));
 
+// Refused as a client of another machine while swapd has no key set: every panel would fail
+// the same way, so the page says once, on one line, what to set, and stops asking.
+let refused = false;
+
+async function noteRefusal(resp) {
+  if (resp.status !== 403) return;
+  const body = await resp.clone().json().catch(() => ({}));
+  if (!body.error || body.error.code !== "operations_loopback_only") return;
+  refused = true;
+  const line = $("#refused");
+  line.textContent = body.error.message;
+  line.hidden = false;
+  document.body.classList.add("refused");
+  setConn(false);
+}
+
 // fetch() with the key; a 401 asks for the key (once) and tries again.
 async function api(path, options) {
   for (let attempt = 0; attempt < 3; attempt++) {
     const opts = Object.assign({}, options || {});
     opts.headers = headers(opts.headers);
     const resp = await fetch(path, opts);
+    await noteRefusal(resp);
     if (resp.status !== 401 || keyDismissed) return resp;
     const had = storedKey();
     const given = await askForKey(had ? "That key was refused." : "This swapd needs its admin key.");
@@ -121,7 +138,7 @@ async function readLines(resp, onLine) {
 // Read a streamed response line by line; reconnect after an error.
 async function follow(path, onLine, { signal, onOpen } = {}) {
   let delay = 500;
-  while (!signal || !signal.aborted) {
+  while ((!signal || !signal.aborted) && !refused) {
     try {
       const resp = await api(path, { signal });
       if (!resp.ok || !resp.body) throw new Error("HTTP " + resp.status);
@@ -550,11 +567,14 @@ async function refreshAll() {
 let started = false;
 async function start() {
   await refreshAll();
-  if (started) return;
+  if (started || refused) return;
   started = true;
   startActivity();
   startLogs();
-  setInterval(() => refreshModels().catch(() => setConn(false)), POLL_MS);
-  setInterval(() => refreshGpu().catch(() => {}), 2 * POLL_MS);
+  const every = (fn, ms) => {
+    const id = setInterval(() => (refused ? clearInterval(id) : fn()), ms);
+  };
+  every(() => refreshModels().catch(() => setConn(false)), POLL_MS);
+  every(() => refreshGpu().catch(() => {}), 2 * POLL_MS);
 }
 start();
