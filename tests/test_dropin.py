@@ -25,7 +25,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.support import (
     PY,
     fake_cmd,
     free_port,
@@ -231,9 +231,9 @@ def test_config_dir_merges_files_as_llama_swap_does(start_swapd, tmp_path) -> No
 
 def test_on_the_lan_an_api_key_opens_the_operations_routes_never_recipes(
         start_swapd, tmp_path) -> None:
-    from tests.test_operations import _non_loopback_address
+    from tests.support import non_loopback_address
 
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     port = free_port()
@@ -441,7 +441,7 @@ def test_litellm_config_with_the_key_variable_unset(tmp_path) -> None:
 
 
 def test_start_port_change_applies_on_reload(start_swapd, tmp_path) -> None:
-    from tests.conftest import port_block
+    from tests.support import port_block
 
     daemon = start_swapd({"models": {"m": model(fake_cmd(name="m"))}})
     old = daemon.status()["models"]["m"]["upstream"]

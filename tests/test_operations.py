@@ -38,6 +38,7 @@ from tests.support import (
     http,
     metric_value,
     model,
+    non_loopback_address,
     pid_alive,
     port_block,
     read_records,
@@ -639,19 +640,8 @@ def test_admin_routes_need_an_admin_key(start, tmp_path):
     assert http("DELETE", daemon.url + "/admin/recipes/r", headers=admin)[0] == 200
 
 
-def _non_loopback_address() -> str | None:
-    candidates = []
-    with contextlib.suppress(OSError):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.254", 9))  # no packet is sent: this only picks a route
-            candidates.append(s.getsockname()[0])
-    with contextlib.suppress(OSError):
-        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
-    return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
-
-
 def test_without_admin_keys_admin_routes_answer_loopback_only(start, tmp_path):
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     port = free_port()

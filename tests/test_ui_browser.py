@@ -205,10 +205,9 @@ def test_from_another_machine_the_page_says_what_to_set_then_takes_an_api_key(
 ) -> None:
     """Issue 22: on the LAN with no key set, one line says what to set instead of every panel
     failing; with apiKeys set (and no adminKeys), the API key opens the page's routes."""
-    from tests.conftest import free_port
-    from tests.test_operations import _non_loopback_address
+    from tests.support import free_port, non_loopback_address
 
-    address = _non_loopback_address()
+    address = non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
     port = free_port()

@@ -5,6 +5,7 @@ files import helpers from here, never from each other."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -291,3 +292,16 @@ def gate_middleware() -> Any:
     from swapd.observe.metrics import Metrics
 
     return Gate(LiveConfig(Config(models={})), Metrics()).middleware
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback: to connect as another
+    machine's client would (None when there is none)."""
+    candidates = []
+    with contextlib.suppress(OSError):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.254", 9))  # no packet is sent: this only picks a route
+            candidates.append(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
