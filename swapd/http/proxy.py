@@ -672,6 +672,7 @@ class Proxy:
         if capture is not None and self._capture is not None:
             self._capture.respond(capture, upstream.headers)
         tracker = ex.tracker
+        transport = request.transport
         first = True
         try:
             async for chunk in upstream.content.iter_any():
@@ -687,7 +688,11 @@ class Proxy:
                         self._capture.feed(capture, chunk)
                     if not chunk:
                         continue
-                await write_within(ex, resp, chunk)
+                if transport is not None and (
+                        transport.get_write_buffer_size() + len(chunk) <= NEVER_BLOCKS):
+                    await resp.write(chunk)  # write_within's fast path, without its call
+                else:
+                    await write_within(ex, resp, chunk)
         except ClientStalled:
             ex.status = 499
             return False
