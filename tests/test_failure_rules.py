@@ -62,14 +62,16 @@ def test_broken_model_never_costs_a_busy_tenant_its_engine(start_swapd, tmp_path
     daemon = start_swapd(config(tmp_path))
     url = daemon.url + CHAT
 
-    # First failure: crashy is now in backoff for 1 s.
-    code, _, doc, _ = raw_post(url, {"model": "crashy", "messages": []})
+    # First failure: crashy is now in backoff for 1 s. What a start costs on this machine now
+    # (an engine spawned, its exit seen) is the reference "at once" is measured against.
+    code, _, doc, start_took = raw_post(url, {"model": "crashy", "messages": []})
+    at_once = start_took / 2
     assert code == 503 and "exited with code 3" in doc["error"]["message"], doc
     # In backoff: refused at once, no Retry-After, the next try in the message; no start.
     before = daemon.status()["models"]["crashy"]["failure"]
     code, headers, doc, took = raw_post(url, {"model": "crashy", "messages": []})
     assert code == 503 and doc["error"]["code"] == "engine_start_failed", doc
-    assert took < 0.5, took
+    assert took < at_once, (took, start_took)
     assert "retry-after" not in headers and headers["x-should-retry"] == "false", headers
     assert "next start in" in doc["error"]["message"] or before["retry_in"] < 1, doc
     assert before["count"] == 1 and "exited with code 3" in before["reason"]
@@ -108,7 +110,8 @@ def test_broken_model_never_costs_a_busy_tenant_its_engine(start_swapd, tmp_path
             c.chat.completions.create(model="crashy", messages=[{"role": "user", "content": "x"}])
     assert err.value.status_code == 503
     assert len(attempts) == 1, attempts
-    assert attempts[0]["status"] == 503 and attempts[0]["got"] - attempts[0]["sent"] < 0.5
+    assert attempts[0]["status"] == 503, attempts
+    assert attempts[0]["got"] - attempts[0]["sent"] < at_once, (attempts, start_took)
     assert attempts[0]["retry_after"] is None, attempts
     assert crashy_starts(tmp_path) == 1
     holder.join(30)

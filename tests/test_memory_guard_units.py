@@ -26,6 +26,7 @@ from swapd.memory.guard import (
     next_interval,
 )
 from swapd.memory.meminfo import MemReader
+from tests.support import wait_until_async
 
 FLOOR = 2 * GiB
 
@@ -184,9 +185,13 @@ async def test_guard_loop_reads_fast_while_an_engine_starts(tmp_path: Path) -> N
     rig.watched = [Watched("loading", Tree(100, 0), True)]
     rig.guard.start()
     try:
-        # At 25 ms, a dozen reads in 0.3 s; at the slow pace there would be one.
-        await asyncio.sleep(0.3)
-        assert rig.guard.reads >= 4
+        # At 25 ms, 4 reads take 0.1 s; at the slow pace (1 s) they would take 3 s. Counted
+        # by the loop's clock, so a loaded machine that runs the loop late cannot fail it.
+        loop = asyncio.get_running_loop()
+        t0, reads0 = loop.time(), rig.guard.reads
+        await wait_until_async(lambda: rig.guard.reads >= reads0 + 4, timeout=30,
+                               message="4 guard reads")
+        assert loop.time() - t0 < 3 * SLOW_INTERVAL
         rig.watched = []
         await asyncio.sleep(FAST_INTERVAL * 2)  # the read that sees nothing starting
         reads = rig.guard.reads

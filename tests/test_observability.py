@@ -437,22 +437,25 @@ def test_gpu_series_of_a_gb10_through_a_real_swapd(start_swapd, tmp_path) -> Non
 
 def test_a_scrape_answers_at_once_while_nvml_hangs(start_swapd, tmp_path) -> None:
     marker = tmp_path / "nvml-calls"
-    env = fake_nvml_env(tmp_path, FAKE_NVML_DELAY="2", FAKE_NVML_MARKER=str(marker))
+    release = Path(str(marker) + ".release")
+    # The sampler's first NVML call hangs until the test lets go (a minute at most): whatever
+    # answers meanwhile did not wait for it, however slow this machine is.
+    env = fake_nvml_env(tmp_path, FAKE_NVML_DELAY="60", FAKE_NVML_MARKER=str(marker))
     daemon = start_swapd(two_models(), env=env)
-    # The sampler thread is inside a 2-second NVML call now.
-    wait_until(marker.exists, timeout=10, message="the sampler's first NVML call")
-    worst = 0.0
-    for _ in range(5):
-        seconds, (code, _) = timed(http, "GET", daemon.url + "/metrics", None, None, 5)
+    try:
+        wait_until(marker.exists, timeout=10, message="the sampler's first NVML call")
+        for _ in range(5):
+            code, _ = http("GET", daemon.url + "/metrics", None, None, 5)
+            assert code == 200
+        # an inference request does not wait for it either
+        code, _ = chat(daemon.url, "alpha")
         assert code == 200
-        worst = max(worst, seconds)
-    assert worst < 0.5, f"a scrape took {worst:.3f}s while NVML hung"
-    # an inference request does not wait for it either
-    seconds, (code, _) = timed(chat, daemon.url, "alpha")
-    assert code == 200 and seconds < 5
-    samples, _ = scrape(daemon.url)
-    assert value(samples, "swapd_requests_total", model="alpha", code="200") == 1
-    assert "swapd_gpu_info" not in samples  # no sample finished yet: nothing made up
+        samples, _ = scrape(daemon.url)
+        assert value(samples, "swapd_requests_total", model="alpha", code="200") == 1
+        assert "swapd_gpu_info" not in samples  # no sample finished yet: nothing made up
+        assert not release.exists() and marker.read_text().count("\n") == 1  # still hung
+    finally:
+        release.touch()
     Path(f"{marker}.release").touch()  # the driver lets go: the GPU series appear
     wait_until(
         lambda: "swapd_gpu_info" in scrape(daemon.url)[0],
@@ -579,7 +582,8 @@ def test_a_reader_that_never_reads_slows_nothing(start_swapd) -> None:
             done.set()
             poller.join(10)
         seconds, (code, _) = timed(http, "GET", daemon.url + "/metrics", None, None, 5)
-        assert code == 200 and seconds < 0.5
+        worst_health = max(worst_health, seconds)
+        assert code == 200
 
         base, slow = statistics.median(baseline), statistics.median(with_stall)
         print(
@@ -588,7 +592,8 @@ def test_a_reader_that_never_reads_slows_nothing(start_swapd) -> None:
             f"{worst_health * 1000:.0f} ms"
         )
         assert slow < 2 * base + 0.3, (baseline, with_stall)
-        assert worst_health < 0.5
+        # swapd's own routes answer faster than a chatty request did before the stall
+        assert worst_health < 2 * base + 0.3, (worst_health, baseline)
 
         # Now read the stalled stream: it dropped lines and says how many, in place.
         stalled.settimeout(10)

@@ -9,6 +9,7 @@ import itertools
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,8 +37,9 @@ def fake(name: str, *flags: str, record: Path | None = None, **kw: object) -> Mo
 async def make():  # type: ignore[no-untyped-def]
     made: list[Scheduler] = []
 
-    def build(*models: ModelConfig, **kw: object) -> Scheduler:
-        sched = Scheduler(Config(models={m.id: m for m in models}, **kw))  # type: ignore[arg-type]
+    def build(*models: ModelConfig, clock: Any = time.monotonic, **kw: object) -> Scheduler:
+        sched = Scheduler(Config(models={m.id: m for m in models}, **kw),  # type: ignore[arg-type]
+                          clock=clock)
         made.append(sched)
         return sched
 
@@ -137,7 +139,10 @@ async def test_ttl_counts_from_end_of_last_request():
 async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):
     rec = tmp_path / "rec.jsonl"
     restart = RestartPolicy(max_retries=2, backoff_initial=0.3, backoff_max=0.6)
-    sched = make(fake("a", "--crash-after", "0", record=rec, restart=restart), fake("b"))
+    # The backoff is waited out by moving the scheduler's clock, not by sleeping.
+    offset = [0.0]
+    sched = make(fake("a", "--crash-after", "0", record=rec, restart=restart), fake("b"),
+                 clock=lambda: time.monotonic() + offset[0])
 
     def starts() -> int:
         return sum(1 for r in read_records(rec) if r["event"] == "start")
@@ -149,7 +154,7 @@ async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):
         await sched.load("a")
     assert err.value.retry_after is not None and 0 < err.value.retry_after <= 0.3
     assert starts() == 1
-    await asyncio.sleep(err.value.retry_after)
+    offset[0] += err.value.retry_after
     with pytest.raises(StartFailed, match="exited with code 3"):  # second failure: failed
         await sched.load("a")
     view = sched.view("a")

@@ -392,6 +392,11 @@ def test_billion_laughs_and_macro_doubling_recipes_are_refused_quickly(start, tm
     500 MB; /health did not answer for 33 s."""
     assert len(LAUGHS.encode()) == 466
     daemon = start(recipes_config(tmp_path))
+    # The reference: /health on this machine now, before the attack (a loaded runner is slow
+    # with or without it; the attack used to stall the loop for a minute).
+    with HealthProbe(daemon) as quiet:
+        wait_until(lambda: len(quiet.latencies) >= 20, message="health answers before")
+    slack = 3 * max(quiet.latencies)
     with HealthProbe(daemon) as probe:
         t0 = time.monotonic()
         code, body = http("PUT", daemon.url + "/admin/recipes/lol", LAUGHS, YAML)
@@ -409,12 +414,12 @@ def test_billion_laughs_and_macro_doubling_recipes_are_refused_quickly(start, tm
         big_took = time.monotonic() - t0
         assert code == 201, body
         wait_until(lambda: len(probe.latencies) >= 20, message="health answers")
-    assert laughs_took < 2 and doubling_took < 2, (laughs_took, doubling_took)
+    assert max(laughs_took, doubling_took) < 2 + slack, (laughs_took, doubling_took, slack)
     print(f"\nPUTs: aliases refused in {laughs_took * 1000:.0f} ms, macro doubling in "
           f"{doubling_took * 1000:.0f} ms, a 900 KB recipe written in {big_took * 1000:.0f} ms; "
           f"/health worst {max(probe.latencies) * 1000:.0f} ms over {len(probe.latencies)}")
     assert not probe.failures
-    assert max(probe.latencies) < 0.1, sorted(probe.latencies)[-5:]
+    assert max(probe.latencies) < 0.1 + slack, (sorted(probe.latencies)[-5:], slack)
     assert [p.name for p in (tmp_path / "recipes").iterdir()] == ["big.yaml"]
     rss_kb = int(next(line for line in Path(f"/proc/{daemon.proc.pid}/status").read_text()
                       .splitlines() if line.startswith("VmRSS")).split()[1])

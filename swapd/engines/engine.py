@@ -1,8 +1,11 @@
 """One engine: a child process in its own session, its output, readiness and stop.
 
-The scheduler decides *when* an engine starts and stops; this module decides *how*.
-It is the only place that knows a pid. Everything about the child happens through
-`start()`, `stop()` and `wait_exit()`, which the scheduler calls under its own lock.
+The scheduler decides *when* an engine starts and stops; this module decides *how*. The
+scheduler's runner (swapd/schedule/runner.py) is its only caller, through `start()`,
+`stop()`, `sleep()`, `wake()`, `kill_now()` and `wait_exit()`, one task per engine at a time
+(the decision core never starts and stops one model at once); there is no lock. The process
+tree's pids and signals belong to swapd/engines/procgroup.py, which this module asks; nothing
+outside swapd/engines touches a pid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the registry and every ``swapd_*`` series (SPEC, "Metrics").
+"""Prometheus metrics: the registry and every ``swapd_*`` series (docs/observability.md).
 
 Request and engine metrics are ordinary prometheus-client metrics updated by the proxy and the
 scheduler hooks in `swapd.app`. GPU and engine-memory series come from `_SampleCollector`,
