@@ -95,6 +95,8 @@ def test_pin_always_takes_the_first_target(config: Config) -> None:
     ({"alpha": "starting", "beta": "ready"}, "beta"),
     ({"alpha": "ready", "beta": "ready"}, "beta"),  # order decides between ready ones
     ({"beta": "stopping"}, "beta"),
+    ({"alpha": "sleeping"}, "alpha"),  # else one asleep: a wake, not a cold start
+    ({"alpha": "sleeping", "beta": "waking"}, "beta"),
 ])
 def test_warm(config: Config, running: dict[str, str], expected: str) -> None:
     target, _ = route(config, "warmest", **running)

@@ -17,6 +17,7 @@ from swapd.config.types import Config, ModelConfig, PeerConfig, SelectorConfig, 
 
 # Engine states (swapd.engine.EngineState values) as the selectors see them.
 READY, STARTING, STOPPING, FAILED = "ready", "starting", "stopping", "failed"
+WAKING, SLEEPING = "waking", "sleeping"  # warm swaps (docs/sleep.md)
 
 StateOf = Callable[[str], str]  # model id → engine state ("stopped" when none)
 
@@ -116,10 +117,12 @@ def _real(config: Config, target: str) -> tuple[str, bool]:
 
 
 def warm(config: Config, selector: SelectorConfig, state: StateOf) -> str:
-    """The first ready target in order, else the first starting one, else the first."""
-    for wanted in (READY, STARTING):
+    """The first ready target in order, else the first starting (or waking) one, else the
+    first sleeping one (a wake costs seconds where a cold start costs minutes), else the
+    first."""
+    for wanted in ((READY,), (STARTING, WAKING), (SLEEPING,)):
         for target in selector.targets:
-            if state(_real(config, target)[0]) == wanted:
+            if state(_real(config, target)[0]) in wanted:
                 return target
     return selector.targets[0]
 
