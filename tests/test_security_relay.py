@@ -12,7 +12,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from swapd.config.loader import load_config
+from swapd.http.proxy import under_root
 from tests.support import PY, Swapd, fake_cmd, metric_value, model, wait_until
 
 JSON = {"Content-Type": "application/json"}
@@ -168,6 +171,19 @@ def test_a_peer_is_relayed_inference_only_never_its_admin_routes(start_swapd, tm
     code, listed = peer.get("/v1/models", {"Authorization": "Bearer peer-key"})
     assert [m["id"] for m in listed["data"]] == ["e1"]
     assert "admin/recipes" not in peer.log() and "pwn" not in peer.log()
+
+
+@pytest.mark.parametrize(("rest", "path"), [
+    ("", "/"), ("v1/models", "/v1/models"), ("a/", "/a/"), ("a//b", "/a//b"),
+    ("a/./b", "/a/b"), ("a/.", "/a/"), ("a/b/..", "/a/"), ("a/../b", "/b"),
+    ("a/b/../../c", "/c"), ("..", None), ("a/../..", None), ("../a", None),
+    ("a/../../b", None), ("v1/chat/completions/../../../admin", "/admin"),
+    ("v1/chat/completions/../../../../admin", None),
+    ("%2e%2e", "/%2e%2e"),  # still encoded: a name, not a dot segment
+])
+def test_under_root_resolves_dot_segments_and_refuses_a_climb(rest: str,
+                                                               path: str | None) -> None:
+    assert under_root(rest) == path
 
 
 def test_a_local_upstream_path_stays_under_the_engine_root(start_swapd, tmp_path) -> None:
