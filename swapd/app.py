@@ -34,13 +34,16 @@ from swapd.http.admin import Admin
 from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
 from swapd.http.connections import LoopErrors, Runner, connection_cap, raise_fd_limit
 from swapd.http.gate import Gate
+from swapd.http.llamaswap_routes import llamaswap_routes
 from swapd.http.modelnames import Profiles
 from swapd.http.proxy import Proxy
+from swapd.http.router_api import router_api_routes
 from swapd.memory.gpu import Sampler
 from swapd.memory.guard import GuardEvent, Watched
 from swapd.memory.watch import MemoryWatch
 from swapd.observe.activity import ActivityLog
 from swapd.observe.capture import CaptureBuffer
+from swapd.observe.events import StateEvents
 from swapd.observe.logs import LogHub, configure_logging, log_routes
 from swapd.observe.metrics import Metrics
 from swapd.schedule.runner import Scheduler
@@ -84,6 +87,7 @@ class _Observer:
         if view is not None:
             self._daemon.memory.engine_state(view.cfg, state)
         self._daemon.metrics.set_engine_state(model, state)
+        self._daemon.events.publish(model, state)
         tenant = ", ".join(self._daemon.scheduler.live_gpu_engines()) or "none"
         systemd.status(f"tenant: {tenant}")
 
@@ -140,6 +144,7 @@ class Daemon:
         self._listen = self.config.listen
         self._watch = watch_config
         self.hub = LogHub(self.config.log_buffer_lines)
+        self.events = StateEvents()
         self.metrics = Metrics()
         self.gate = Gate(self.live, self.metrics)
         self.stop_event = asyncio.Event()
@@ -229,6 +234,10 @@ class Daemon:
         admin = Admin(self.scheduler, self.reload, self.profiles, details=self._details,
                       memory=self.memory)
         app.add_routes(admin.routes())
+        app.add_routes(llamaswap_routes(proxy, self.scheduler, self.events, self.activity,
+                                        self.profiles))
+        app.add_routes(router_api_routes(proxy, self.scheduler, self.events, self.starts,
+                                         self.profiles))
         app.add_routes(proxy.routes())
         app.add_routes(ui_routes())
         app.add_routes(api_routes(self.activity, self.capture, self.sampler))
@@ -407,6 +416,7 @@ class Daemon:
         # Before the runner's cleanup (LIFO): open /logs/stream responses end, or the
         # cleanup would wait for them.
         resources.callback(self.hub.close)
+        resources.callback(self.events.close)  # /api/events and /models/sse end likewise
         # Likewise /api/activity/stream; the SQLite store gets what is pending.
         resources.push_async_callback(self.activity.close)
         host, port = split_host_port(self._listen)

@@ -16,13 +16,13 @@ from aiohttp import web
 
 from swapd.config.types import Config
 from swapd.errors import ApiError, answer
-from swapd.http import origins
+from swapd.http import llamaswap_routes, origins
 from swapd.http.appstate import LiveConfig
 from swapd.http.keys import key_in, presented_key
 from swapd.http.proxy import INFERENCE_POST_PATHS
 from swapd.observe.metrics import Metrics
 
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health", "/metrics", *llamaswap_routes.OPEN_PATHS)
 # The page itself holds no data (everything it shows comes from the routes below), and a
 # browser cannot put a key on a navigation: it is open like /health.
 OPEN_PREFIXES = ("/ui/",)
@@ -38,7 +38,8 @@ OPERATIONS_LOOPBACK_ONLY = (
     "that key"
 )
 # Where browsers of other origins are served (CORS): the inference API, nothing else.
-CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models"})
+CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models", *llamaswap_routes.POST_PATHS,
+                        *llamaswap_routes.GET_PATHS, "/models", "/props"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

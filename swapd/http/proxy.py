@@ -373,13 +373,41 @@ class Proxy:
         except ApiError as exc:
             self._metrics.unrouted(exc.status)
             raise
+        path = upstream_path(request.path_qs)
         try:
             if isinstance(routed, PeerRouted):
-                return await self._serve_peer(request, config, routed, request.path_qs, t0)
-            return await self._serve(request, config, routed, request.path_qs, t0, record=True)
+                return await self._serve_peer(request, config, routed, path, t0)
+            return await self._serve(request, config, routed, path, t0, record=True)
         finally:
             if routed.chosen is not None:
                 self._spillover.release(routed.chosen)
+
+    async def handle_by_query(self, request: web.Request) -> web.StreamResponse:
+        """A GET routed by its `?model=` (llama.cpp's router and llama-swap: `/props`,
+        `/v1/audio/voices`, `/sdapi/v1/loras`), relayed with its query as it came.
+        `?autoload=false` (llama.cpp's) relays only to an engine ready now, else 409."""
+        t0 = time.monotonic()
+        config = config_of(request)
+        name = request.query.get("model", "")
+        if not name:
+            self._metrics.unrouted(400)
+            raise ApiError("query parameter 'model' is required", status=400,
+                           code="missing_model")
+        try:
+            target, chosen = self._target(config, name)
+        except ApiError as exc:
+            self._metrics.unrouted(exc.status)
+            raise
+        try:
+            if isinstance(target, Remote):
+                return await self._serve_peer(
+                    request, config, PeerRouted(target, b"", False, chosen), request.path_qs, t0)
+            ready_only = request.query.get("autoload", "").lower() in ("false", "0")
+            return await self._serve(request, config, Routed(target.model, b"", False, chosen),
+                                     request.path_qs, t0, ready_only=ready_only)
+        finally:
+            if chosen is not None:
+                self._spillover.release(chosen)
 
     async def handle_upstream(self, request: web.Request) -> web.StreamResponse:
         """`/upstream/{model}/{path}`: raw passthrough; the model id may contain '/'.
@@ -396,6 +424,16 @@ class Proxy:
         config = config_of(request)
         try:
             target, rest = self._upstream_target(config, request.match_info["tail"])
+            if not rest and not request.path.endswith("/"):
+                # An engine's web UI at /upstream/{model} would resolve its relative links
+                # against /upstream/: send the browser to the folder (llama-swap: 301 for
+                # GET and HEAD, 308 otherwise, so a POST keeps its method and body).
+                location = request.rel_url.raw_path + "/"
+                if request.query_string:
+                    location += "?" + request.query_string
+                if request.method in ("GET", "HEAD"):
+                    raise web.HTTPMovedPermanently(location)
+                raise web.HTTPPermanentRedirect(location)
             path = under_root(rest)
             if path is None:
                 raise ApiError(f"path {rest[:200]!r} climbs above the model's root",
@@ -784,6 +822,20 @@ def _json_body(request: web.Request, body: bytes) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", status=400, code="bad_json")
     return data
+
+
+# llama-swap's prefixes that stand for nothing upstream: `/v/chat/completions` is
+# `/chat/completions` (version-less routes, its #728), `/audioapi/v1/tasks/run` is
+# audio.cpp's `/v1/tasks/run`.
+_STRIPPED_PREFIXES = ("/v/", "/audioapi/")
+
+
+def upstream_path(path_qs: str) -> str:
+    """The path (and query) a request is relayed to: its own, less a llama-swap prefix."""
+    for prefix in _STRIPPED_PREFIXES:
+        if path_qs.startswith(prefix):
+            return path_qs[len(prefix) - 1:]
+    return path_qs
 
 
 def _strip_auth(config: Config, model: ModelConfig) -> bool:
