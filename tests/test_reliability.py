@@ -631,13 +631,13 @@ def _route(body: bytes) -> tuple[str, Any] | ApiError | modelnames.Unroutable:
 
 @FUZZ
 @given(st.binary(max_size=512))
-def test_fuzz_route_json_bytes(body):
+def test_fuzz_request_model_bytes(body):
     _route(body)  # never anything but ApiError or Unroutable
 
 
 @FUZZ
 @given(json_values, st.one_of(st.none(), model_names, json_values))
-def test_fuzz_route_json_documents(doc, name):
+def test_fuzz_request_model_documents(doc, name):
     if isinstance(doc, dict) and name is not None:
         doc = {**doc, "model": name}
     body = json.dumps(doc).encode()

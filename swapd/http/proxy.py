@@ -156,12 +156,6 @@ def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
     return None
 
 
-def route_json(config: Config, body: bytes) -> tuple[ModelConfig, Any, str]:
-    """Parse a JSON request body; return the model it names, the object and that name."""
-    data, name = json_model(body)
-    return find_model(config, name), data, name
-
-
 def json_model(body: bytes) -> tuple[dict[str, Any], str]:
     """A JSON request body and the `model` it names."""
     if not body:
@@ -179,13 +173,6 @@ def json_model(body: bytes) -> tuple[dict[str, Any], str]:
             "'model' is missing or not a non-empty string", status=400, code="missing_model"
         )
     return data, name
-
-
-def find_model(config: Config, name: str) -> ModelConfig:
-    model = config.resolve(name)
-    if model is None:
-        raise ApiError(f"model {name!r} is not configured", status=404, code="model_not_found")
-    return model
 
 
 def rewrite(model: ModelConfig, data: dict[str, Any], requested: str | None,
