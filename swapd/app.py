@@ -441,6 +441,12 @@ class Daemon:
             max_connections=connection_cap(fd_limit),
             loop=type(loop).__module__.split(".")[0],
         )
+        if host in ("", "0.0.0.0", "::") and not (self.config.api_keys or self.config.admin_keys):
+            # llama-swap says so too: the inference API is open to the network.
+            log.warning(
+                "reachable by every host on the network without a key: the inference API is "
+                "open to them (set apiKeys), the operations routes answer this machine only; "
+                f"--listen 127.0.0.1:{port} keeps swapd to this machine")
         # What startup built lives as long as the daemon: keep it out of the cyclic GC's
         # full passes, which otherwise stall every request at that instant (p99 latency).
         gc.freeze()

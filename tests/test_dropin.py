@@ -90,6 +90,7 @@ def test_colon_port_listens_on_every_interface_and_says_where(start_swapd, tmp_p
         assert f"http://[::]:{port}" in line, line
         assert get_status("::1", port) == 200
     assert daemon.status()["listen"] == f":{port}"
+    assert "reachable by every host on the network without a key" in daemon.log()
 
 
 def test_listen_colon_port_in_the_config_loads(tmp_path) -> None:

@@ -533,7 +533,7 @@ class Proxy:
                 # The loading stream's 200 went out first: a stream that broke off.
                 await self._break_off(ex, ex.loading, exc.message, exc.code)
                 return ex.loading
-            if exc.status in (503, 504) and exc.code != StartFailed.code:
+            if exc.status in (503, 504) and not isinstance(exc, StartFailed):
                 # While the model loads, its ETA is when to come back (SDKs obey Retry-After);
                 # a failed start is no wait (StartFailed).
                 eta = self._starts.loading_eta(self._scheduler.view(model))

@@ -115,8 +115,9 @@ class SleepRefused(SchedulerError):
     type = "invalid_request_error"
 
 
-class MemoryGuardKilled(SchedulerError):
-    """The memory guard killed the engine (MemAvailable fell below its floor)."""
+class MemoryGuardKilled(StartFailed):
+    """The memory guard killed the engine (MemAvailable fell below its floor): a failed
+    start or a crash to the client, answered as one (no Retry-After, fail fast)."""
 
     code = "memory_guard"
 
