@@ -391,3 +391,18 @@ def test_sleep_verdicts_are_kept_per_recipe(tmp_path) -> None:  # type: ignore[n
     assert SleepVerdicts(None).off(a) is None
     (tmp_path / "sleep.json").write_text("{not json")
     assert SleepVerdicts(tmp_path).off(a) is None  # a cache: unreadable means try again
+
+
+def test_before_a_footprint_is_learned_the_run_measured_so_far_is_the_base() -> None:
+    """On a GB10 the first sleep comes before any stop taught a footprint: 50 % of the
+    tree's RSS (a few GB of Python) would be judged by the tree, which CUDA memory is not
+    in; the run's MemAvailable drop to readiness is the base instead."""
+    from swapd.memory.footprints import FootprintStore, Learner
+
+    learner = Learner(FootprintStore(None))
+    learner.unified = True
+    assert learner.measured("a") is None
+    learner.spawned("a", available=100 * GiB)
+    learner.observed("a", 5 * GiB)  # the tree's RSS
+    learner.became_ready("a", available=40 * GiB)  # CUDA took 60 GiB
+    assert learner.measured("a") == 60 * GiB

@@ -237,6 +237,15 @@ class Learner:
         run = self._runs.get(model)
         return run.peak if run is not None else None
 
+    def measured(self, model: str) -> int | None:
+        """What the running engine was measured needing so far (its peak, and on unified
+        memory the MemAvailable drop to readiness): a footprint before one is learned."""
+        run = self._runs.get(model)
+        if run is None:
+            return None
+        value = max(run.peak, run.drop or 0)
+        return value or None
+
     def became_ready(self, model: str, available: int | None) -> None:
         run = self._runs.get(model)
         if run is None:

@@ -124,6 +124,12 @@ class MemoryWatch:
     def peaks(self) -> dict[str, int]:
         return dict(self._peaks)
 
+    def sleep_base(self, cfg: ModelConfig) -> int | None:
+        """What a percentage `sleepMinFreed` is taken of: the footprint (configured or
+        learned), else what this run of the engine was measured needing so far (on a GB10 the
+        MemAvailable drop to readiness: CUDA memory is in no RSS)."""
+        return self.footprint(cfg) or self.learner.measured(cfg.id)
+
     def tree_memory(self, model: str, tree: Tree) -> int | None:
         """One engine tree's memory read afresh (RSS + its last NVML figure): what a sleep
         is verified by (swapd.memory.sleep)."""

@@ -475,8 +475,9 @@ class Scheduler:
         t0 = self._clock()
         tree = engine.tree
         before = sleep_check.Before(self._available(), self._tree_memory(model, tree))
-        need = sleep_check.min_freed(policy.min_freed, policy.min_freed_percent,
-                                     self._readings.footprint(engine.cfg), before)
+        base = (self._memory.sleep_base(engine.cfg) if self._memory is not None
+                else self._readings.footprint(engine.cfg))
+        need = sleep_check.min_freed(policy.min_freed, policy.min_freed_percent, base, before)
         log.info("putting engine to sleep", model=model, reason=str(reason), pid=engine.pid,
                  min_freed=need)
         try:
