@@ -204,3 +204,21 @@ def test_an_operator_puts_a_model_to_sleep_by_hand(start_swapd, tmp_path: Path) 
     assert code == 200 and answer["unloaded"] == ["a"]
     wait_until(lambda: not psutil.pid_exists(doc["x_pid"]), timeout=10, message="a gone")
     assert state(daemon, "a") == "stopped"
+
+
+def test_a_slow_wake_is_waited_for_past_sleep_timeout(start_swapd, tmp_path: Path) -> None:
+    """A wake reloads weights (minutes from disk on a Spark): its calls are bounded by
+    healthCheckTimeout, not by the sleepTimeout meant for giving memory back."""
+    record = tmp_path / "events.jsonl"
+    daemon = start_swapd({"models": {
+        "a": sleepy("a", record, "--wake-delay", "2", sleepTimeout=1),
+        "b": model(fake_cmd(record=record, name="b")),
+    }})
+    _, doc = timed_chat(daemon, "a")
+    pid = doc["x_pid"]
+    timed_chat(daemon, "b")
+    assert state(daemon, "a") == "sleeping"
+    waited, doc = timed_chat(daemon, "a")
+    assert doc["x_pid"] == pid and waited >= 2
+    _, text = daemon.get("/metrics")
+    assert metric_value(text, "swapd_engine_wakes_total", model="a", result="woken") == 1

@@ -499,7 +499,10 @@ class Engine:
         self._set_state(EngineState.WAKING)
         try:
             try:
-                await self._calls("wake", policy.wake, policy.timeout,
+                # A wake reloads the weights (vLLM's reload_weights: seconds from page cache,
+                # minutes from disk): its calls may take until healthCheckTimeout, not the
+                # sleepTimeout meant for giving memory back.
+                await self._calls("wake", policy.wake, self.cfg.health_check_timeout,
                                   t0 + self.cfg.health_check_timeout)
             except SleepError as exc:
                 raise WakeError(self.id, str(exc), None, []) from exc
