@@ -177,8 +177,10 @@ class Daemon:
             self.config, observer=self._observer, sink=self.hub, trees=self.trees,
             memory=self.memory,
         )
-        # llama-swap's profiles: none active at startup, none after a reload.
+        # llama-swap's profiles: hooks.on_startup.profile (or none) at startup and after
+        # every reload.
         self.profiles = Profiles()
+        self.profiles.active = self.config.startup_profile
         self.memory.bind(self._watched, self._guard_kill)
 
     @property
@@ -278,7 +280,7 @@ class Daemon:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
             self.gate.forget_hosts()
-            self.profiles.active = None
+            self.profiles.active = self.config.startup_profile
             self._apply_log_to_stdout()
             if self.config.listen != self._listen:
                 log.warning("listen changed; it takes effect on restart", listen=self._listen)

@@ -253,7 +253,8 @@ def test_no_effect_keys_say_why(tmp_path: Path) -> None:
         performance: {disabled: true, every: 1m}
         """)
     keys = [w.split(":")[0] for w in result.warnings]
-    assert keys == ["logToStdout", "performance.every", "logTimeFormat", "logRequests", "store"]
+    assert keys == ["logToStdout", "performance.every", "logTimeFormat", "logRequests",
+                    "store.path"]
     # metricsMaxInMemory is llama-swap's name for activity.size (request records kept)
     assert result.config.activity_size == 500
     both = load(tmp_path, "metricsMaxInMemory: 500\nactivity: {size: 20}\n")

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from swapd.config import configdir
+from swapd.config import configdir, recent
 from swapd.config.nodes import (
     ConfigError,
     Ctx,
@@ -85,12 +85,12 @@ _TOP_KEYS = frozenset(
     # llama-swap's, loaded by swapd/config_routing.py
     "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
     "performance logRequests store activity captureBuffer ui memoryGuard".split()
-)
+) | recent.TOP_KEYS
 _MODEL_KEYS = frozenset(
     "cmd cmdStop proxy checkEndpoint ttl unloadTimeout env aliases useModelName unlisted name "
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
     "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth timeouts capabilities "
-    "compat memory sleepMode sleepEndpoints wakeEndpoints sleepMinFreed sleepTimeout "
+    "compat memory swappable sleepMode sleepEndpoints wakeEndpoints sleepMinFreed sleepTimeout "
     "sleepTtl".split()
 )
 _CALL_KEYS = frozenset({"endpoint", "method", "body", "timeout"})
@@ -264,7 +264,8 @@ def _model_texts(ctx: Ctx, node: Node) -> _Texts:
         texts["aliases[0]"] = node.texts("aliases")[0]
     env_keys = _env(ctx, node, texts)
     filters = node.child("filters", frozenset(
-        {"stripParams", "strip_params", "setParams", "setParamsByID"}))
+        {"stripParams", "strip_params", "setParams", "setParamsByID", "policy"}))
+    recent.filter_policy(filters)
     strip_key = "filters.strip_params"  # llama-swap's older spelling
     if filters and "strip_params" not in filters.data:
         strip_key = "filters.stripParams"
@@ -413,6 +414,7 @@ def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
         send_loading_state=node.flag("sendLoadingState", base.send_loading_state),
         engine=engine,
         gpu=node.flag("gpu", True),
+        swappable=node.flag("swappable", True),
         health_check_timeout=settled.health_check_timeout,
         restart=restart,
         memory_release_timeout=float(node.number("memoryReleaseTimeout", 30.0)),
@@ -746,6 +748,7 @@ def _settings(top: Node, source: str) -> Config:
         ctx.fail("listen", f"must be HOST:PORT or :PORT (e.g. 127.0.0.1:28080), "
                  f"got {show(listen)}")
     state_dir = top.text("stateDir")
+    newer = recent.load(top)
     return Config(
         models={},
         listen=listen,
@@ -766,7 +769,9 @@ def _settings(top: Node, source: str) -> Config:
         max_body_bytes=top.number("maxBodyBytes", 64 * 1024 * 1024, minimum=1, integer=True),
         include=top.text("include") or None,
         allowed_hosts=_hosts(top),
-        cors_allow_origins=_origins(top),
+        cors_allow_origins=newer.cors_allowed_origins or _origins(top),
+        global_concurrency_limit=newer.global_concurrency_limit,
+        llamaswap_metric_names=newer.llamaswap_metric_names,
         body_timeout=float(top.number("bodyTimeout", 60.0, strict=True)),
         header_timeout=float(top.number("headerTimeout", 10.0, strict=True)),
         write_timeout=float(top.number("writeTimeout", 60.0, strict=True)),
@@ -841,8 +846,8 @@ def _with_models(top: Node, base: Config, models: dict[str, ModelConfig]) -> Con
     queueTimeout; llama-swap's routing keys: swapd.config_routing)."""
     ctx = top.ctx
     preload: list[str] = []
-    hooks = top.child("hooks", frozenset({"on_startup"}))
-    startup = hooks.child("on_startup", frozenset({"preload"})) if hooks else None
+    hooks = top.child("hooks", frozenset({"on_startup", "on_request"}))
+    startup = hooks.child("on_startup", frozenset({"preload", "profile"})) if hooks else None
     for i, name in enumerate(startup.texts("preload") if startup else []):
         found = replace(base, models=models).resolve(name.strip())
         if found is None:
@@ -863,6 +868,7 @@ def _with_models(top: Node, base: Config, models: dict[str, ModelConfig]) -> Con
     no_effect(top)
     return replace(base, models=models, groups=groups, preload=tuple(preload),
                    queue_timeout=queue_timeout,
+                   startup_profile=recent.startup_profile(top, frozenset(routing.profiles)),
                    **{f.name: getattr(routing, f.name) for f in fields(routing)})
 
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from swapd.config import recent
 from swapd.config.nodes import ConfigError, Ctx, Node, is_http_url, show
 from swapd.config.sizes import GiB, SizeError, parse_size
 from swapd.config.types import (
@@ -260,7 +261,9 @@ def _priority(ctx: Ctx, top: Node, names: _Names) -> dict[str, int]:
 
 
 def _filters(node: Node) -> tuple[tuple[str, ...], Any, Any]:
-    filters = node.child("filters", frozenset({"stripParams", "setParams", "setParamsByID"}))
+    filters = node.child("filters", frozenset({"stripParams", "setParams", "setParamsByID",
+                                                "policy"}))
+    recent.filter_policy(filters)
     if filters is None:
         return (), None, None
     ctx = filters.ctx
@@ -515,8 +518,8 @@ NO_EFFECT = {
                      "(journald adds its own); this format is not used",
     "logRequests": "swapd counts every request in /metrics and logs failed ones; it writes "
                    "no line per request",
-    "store": "swapd's activity records persist with activity.store: sqlite under stateDir; "
-             "store.path is not used",
+    "store.path": "swapd's activity records persist with activity.store: sqlite under "
+                  "stateDir; store.path is not used",
 }
 
 
@@ -527,7 +530,10 @@ def no_effect(top: Node) -> None:
         top.ctx.warn("metricsMaxInMemory", "activity.size is set too and wins (both say how "
                      "many request records are kept)")
     for key, why in NO_EFFECT.items():
-        value = top.data.get(key)
+        head, _, tail = key.partition(".")
+        value = top.data.get(head)
+        if tail:
+            value = value.get(tail) if isinstance(value, dict) else None
         if value is None or (key == "logTimeFormat" and value == ""):
             continue
         top.ctx.warn(key, why)

@@ -75,6 +75,9 @@ class ModelConfig:
     health_check_timeout: float = 120.0
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     memory_release_timeout: float = 30.0
+    # llama-swap's `swappable: false` (its #1127): a request for another model never stops
+    # this one; unload, its ttl and the memory guard still do.
+    swappable: bool = True
     # Environment variables the engine must not inherit from swapd (preset hygiene).
     env_remove: tuple[str, ...] = ()
     # (path, JSON body) POSTed to the engine before it is signalled to stop (best effort):
@@ -146,6 +149,13 @@ class Config:
     allowed_hosts: tuple[str, ...] = ()
     # Origins whose pages may call the inference routes (CORS); "*" is any.
     cors_allow_origins: tuple[str, ...] = ("*",)
+    # llama-swap's globalConcurrencyLimit: inference requests served at once, every model
+    # together (429 past it); 0: no limit.
+    global_concurrency_limit: int = 0
+    # hooks.on_startup.profile: the profile active at startup and after each reload.
+    startup_profile: str | None = None
+    # metrics.llamaSwapNames: /metrics also carries llama-swap's llamaswap_* series.
+    llamaswap_metric_names: bool = False
     # Seconds a request body may take to arrive in full (a trickling client gets 408).
     body_timeout: float = 60.0
     # Seconds a new connection may take to send a complete request header (408 after).

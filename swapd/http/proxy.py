@@ -28,6 +28,7 @@ from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.http import listing, modelnames
 from swapd.http.appstate import UPSTREAM, config_of
 from swapd.http.bodies import parse_json, read_body
+from swapd.http.capacity import GlobalLimit
 from swapd.http.clients import Clients
 from swapd.http.keys import key_in
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
@@ -274,6 +275,7 @@ class Proxy:
         self._clients = Clients()
         self._profiles = profiles or Profiles()
         self._spillover = Spillover()
+        self._global = GlobalLimit()
         self._activity = activity if activity is not None and activity.enabled else None
         self._capture = capture if capture is not None and capture.enabled else None
         self._starts = starts if starts is not None else StartTimes(None)
@@ -361,13 +363,24 @@ class Proxy:
             self._metrics.unrouted(exc.status)
             raise
         path = upstream_path(request.path_qs)
+        label = routed.remote.label if isinstance(routed, PeerRouted) else routed.model.id
         try:
-            if isinstance(routed, PeerRouted):
-                return await self._serve_peer(request, config, routed, path, t0)
-            return await self._serve(request, config, routed, path, t0, record=True)
+            self._limit(config, label, t0)
+            with self._global.slot():
+                if isinstance(routed, PeerRouted):
+                    return await self._serve_peer(request, config, routed, path, t0)
+                return await self._serve(request, config, routed, path, t0, record=True)
         finally:
             if routed.chosen is not None:
                 self._spillover.release(routed.chosen)
+
+    def _limit(self, config: Config, label: str, t0: float) -> None:
+        """globalConcurrencyLimit: 429 at once, counted under the model asked for."""
+        try:
+            self._global.check(config.global_concurrency_limit)
+        except ApiError:
+            self._count(label, 429, t0)
+            raise
 
     async def handle_by_query(self, request: web.Request) -> web.StreamResponse:
         """A GET routed by its `?model=` (llama.cpp's router and llama-swap: `/props`,
@@ -386,12 +399,17 @@ class Proxy:
             self._metrics.unrouted(exc.status)
             raise
         try:
-            if isinstance(target, Remote):
-                return await self._serve_peer(
-                    request, config, PeerRouted(target, b"", False, chosen), request.path_qs, t0)
-            ready_only = request.query.get("autoload", "").lower() in ("false", "0")
-            return await self._serve(request, config, Routed(target.model, b"", False, chosen),
-                                     request.path_qs, t0, ready_only=ready_only)
+            self._limit(config, target.label if isinstance(target, Remote) else target.model.id,
+                        t0)
+            with self._global.slot():
+                if isinstance(target, Remote):
+                    return await self._serve_peer(
+                        request, config, PeerRouted(target, b"", False, chosen),
+                        request.path_qs, t0)
+                ready_only = request.query.get("autoload", "").lower() in ("false", "0")
+                return await self._serve(
+                    request, config, Routed(target.model, b"", False, chosen),
+                    request.path_qs, t0, ready_only=ready_only)
         finally:
             if chosen is not None:
                 self._spillover.release(chosen)

@@ -193,7 +193,8 @@ def memory_router(source: MemoryReadings, config: Config,
                 used=source.used(v.id), inflight=v.inflight, queued=v.queued,
                 last_used=v.last_used,
                 # gpu: false engines are never stopped for room (their memory still counts)
-                persistent=group_of(v.id, p.groups).persistent or not v.gpu,
+                persistent=group_of(v.id, p.groups).persistent or not v.gpu
+                or not v.swappable,
             ))
         need = source.footprint(target) if target is not None else None
         result = place(p.target, need, tenants,

@@ -27,6 +27,7 @@ class ModelView:
     retry_at: float  # monotonic; not started again before this
     last_error: str | None
     stop_reason: StopReason | None  # while a stop is decided or under way
+    swappable: bool = True  # false: no request for another model stops it (llama-swap #1127)
 
     @property
     def running(self) -> bool:

@@ -74,6 +74,7 @@ class Refusal(StrEnum):
     SHUTTING_DOWN = "shutting_down"  # 503
     MEMORY_GUARD = "memory_guard"  # 503: the memory guard killed the engine
     WONT_FIT = "insufficient_memory"  # 503: the router says it can never be placed here
+    NOT_SWAPPABLE = "model_not_swappable"  # 409: only a `swappable: false` model's stop frees it
 
 
 # -- effects ---------------------------------------------------------------------------
@@ -752,6 +753,16 @@ class Core:
             self._fail_waiters(model, fx, Refusal.WONT_FIT, decision.reason, None)
             return
         victims = tuple(v for v in decision if v != model and v in self._models)
+        pinned = sorted(v for v in victims if not self._models[v].cfg.swappable)
+        if pinned:
+            # llama-swap #1127: a model marked `swappable: false` keeps its engine (and its
+            # warm prompt cache) whatever other model is asked for; only an unload, its ttl
+            # or the memory guard stops it. Answered at once: waiting would not free it.
+            self._fail_waiters(
+                model, fx, Refusal.NOT_SWAPPABLE,
+                f"{model} cannot start while {', '.join(pinned)} runs: it is marked "
+                f"swappable: false; unload it first (POST /models/{pinned[0]}/unload)", None)
+            return
         if m.start_failed:
             busy = [v for v in victims if views[v].inflight > 0 or views[v].queued > 0]
             if busy:
@@ -934,6 +945,7 @@ class Core:
             retry_at=m.retry_at,
             last_error=m.last_error,
             stop_reason=m.stop_reason,
+            swappable=m.cfg.swappable,
         )
 
     def _index_groups(self) -> None:

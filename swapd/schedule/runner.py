@@ -128,6 +128,14 @@ class InsufficientMemory(SchedulerError):
     code = "insufficient_memory"
 
 
+class NotSwappable(SchedulerError):
+    """The model's start would stop a `swappable: false` model."""
+
+    status = 409
+    code = "model_not_swappable"
+    type = "invalid_request_error"
+
+
 ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.UNKNOWN_MODEL: UnknownModel,
     Refusal.CONCURRENCY: ConcurrencyLimited,
@@ -137,6 +145,7 @@ ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.SHUTTING_DOWN: ShuttingDown,
     Refusal.MEMORY_GUARD: MemoryGuardKilled,
     Refusal.WONT_FIT: InsufficientMemory,
+    Refusal.NOT_SWAPPABLE: NotSwappable,
 }
 
 
