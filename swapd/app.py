@@ -286,6 +286,7 @@ class Daemon:
                 log.warning("listen changed; it takes effect on restart", listen=self._listen)
             changes = self.scheduler.apply_config(self.config)
             self.metrics.register_models(list(self.config.models))
+            self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
             log.info("config reloaded", why=why, **changes)
@@ -386,6 +387,7 @@ class Daemon:
         resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
         self.metrics.attach_sampler(self.sampler)
+        self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
         self.metrics.attach_memory(self.memory)
         self.metrics.attach_counts(self.scheduler.counts)
         if self.config.gpu_sampling:  # performance.disabled: true turns it off

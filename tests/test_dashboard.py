@@ -49,6 +49,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     metrics.series("qwen")  # a model that has run: its histograms and engine series exist
     metrics.set_engine_state("qwen", "ready")
     metrics.attach_sampler(sampler)
+    metrics.attach_memory(_Memory())
     sampler.sample_once()
     body, _ = metrics.render()
     names: dict[str, set[str]] = {}
@@ -57,6 +58,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
             names.setdefault(sample.name, set()).update(sample.labels)
     sampler.stop()
     yield names
+
+
+class _Memory:
+    """MemAvailable and peaks as swapd's MemoryWatch gives them to the metrics."""
+
+    def available_bytes(self) -> int | None:
+        return 100 << 30
+
+    def peaks(self) -> dict[str, int]:
+        return {"qwen": 1 << 30}
 
 
 def all_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,6 +182,10 @@ def test_covers_the_metrics_that_matter(dashboard: dict[str, Any]) -> None:
         "swapd_time_to_first_token_seconds",
         "swapd_decode_tokens_per_second",
         "swapd_prefill_tokens_per_second",
+        "swapd_stream_errors",
+        "swapd_memory_available_bytes",
+        "swapd_memory_guard_kills",
+        "swapd_placement_evictions",
     }
     assert required <= referenced, required - referenced
 

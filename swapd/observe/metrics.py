@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from swapd import __version__
 from swapd.memory.gpu import Sample
+from swapd.observe.llamaswap_metrics import LlamaSwapCollector
 from swapd.placement.by_memory import EVICTION_REASONS
 
 # The `*_created` series double the series count and no dashboard uses them. (A process-wide
@@ -429,6 +430,7 @@ class Metrics:
         self._unrouted = {code: self.requests_total.labels("", code) for code in UNROUTED_CODES}
         self._memory = _MemoryCollector()
         r.register(self._memory)
+        self._llamaswap: LlamaSwapCollector | None = None
         self._models: set[str] = set()
         self._active: set[str] = set()
         self._series: dict[str, ModelSeries] = {}
@@ -528,6 +530,21 @@ class Metrics:
     def attach_sampler(self, sampler: SampleSource | None) -> None:
         """Export the GPU and engine-memory series of `sampler.latest()` from now on."""
         self._collector.sampler = sampler
+
+    def llamaswap_names(self, on: bool) -> None:
+        """`metrics.llamaSwapNames`: llama-swap's `llamaswap_*` series beside swapd's from
+        now on (or no longer); a reload may turn them either way."""
+        if on and self._llamaswap is None:
+            sampler = self._collector
+
+            def latest() -> Sample | None:
+                return sampler.sampler.latest() if sampler.sampler is not None else None
+
+            self._llamaswap = LlamaSwapCollector(latest)
+            self.registry.register(self._llamaswap)
+        elif not on and self._llamaswap is not None:
+            self.registry.unregister(self._llamaswap)
+            self._llamaswap = None
 
     def attach_memory(self, source: MemoryGauges | None) -> None:
         """Export MemAvailable and engine peak memory from `source` from now on."""
