@@ -22,11 +22,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from swapd import __version__, redact, systemd
+from swapd import __version__, files, redact, systemd
 from swapd.config.loader import config_files, load_config
 from swapd.config.nodes import ConfigError, include_files, split_host_port
 from swapd.config.types import Config, LoadResult
 from swapd.engines import procgroup
+from swapd.engines.launch import keep_from_engines
 from swapd.engines.orphans import OwnedGroups, reap_leftovers
 from swapd.engines.starts import StartTimes
 from swapd.engines.trees import EngineTrees
@@ -63,11 +64,17 @@ def default_state_dir(listen: str) -> Path:
     return base / "swapd" / str(split_host_port(listen)[1])
 
 
+def swapd_keys(config: Config) -> list[str]:
+    """The keys swapd itself uses: kept from engines' environments (engines.launch)."""
+    return [*config.api_keys, *config.admin_keys,
+            *(p.api_key for p in config.peers.values() if p.api_key)]
+
+
 def config_secrets(config: Config) -> list[str]:
     """Values the config itself names as secrets: masked wherever they would be printed."""
     from urllib.parse import urlsplit
 
-    values = [*config.api_keys, *config.admin_keys]
+    values = swapd_keys(config)
     for model in config.models.values():
         values += [v for k, v in model.env if redact.is_secret_name(k)]
         with contextlib.suppress(ValueError):
@@ -141,6 +148,7 @@ class Daemon:
         self.live = LiveConfig(self._effective(loaded.config))
         self._warnings = loaded.warnings
         redact.remember(config_secrets(self.config))
+        keep_from_engines(swapd_keys(self.config))
         self._listen = self.config.listen
         self._watch = watch_config
         self.hub = LogHub(self.config.log_buffer_lines)
@@ -223,7 +231,7 @@ class Daemon:
         )
         app[CONFIG] = self.live
         app.cleanup_ctx.append(_upstream_session)
-        app.on_response_prepare.append(self.gate.cors_headers)
+        app.on_response_prepare.append(self.gate.answer_headers)
         proxy = Proxy(
             self.scheduler,
             self.metrics,
@@ -276,6 +284,7 @@ class Daemon:
                 loaded = await asyncio.to_thread(
                     load_config, self.config_path, None, None, self.config_dir)
             redact.remember(config_secrets(loaded.config))
+            keep_from_engines(swapd_keys(loaded.config))
             for warning in loaded.warnings:
                 log.warning("config warning", warning=warning)
             self.config = self._effective(loaded.config)
@@ -360,12 +369,18 @@ class Daemon:
         return 0
 
     async def startup(self, resources: contextlib.AsyncExitStack) -> web.TCPSite | None:
-        """Everything before the first request; None when the socket cannot be bound."""
+        """Everything before the first request; None when the socket cannot be bound or the
+        state folder is not swapd's own."""
         loop = asyncio.get_running_loop()
         # Threads (the GPU sampler, engine pumps' fallbacks) hand lines to this loop.
         self.hub.bind(loop)
         configure_logging(self.config.log_level, hub=self.hub)
         self._apply_log_to_stdout()
+        problem = await asyncio.to_thread(_own_state_dir, self.state_dir)
+        if problem is not None:
+            log.error("refusing stateDir: swapd reads engine records back from it and acts on "
+                      "them", state_dir=str(self.state_dir), problem=problem)
+            return None
         self.activity.load()
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
@@ -485,6 +500,15 @@ class Daemon:
         else:
             force.cancel()
             await close
+
+
+def _own_state_dir(path: Path) -> str | None:
+    """Make the state folder (0700) if there is none; why it is not swapd's own, else None."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        return f"cannot create it: {exc.strerror or exc}"
+    return files.untrusted(path, directory=True)
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

@@ -53,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
                         "http://127.0.0.1:28080)")
     status.add_argument("--config", "-config", default=None,
                         help="the config swapd runs with: its listen address is the URL")
-    status.add_argument("--admin-key", default=None, help="an adminKeys entry, if set")
+    status.add_argument("--admin-key", default=None,
+                        help="an adminKeys entry (shows in ps: prefer $SWAPD_ADMIN_KEY or "
+                        "--admin-key-file)")
     status.add_argument("--admin-key-file", default=None,
-                        help="a file holding the key (kept out of the process list)")
+                        help="a file holding the key (kept out of the process list); "
+                        "default: $SWAPD_ADMIN_KEY, if set")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
     litellm = sub.add_parser("litellm-config", help="print a LiteLLM model_list for this node")
@@ -202,14 +205,19 @@ def _litellm(path: str, url: str | None) -> int:
 
 def _status_command(args: argparse.Namespace) -> int:
     """`swapd status`: the URL from --url, else from --config's listen; the admin key from
-    --admin-key or --admin-key-file."""
+    --admin-key-file, else $SWAPD_ADMIN_KEY, else --admin-key (which every local user sees
+    in `ps`: said so)."""
     url = args.url
     if url is None and args.config is not None:
         loaded = _load(args.config)
         if loaded is None:
             return EXIT_BAD_CONFIG
         url = local_url(loaded.config.listen)
-    key = args.admin_key
+    key = os.environ.get("SWAPD_ADMIN_KEY", "").strip() or None
+    if key is None and args.admin_key:
+        print("swapd: warning: --admin-key shows the key to every local user (ps, "
+              "/proc/PID/cmdline); use $SWAPD_ADMIN_KEY or --admin-key-file", file=sys.stderr)
+        key = args.admin_key
     if args.admin_key_file is not None:
         try:
             with open(args.admin_key_file, encoding="utf-8") as f:

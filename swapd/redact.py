@@ -344,12 +344,14 @@ def _redact_assignment(arg: str) -> str:
 
 
 _ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Control characters, and the bidirectional overrides and isolates that make a line read
+# otherwise than it is (CVE-2021-42574, "Trojan Source").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def clean_line(line: str) -> str:
-    """A log line safe to serve: terminal escape sequences and control characters (ESC, NUL,
-    CR, ...) removed, tabs and newlines kept, secrets masked."""
+    """A log line safe to serve: terminal escape sequences, control characters (ESC, NUL,
+    CR, ...) and bidirectional controls removed, tabs and newlines kept, secrets masked."""
     if "\x1b" in line:
         line = _ANSI.sub("", line)
     if not line.isprintable():  # a C scan; most lines are

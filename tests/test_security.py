@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from tests.support import (
 )
 
 JSON = {"Content-Type": "application/json"}
+# A process that idles until killed (two minutes at most).
+IDLE_SCRIPT = "import signal; signal.alarm(120); signal.pause()"
 YAML = {"Content-Type": "application/yaml"}
 
 
@@ -642,7 +645,8 @@ def test_broken_and_looping_include_symlinks_are_warned_about(tmp_path):
     (folder / "ok.yaml").write_text(yaml.safe_dump({"models": {"ok": {"cmd": "/bin/true"}}}))
     (folder / "gone.yaml").symlink_to(folder / "missing.yaml")
     (folder / "loop.yaml").symlink_to(folder / "loop.yaml")
-    (folder / "sub" / "back").symlink_to(folder)
+    (folder / "sub" / "back").symlink_to(folder)  # a folder met again: not walked twice
+    (folder / "sub" / "again.yaml").symlink_to(folder / "ok.yaml")
     main = tmp_path / "config.yaml"
     main.write_text(yaml.safe_dump({"include": "recipes/**/*.yaml", "models": {}}))
     result = load_config(main)
@@ -965,6 +969,130 @@ def test_smaller_items_of_issue_21(start, tmp_path):
     with sqlite3.connect(db_path) as db:
         sessions = [row[0] for row in db.execute("SELECT session FROM activity ORDER BY id")]
     assert sessions == ["good-1", "bad-\ufffd", "good-2"], sessions
+
+
+def test_a_state_dir_others_may_write_is_refused(start_swapd, tmp_path):
+    """Issue 21 item 9: stateDir was trusted; a folder anyone may write to is refused."""
+    state = tmp_path / "open-state"
+    state.mkdir()
+    state.chmod(0o777)
+    daemon = start_swapd({"models": {}}, state_dir=state, wait=False)
+    assert daemon.proc.wait(30) == 1
+    assert "refusing stateDir" in daemon.log() and "o+w" in daemon.log()
+
+
+def test_planted_state_files_are_not_acted_on(start, tmp_path):
+    """Issue 21 item 9: a planted engines.json made swapd kill an unrelated process matched by
+    pid and start time; a start-times.json holding Infinity made /v1/models invalid JSON."""
+    from swapd.engines import procgroup
+    from swapd.engines.orphans import _is_cgroup_dir
+
+    victim = subprocess.Popen([PY, "-c", IDLE_SCRIPT])
+    try:
+        state = tmp_path / "state"
+        state.mkdir(mode=0o700)
+        record = {"version": 2, "groups": [{
+            "model": "m", "pid": victim.pid, "start_ticks": procgroup.start_ticks(victim.pid),
+            "marker": None, "cgroup": "/sys/fs/cgroup/system.slice/sshd.service"}]}
+        planted = state / "engines.json"
+        planted.write_text(json.dumps(record))
+        planted.chmod(0o666)  # anyone may have written it
+        (state / "start-times.json").write_text('{"m": [Infinity, NaN, 1e999, 2.5]}')
+        daemon = start({"models": {"m": model(fake_cmd(name="m"), gpu=False)}})
+        assert victim.poll() is None, "swapd killed a process a planted record named"
+        assert "not swapd's own" in daemon.log()
+        raw = urllib.request.urlopen(daemon.url + "/v1/models", timeout=10).read()
+        json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in /v1/models"))
+    finally:
+        victim.kill()
+        victim.wait()
+    # A record's cgroup counts only below swapd's own cgroup (never another service's).
+    assert not _is_cgroup_dir("/sys/fs/cgroup/system.slice/sshd.service")
+    assert not _is_cgroup_dir("/sys/fs/cgroup/../../etc")
+
+
+def test_html_from_an_engine_is_sandboxed(start, tmp_path):
+    """Issue 21 item 9: relayed HTML (llama.cpp's web UI, vLLM's /docs) ran in swapd's origin,
+    next to the status page and its key."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<script>fetch('/unload')</script>")
+    cmd = f"{PY} -m http.server ${{PORT}} --bind 127.0.0.1 --directory {site}"
+    daemon = start({"models": {"web": model(cmd, gpu=False, checkEndpoint="/")}})
+    with urllib.request.urlopen(daemon.url + "/upstream/web/index.html", timeout=60) as resp:
+        csp = resp.headers.get("Content-Security-Policy", "")
+    assert csp.startswith("sandbox") and "allow-scripts" in csp, csp
+    assert "allow-same-origin" not in csp
+
+
+def test_engines_do_not_inherit_swapds_own_keys(start, tmp_path):
+    """Issue 21 item 9: engines inherited swapd's whole environment, SWAPD_ADMIN_KEY and the
+    `${env.*}` its keys come from included; a recipe that names one still gets it."""
+    dump, named = tmp_path / "env.json", tmp_path / "env-named.json"
+    env = {"SWAPD_ADMIN_KEY": "adm-SEKRET-1", "MY_API_KEY": "api-SEKRET-2",
+           "HF_TOKEN": "hf-kept-for-engines"}
+    daemon = start({
+        "adminKeys": ["${env.SWAPD_ADMIN_KEY}"], "apiKeys": ["${env.MY_API_KEY}"],
+        "models": {
+            "m": model(fake_cmd("--env-dump", str(dump), name="m"), gpu=False),
+            "n": model(fake_cmd("--env-dump", str(named), name="n"), gpu=False,
+                       env=["MY_API_KEY=${env.MY_API_KEY}"]),
+        }}, env=env)
+    for name in ("m", "n"):
+        code, _ = daemon.post("/v1/chat/completions", {"model": name, "messages": []},
+                              headers={"Authorization": "Bearer api-SEKRET-2"})
+        assert code == 200
+    seen, seen_named = json.loads(dump.read_text()), json.loads(named.read_text())
+    assert "SWAPD_ADMIN_KEY" not in seen and "MY_API_KEY" not in seen, sorted(seen)
+    assert seen["HF_TOKEN"] == "hf-kept-for-engines"
+    assert seen_named["MY_API_KEY"] == "api-SEKRET-2" and "SWAPD_ADMIN_KEY" not in seen_named
+    # `swapd status` takes the admin key from the environment or a file, not only argv.
+    key_file = tmp_path / "admin.key"
+    key_file.write_text("adm-SEKRET-1\n")
+    key_file.chmod(0o600)
+    base = [PY, "-m", "swapd", "status", "--url", daemon.url]
+    clean = {k: v for k, v in os.environ.items() if k != "SWAPD_ADMIN_KEY"}
+    for argv, extra in ((base, {"SWAPD_ADMIN_KEY": "adm-SEKRET-1"}),
+                        ([*base, "--admin-key-file", str(key_file)], {}),
+                        ([*base, "--admin-key", "adm-SEKRET-1"], {})):
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                             env={**clean, **extra})
+        assert out.returncode == 0, (argv, out.stderr)
+        assert ("shows the key" in out.stderr) == ("--admin-key" in argv), out.stderr
+
+
+def test_engines_cannot_forge_swapd_lines_or_hide_text():
+    """Issue 21 item 9: an engine printing `[swapd] …` read as swapd's own line in its model's
+    stream; bidirectional controls make a line read otherwise than it is."""
+    from swapd.observe.logs import SWAPD, LogHub
+
+    hub = LogHub(100)
+    hub.append("m", "[swapd] model m ready (forged)")
+    hub.append("m", "  [swapd] indented")
+    hub.append("m", "evil \u202eexe.txt\u2066 hidden")
+    hub.append(SWAPD, "engine ready", also="m")
+    lines = hub.recent("m")
+    assert lines == ["[m] [swapd] model m ready (forged)", "[m]   [swapd] indented",
+                     "evil exe.txt hidden", "[swapd] engine ready"], lines
+
+
+def test_include_globs_through_symlink_loops_are_bounded(tmp_path):
+    """Issue 21 item 9: `include: recipes/**/*.yaml` with folders that link back to their
+    parent (two at each level: 2^depth paths for glob) hung loading."""
+    folder = tmp_path / "recipes"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "ok.yaml").write_text(yaml.safe_dump({"models": {"ok": {"cmd": "/bin/true"}}}))
+    (folder / "sub" / "deep.yaml").write_text(
+        yaml.safe_dump({"models": {"deep": {"cmd": "/bin/true"}}}))
+    for name in ("a", "b"):
+        (folder / name).symlink_to(folder)
+        (folder / "sub" / name).symlink_to(folder)
+    main = tmp_path / "config.yaml"
+    main.write_text(yaml.safe_dump({"include": "recipes/**/*.yaml", "models": {}}))
+    t0 = time.monotonic()
+    result = load_config(main)
+    assert time.monotonic() - t0 < 5
+    assert sorted(result.config.models) == ["deep", "ok"]
 
 
 # -- pure rules ---------------------------------------------------------------------------------

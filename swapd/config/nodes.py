@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import fnmatch
+import functools
 import glob
 import json
 import math
@@ -117,10 +119,70 @@ def include_pattern(source: str | None, include: str) -> str:
     return os.path.normpath(os.path.join(folder, os.path.expanduser(include)))
 
 
+# `**` descends this deep at most, and lists this many entries at most: glob's own `**`
+# follows symlinked folders, and a folder that links back to its parent (twice) made it
+# walk 2^depth paths (issue 21).
+MAX_INCLUDE_DEPTH = 32
+MAX_INCLUDE_ENTRIES = 100_000
+
+
 def include_files(source: str | None, include: str) -> list[str]:
     """The files an `include` glob matches now, in the order they load (sorted; `**`
-    descends into folders)."""
-    return sorted(glob.glob(include_pattern(source, include), recursive=True))
+    descends into folders, each folder once however many symlinks lead to it)."""
+    pattern = include_pattern(source, include)
+    if "**" not in pattern:
+        return sorted(glob.glob(pattern))  # one folder level per component: bounded
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:first]) or os.sep
+    return sorted(_walk(base, parts[first:]))
+
+
+def _walk(base: str, rest: list[str]) -> list[str]:
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    entries = 0
+    for folder, dirs, files in os.walk(base, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dirs[:] = []
+            continue
+        depth = 0 if folder == base else os.path.relpath(folder, base).count(os.sep) + 1
+        if (st.st_dev, st.st_ino) in seen or depth > MAX_INCLUDE_DEPTH:
+            dirs[:] = []  # a folder met again through a symlink, or too deep
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        entries += len(dirs) + len(files)
+        if entries > MAX_INCLUDE_ENTRIES:
+            break
+        dirs.sort()
+        for name in files:
+            path = os.path.join(folder, name)
+            if _glob_match(rest, os.path.relpath(path, base).split(os.sep)):
+                found.append(path)
+    return found
+
+
+def _glob_match(pattern: list[str], names: list[str]) -> bool:
+    """glob's rules on path components: `**` any number of folders, `*`/`?`/`[..]` within
+    one name, a leading `.` matched only by a pattern that starts with one."""
+
+    @functools.cache
+    def match(i: int, j: int) -> bool:
+        if i == len(pattern):
+            return j == len(names)
+        if pattern[i] == "**":
+            return match(i + 1, j) or (
+                j < len(names) and not names[j].startswith(".") and match(i, j + 1))
+        if j == len(names):
+            return False
+        name = names[j]
+        if name.startswith(".") and not pattern[i].startswith("."):
+            return False
+        return fnmatch.fnmatchcase(name, pattern[i]) and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def valid_id(model_id: str) -> bool:

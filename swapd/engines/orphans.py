@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import psutil
 import structlog
 
 from swapd.engines import procgroup
-from swapd.files import write_atomic
+from swapd.files import read_state_json, write_atomic
 
 log = structlog.get_logger("swapd.orphans")
 
@@ -149,14 +150,17 @@ class OwnedGroups:
 
 def _read(path: Path) -> list[dict[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
+        data = read_state_json(path)
     except OSError as exc:
         log.warning("cannot read engine record", path=str(path), error=str(exc))
         return []
+    except ValueError as exc:
+        log.warning("engine record is corrupt or not swapd's own, ignoring it", path=str(path),
+                    error=str(exc))
+        return []
+    if data is None:
+        return []
     try:
-        data = json.loads(text)
         groups = data["groups"]
         if not isinstance(groups, list):
             raise TypeError("groups is not a list")
@@ -185,9 +189,10 @@ def _tree(rec: dict[str, Any]) -> procgroup.Tree | None:
     if not isinstance(ticks, int):
         # Version 1: a psutil start time (wall clock at boot + offset).
         boot = rec.get("boot_time")
-        if not isinstance(start, int | float):
+        if not isinstance(start, int | float) or not math.isfinite(start):
             return None
-        base = float(boot) if isinstance(boot, int | float) else psutil.boot_time()
+        base = (float(boot) if isinstance(boot, int | float) and math.isfinite(boot)
+                else psutil.boot_time())
         ticks = round((float(start) - base) * procgroup.CLOCK_TICKS)
     marker, cgroup = rec.get("marker"), rec.get("cgroup")
     members = rec.get("members")
@@ -204,8 +209,12 @@ def _tree(rec: dict[str, Any]) -> procgroup.Tree | None:
 
 
 def _is_cgroup_dir(path: str) -> bool:
-    # A record is data from disk: only a directory of a cgroup file system is written to.
-    return path.startswith("/sys/fs/cgroup/") and ".." not in path.split("/")
+    # A record is data from disk: only a cgroup below swapd's own (where swapd makes its
+    # engines' cgroups) is ever killed or removed, never another service's.
+    own = procgroup.own_cgroup()
+    if own is None or ".." in path.split("/") or "\x00" in path:
+        return False
+    return os.path.normpath(path).startswith(os.path.normpath(own) + "/")
 
 
 def _classify(rec: dict[str, Any], boot_id: str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import statistics
 import threading
 import time
@@ -17,11 +18,13 @@ from typing import Protocol
 
 import structlog
 
-from swapd.files import write_atomic
+from swapd.files import read_state_json, write_atomic
 
 log = structlog.get_logger("swapd.starts")
 
 KEEP = 9
+# A start time read back longer than this is no start time swapd measured.
+MAX_SECONDS = 7 * 24 * 3600.0
 FILE = "start-times.json"
 
 
@@ -124,15 +127,19 @@ class StartTimes:
 
 def _read(path: Path) -> dict[str, list[float]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
+        data = read_state_json(path)
     except (OSError, ValueError) as exc:
         log.warning("start times unreadable; starting afresh", path=str(path), error=str(exc))
         return {}
     if isinstance(data, dict):
+        # Durations as swapd writes them: finite, not negative (an Infinity read back made
+        # /v1/models emit invalid JSON).
         return {
-            str(k): [float(x) for x in v if isinstance(x, int | float)][-KEEP:]
+            str(k): [
+                float(x) for x in v
+                if isinstance(x, int | float) and not isinstance(x, bool)
+                and math.isfinite(x) and 0 <= x < MAX_SECONDS
+            ][-KEEP:]
             for k, v in data.items()
             if isinstance(v, list)
         }

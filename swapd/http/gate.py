@@ -41,6 +41,12 @@ OPERATIONS_LOOPBACK_ONLY = (
 CORS_PATHS = frozenset({*INFERENCE_POST_PATHS, "/v1/models", *llamaswap_routes.POST_PATHS,
                         *llamaswap_routes.GET_PATHS, "/models", "/props"})
 
+# What HTML relayed from /upstream is sent with: scripts run, but in an opaque origin.
+UPSTREAM_HTML_CSP = "sandbox allow-scripts allow-forms allow-popups allow-downloads"
+# What a browser renders as a page that may run scripts.
+DOCUMENT_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml", "text/xml",
+                            "application/xml"})
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -168,9 +174,15 @@ class Gate:
             )
         return None
 
-    async def cors_headers(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+    async def answer_headers(self, request: web.BaseRequest,
+                             response: web.StreamResponse) -> None:
         """on_response_prepare: CORS headers on the inference API's answers (errors too, so a
-        browser client can read them) for the origins in cors.allowOrigins."""
+        browser client can read them) for the origins in cors.allowOrigins; a sandbox for
+        HTML relayed from an engine."""
+        if request.path.startswith("/upstream/") and response.content_type in DOCUMENT_TYPES:
+            # An engine's page (llama.cpp's web UI, vLLM's /docs) would run in swapd's origin,
+            # next to the status page and its key: its scripts run, in an origin of their own.
+            response.headers["Content-Security-Policy"] = UPSTREAM_HTML_CSP
         origin = request.headers.get("Origin")
         if origin is None or request.method == "OPTIONS" or request.path not in CORS_PATHS:
             return

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from typing import Any, Final
 import structlog
 
 from swapd.config.types import ModelConfig
-from swapd.files import write_atomic
+from swapd.files import read_state_json, write_atomic
 
 log = structlog.get_logger("swapd.footprints")
 
@@ -144,9 +145,7 @@ class FootprintStore:
         if self._path is None:
             return
         try:
-            doc: Any = json.loads(self._path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
+            doc: Any = read_state_json(self._path)
         except (OSError, ValueError) as exc:
             # Learned figures are a cache: a bad file costs some re-learning, not a start.
             log.warning("cannot read learned footprints; learning afresh",
@@ -158,7 +157,9 @@ class FootprintStore:
                 size = int(entry["bytes"])
                 fp = str(entry["fingerprint"])
                 updated = float(entry.get("updated", 0.0))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
+                continue
+            if not math.isfinite(updated):
                 continue
             if size > 0:
                 self._entries[str(model)] = Footprint(size, fp, updated)

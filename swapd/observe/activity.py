@@ -28,6 +28,8 @@ from typing import Any
 
 import structlog
 
+from swapd.files import untrusted
+
 log = structlog.get_logger("swapd.activity")
 
 # How many of the last response chunks are kept for the usage scan. OpenAI's usage chunk and
@@ -385,7 +387,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # Prompts' models, paths and sessions: for swapd's user only (SQLite gives its -wal and
     # -shm files the database's mode).
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    problem = untrusted(path)
+    if problem is not None:
+        raise PermissionError(f"{path} is not swapd's own: {problem}")
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
     os.chmod(path, 0o600)
     db = sqlite3.connect(path, timeout=5)
     db.execute("PRAGMA journal_mode=WAL")

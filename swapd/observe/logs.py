@@ -44,6 +44,7 @@ MAX_LINE_CHARS: Final = 16 * 1024
 """Longer lines are cut (an engine dumping a megabyte on one line must not fill memory)."""
 
 DROP_MARKER: Final = "[swapd] ... {n} lines dropped (slow reader)"
+_SWAPD_TAG: Final = f"[{SWAPD}]"
 
 
 def _clip(line: str) -> str:
@@ -206,6 +207,10 @@ class LogHub:
         buffer gets it once. Event loop thread only.
         """
         line = _clip(line)
+        if source != SWAPD and line.lstrip().startswith(_SWAPD_TAG):
+            # An engine's line that would read as swapd's own in its model's stream (where
+            # swapd's lines are tagged `[swapd] `): said to be the engine's.
+            line = f"[{source}] {line}"
         self._buffer(source).append(line)
         self._publish(source, line)
         tagged = f"[{source}] {line}"
