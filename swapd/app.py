@@ -183,7 +183,7 @@ class Daemon:
                                   sample=self.sampler.latest)
         self.scheduler = Scheduler(
             self.config, observer=self._observer, sink=self.hub, trees=self.trees,
-            memory=self.memory,
+            memory=self.memory, load_times=self.starts.samples,
         )
         # llama-swap's profiles: hooks.on_startup.profile (or none) at startup and after
         # every reload.

@@ -100,6 +100,11 @@ class StartTimes:
                 log.warning("cannot remember start times", path=str(self._path), error=str(exc))
             self._written = version
 
+    def samples(self) -> dict[str, list[float]]:
+        """Every model's recent start durations (seconds, oldest first): what the matrix
+        router weighs an eviction by."""
+        return {model: list(times) for model, times in self._times.items()}
+
     def expected(self, model: str) -> float | None:
         return estimate(self._times.get(model, []))
 

@@ -18,6 +18,7 @@ internal/matrix), so ten groups of ten alternatives stay cheap to solve.
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -290,31 +291,61 @@ class MatrixChoice:
     evict: tuple[str, ...]
     set_name: str | None  # None: the target is in no set and runs alone
     allowed: tuple[str, ...]  # the concrete set chosen (sorted), for the log
-    cost: int = 0
+    cost: float = 0
 
 
-def solve(program: Program, target: str, running: Iterable[str]) -> MatrixChoice:
+# Starts a model needs before its own median load time counts in full: below, its median
+# is pulled toward the fleet's (one slow load while others loaded must not define it).
+PRIOR_STARTS = 2
+
+
+def load_weights(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Each measured model's reload cost in milliseconds (llama-swap: an eviction costs
+    `evict_costs` × the model's median measured load time): its median over its last
+    starts, shrunk toward the fleet median while it has fewer than PRIOR_STARTS of them.
+    `"*"` is the fleet median, what a model never started costs. Empty: nothing measured
+    (every model then weighs 1, and `evict_costs` alone decides)."""
+    medians = {m: statistics.median(t) for m, t in samples.items() if t}
+    if not medians:
+        return {}
+    fleet = statistics.median(medians.values())
+    out = {"*": fleet * 1000}
+    for model, own in medians.items():
+        n = len(samples[model])
+        if n < PRIOR_STARTS:
+            own = (n * own + (PRIOR_STARTS - n) * fleet) / PRIOR_STARTS
+        out[model] = own * 1000
+    return out
+
+
+def solve(program: Program, target: str, running: Iterable[str],
+          weights: Mapping[str, float] | None = None) -> MatrixChoice:
     """The set containing `target` whose running-but-outside models cost least to
-    evict; ties go to the set defined first. A target in no set runs alone.
+    evict; ties go to the set defined first. A target in no set runs alone. A model's
+    cost is its `evict_costs` multiplier times its weight (`load_weights`; 1 without).
 
     Only `target` is ever started: the other members of the chosen set are allowed,
     not loaded.
     """
+    def cost_of(model: str) -> float:
+        weight = weights.get(model, weights.get("*", 1.0)) if weights else 1.0
+        return program.cost(model) * weight
+
     running = [m for m in dict.fromkeys(running) if m != target]
     relevant = frozenset([target, *running])
     memo: dict[int, list[_State]] = {}
-    best: tuple[int, MatrixSet, _State] | None = None
+    best: tuple[float, MatrixSet, _State] | None = None
     for matrix_set in program.sets:
         if target not in matrix_set.support:
             continue
         for state in _evaluate(matrix_set.root, relevant, memo):
             if target not in state.mask:
                 continue
-            cost = sum(program.cost(m) for m in running if m not in state.mask)
+            cost = sum(cost_of(m) for m in running if m not in state.mask)
             if best is None or cost < best[0]:
                 best = (cost, matrix_set, state)
     if best is None:
-        cost = sum(program.cost(m) for m in running)
+        cost = sum(cost_of(m) for m in running)
         return MatrixChoice(evict=tuple(running), set_name=None, allowed=(target,), cost=cost)
     cost, chosen, state = best
     return MatrixChoice(
@@ -366,10 +397,11 @@ def expand(program: Program, name: str) -> list[tuple[str, ...]]:
 
 
 def evictions(program: Program, target: str, running: Iterable[str],
-              gpu: Mapping[str, bool]) -> tuple[str, ...]:
+              gpu: Mapping[str, bool],
+              weights: Mapping[str, float] | None = None) -> tuple[str, ...]:
     """The matrix router's answer for the scheduler: the running models `target`'s start
     stops. Models with `gpu: false` are no GPU tenant here either: they neither evict
     nor get evicted (as under groups)."""
     if not gpu.get(target, True):
         return ()
-    return solve(program, target, [m for m in running if gpu.get(m, True)]).evict
+    return solve(program, target, [m for m in running if gpu.get(m, True)], weights).evict

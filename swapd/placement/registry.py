@@ -20,7 +20,7 @@ by the scheduler when it is built and on every reload.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from swapd.config.types import Config, RouterKind
@@ -32,41 +32,46 @@ from swapd.placement.types import Queued, QueueKey, RouteAnswer, RouteQuery, Rou
 
 # `evicted(model, reason)`: a router's eviction, for swapd_placement_evictions_total.
 Evicted = Callable[[str, str], None]
-RouterFactory = Callable[[Config, MemoryReadings, Evicted | None], Router]
+# Each model's recent start durations in seconds (swapd.engines.starts.StartTimes.samples).
+LoadTimes = Callable[[], Mapping[str, Sequence[float]]]
+RouterFactory = Callable[[Config, MemoryReadings, Evicted | None, LoadTimes | None], Router]
 
 
-def matrix_router(program: Program | None) -> Router:
+def matrix_router(program: Program | None, load_times: LoadTimes | None = None) -> Router:
     """llama-swap's matrix router: the set containing the target whose running models
-    outside it cost least to evict (swapd.placement.matrix.solve); `gpu: false` models stay
-    out."""
+    outside it cost least to evict (swapd.placement.matrix.solve), a model's cost its
+    `evict_costs` multiplier times its measured median load time (`load_times`, llama-swap's
+    rule; without, the multiplier alone); `gpu: false` models stay out."""
     if program is None:
         raise ValueError("routing.router.use is matrix but no matrix is configured")
 
     def route(p: RouteQuery) -> RouteAnswer:
         running = [m for m, v in p.models.items() if v.running and m != p.target]
         gpu = {m: v.gpu for m, v in p.models.items()}
-        return matrix.evictions(program, p.target, running, gpu)
+        weights = matrix.load_weights(load_times()) if load_times is not None else None
+        return matrix.evictions(program, p.target, running, gpu, weights)
 
     return route
 
 
 ROUTERS: Final[Mapping[RouterKind, RouterFactory]] = {
     # llama-swap's groups (the default)
-    RouterKind.GROUP: lambda config, memory, evicted: groups_router,
+    RouterKind.GROUP: lambda config, memory, evicted, load_times: groups_router,
     # llama-swap's matrix: routing.router.settings.matrix
-    RouterKind.MATRIX: lambda config, memory, evicted: matrix_router(config.matrix),
+    RouterKind.MATRIX: lambda config, memory, evicted, load_times: matrix_router(
+        config.matrix, load_times),
     # placement by measured memory (docs/memory.md)
-    RouterKind.MEMORY: lambda config, memory, evicted: by_memory.memory_router(
+    RouterKind.MEMORY: lambda config, memory, evicted, load_times: by_memory.memory_router(
         memory, config, evicted),
 }
 
 
 def router_for(config: Config, memory: MemoryReadings | None = None,
-               evicted: Evicted | None = None) -> Router:
+               evicted: Evicted | None = None, load_times: LoadTimes | None = None) -> Router:
     """The Router `routing.router.use` selects, built over `memory` (what swapd measures:
     the daemon's MemoryWatch; without one, /proc/meminfo and the configured footprints)."""
     readings = memory if memory is not None else Unmeasured()
-    router = ROUTERS[RouterKind(config.router)](config, readings, evicted)
+    router = ROUTERS[RouterKind(config.router)](config, readings, evicted, load_times)
     if config.router != RouterKind.MEMORY and any(
             m.sleep is not None for m in config.models.values()):
         # Sleepers are stopped when a start needs their memory (docs/sleep.md); the memory

@@ -247,8 +247,10 @@ class Scheduler:
         trees: EngineTrees | None = None,
         clock: Callable[[], float] = time.monotonic,
         memory: MemoryWatch | None = None,
+        load_times: registry.LoadTimes | None = None,
     ) -> None:
         self.config = config
+        self._load_times = load_times
         self._observer: Observer = observer if observer is not None else NullObserver()
         self._trees = trees if trees is not None else EngineTrees()
         self._factory: EngineFactory = engines if engines is not None else self._default_engine
@@ -637,7 +639,8 @@ class Scheduler:
         return total
 
     def _router_for(self, config: Config) -> Router:
-        return registry.router_for(config, self._memory, self._observer.evicted)
+        return registry.router_for(config, self._memory, self._observer.evicted,
+                                   self._load_times)
 
     # -- the memory guard ------------------------------------------------------------
 
