@@ -44,3 +44,9 @@ def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
     yield start
     for daemon in started:
         daemon.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `late` (real engines built from source, minutes each) run after the
+    others: a quick failure shows first, and quick tests do not queue behind them."""
+    items.sort(key=lambda item: item.get_closest_marker("late") is not None)
