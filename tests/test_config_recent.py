@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from swapd.config.nodes import ConfigError
+from swapd.config.routing import check_lines
 from tests.support import fake_cmd, metric_value, model, stream_lines
 from tests.test_config_routing import error, load
 
@@ -37,6 +38,8 @@ def test_recent_keys_with_their_meaning(tmp_path: Path) -> None:
     assert config.startup_profile == "coding"
     assert config.preload == ("big",)
     assert result.warnings == ()
+    printed = "\n".join(check_lines(config))
+    assert "globalConcurrencyLimit: 8" in printed and "startup profile: coding" in printed
     defaults = load(tmp_path, "logLevel: info\n").config
     assert (defaults.global_concurrency_limit, defaults.startup_profile,
             defaults.llamaswap_metric_names) == (0, None, False)
@@ -49,6 +52,8 @@ def test_swappable_false(tmp_path: Path) -> None:
 
     config = load_config(path, environ={}).config
     assert config.models["a"].swappable is False and config.models["b"].swappable is True
+    assert "swappable: false (a request for another model never stops them): a" in \
+        check_lines(config)
     path.write_text('models:\n  a: {cmd: "a", swappable: "no"}\n')
     with pytest.raises(ConfigError, match=r"models\.a\.swappable: must be true or false"):
         load_config(path, environ={})

@@ -564,6 +564,14 @@ def check_lines(config: Config) -> list[str]:
         key = ("apiKey set" if peer.api_key else
                f"apiKey needs {peer.api_key_unset}" if peer.api_key_unset else "no apiKey")
         lines.append(f"peer {peer.id}: {peer.proxy} ({key}) models: {', '.join(peer.models)}")
+    if config.global_concurrency_limit:
+        lines.append(f"globalConcurrencyLimit: {config.global_concurrency_limit} (429 past it)")
+    if config.startup_profile:
+        lines.append(f"startup profile: {config.startup_profile}")
+    pinned = [m.id for m in config.models.values() if not m.swappable]
+    if pinned:
+        lines.append("swappable: false (a request for another model never stops them): "
+                     + ", ".join(pinned))
     if config.ignore_paths:
         lines.append("upstream.ignorePaths: " + ", ".join(p.pattern for p in config.ignore_paths))
     return lines
