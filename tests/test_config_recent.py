@@ -147,3 +147,15 @@ def test_global_concurrency_limit_and_startup_profile(start_swapd: Any) -> None:
     assert daemon.post("/v1/chat/completions", {"model": "b", "messages": []})[0] == 200
     scrape = daemon.get("/metrics")[1]
     assert metric_value(scrape, "swapd_requests_total", model="b", code="429") == 1
+
+
+def test_swappable_false_answers_409_and_unload_frees_it(start_swapd: Any) -> None:
+    daemon = start_swapd({"models": {"big": model(fake_cmd(name="big"), swappable=False),
+                                     "small": model(fake_cmd(name="small"))}})
+    assert daemon.post("/v1/chat/completions", {"model": "big", "messages": []})[0] == 200
+    code, body = daemon.post("/v1/chat/completions", {"model": "small", "messages": []})
+    assert code == 409 and body["error"]["code"] == "model_not_swappable", body
+    assert "POST /models/big/unload" in body["error"]["message"]
+    assert daemon.status()["models"]["big"]["state"] == "ready"
+    assert daemon.post("/models/big/unload")[0] == 200
+    assert daemon.post("/v1/chat/completions", {"model": "small", "messages": []})[0] == 200
