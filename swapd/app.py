@@ -23,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from swapd import __version__, files, redact, systemd
+from swapd.cluster.peers import FAILURE_REASONS
 from swapd.config.loader import config_files, load_config
 from swapd.config.nodes import ConfigError, include_files, split_host_port
 from swapd.config.types import Config, LoadResult
@@ -33,6 +34,7 @@ from swapd.engines.starts import StartTimes
 from swapd.engines.trees import EngineTrees
 from swapd.http.admin import Admin
 from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
+from swapd.http.cluster import ClusterRoutes
 from swapd.http.connections import LoopErrors, Runner, connection_cap, raise_fd_limit
 from swapd.http.gate import Gate
 from swapd.http.llamaswap_routes import llamaswap_routes
@@ -117,6 +119,12 @@ class _Observer:
 
     def engine_slept(self, model: str, result: str, seconds: float) -> None:
         self._daemon.metrics.engine_sleeps.labels(model, result).inc()
+
+    def cluster_hold(self, peer: str, model: str, held: bool) -> None:
+        self._daemon.metrics.cluster_holds.labels(peer, model).set(1 if held else 0)
+
+    def cluster_hold_failed(self, peer: str, reason: str) -> None:
+        self._daemon.metrics.cluster_hold_failures.labels(peer, reason).inc()
 
     def engine_woken(self, model: str, ok: bool, seconds: float) -> None:
         metrics = self._daemon.metrics
@@ -244,6 +252,7 @@ class Daemon:
         admin = Admin(self.scheduler, self.reload, self.profiles, details=self._details,
                       memory=self.memory)
         app.add_routes(admin.routes())
+        app.add_routes(ClusterRoutes(self.scheduler).routes())
         app.add_routes(llamaswap_routes(proxy, self.scheduler, self.events, self.activity,
                                         self.profiles))
         app.add_routes(router_api_routes(proxy, self.scheduler, self.events, self.starts,
@@ -254,6 +263,11 @@ class Daemon:
         app.add_routes(log_routes(self.hub, self._model_ids))
         app.router.add_get("/metrics", self.metrics.handle)
         return app
+
+    def _register_cluster(self) -> None:
+        heads = {m.id: [peer for peer, _ in m.cluster.nodes]
+                 for m in self.config.models.values() if m.cluster is not None}
+        self.metrics.register_cluster(heads, FAILURE_REASONS)
 
     def _model_ids(self) -> Iterable[str]:
         return self.config.models.keys()
@@ -295,6 +309,7 @@ class Daemon:
                 log.warning("listen changed; it takes effect on restart", listen=self._listen)
             changes = self.scheduler.apply_config(self.config)
             self.metrics.register_models(list(self.config.models))
+            self._register_cluster()
             self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
@@ -401,6 +416,7 @@ class Daemon:
         # engine outlives it (after a graceful shutdown there is none left to kill).
         resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
+        self._register_cluster()
         self.metrics.attach_sampler(self.sampler)
         self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
         self.metrics.attach_memory(self.memory)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top: a module imports from its own wing and from wings to its left.
-LAYERS = ("leaves", "config", "engines", "memory", "placement", "schedule", "observe", "http",
-          "ui", "entries")
+LAYERS = ("leaves", "config", "engines", "memory", "placement", "cluster", "schedule", "observe",
+          "http", "ui", "entries")
 LEAVES = {"errors", "redact", "files", "systemd", "__init__"}  # __init__: the version
 ENTRIES = {"app", "cli", "litellm", "__main__"}
 # The two known exceptions (docs/architecture.md): modules that import nothing of swapd's.

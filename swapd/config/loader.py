@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from swapd.config import configdir, recent
+from swapd.config import cluster, configdir, recent
 from swapd.config.nodes import (
     ConfigError,
     Ctx,
@@ -91,7 +91,7 @@ _MODEL_KEYS = frozenset(
     "description metadata concurrencyLimit filters sendLoadingState macros engine gpu "
     "healthCheckTimeout restart memoryReleaseTimeout forwardClientAuth timeouts capabilities "
     "compat memory swappable sleepMode sleepEndpoints wakeEndpoints sleepMinFreed sleepTimeout "
-    "sleepTtl".split()
+    "sleepTtl clusterWorker cluster".split()
 )
 _CALL_KEYS = frozenset({"endpoint", "method", "body", "timeout"})
 _CALL_METHODS = ("GET", "POST", "PUT", "PATCH")
@@ -392,6 +392,21 @@ def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
                 aliases[f"filters.setParamsByID[{i}]"] = requested
     compat(node)
     folder = os.path.dirname(base.source) if base.source else None
+    sleep = _sleep(node, engine)
+    worker = node.flag("clusterWorker", False)
+    head = cluster.cluster_of(node)
+    if worker and head is not None:
+        ctx.fail(node.key("clusterWorker"), "a model is a cluster head (cluster:) or a "
+                 "worker (clusterWorker: true), not both")
+    if (worker or head is not None) and sleep is not None:
+        ctx.warn(node.key("sleepMode"), "ignored: a cluster head or worker is stopped, never "
+                 "put to sleep (its peers' workers would stay held for nothing)")
+        sleep = None
+    if worker:
+        if node.get("ttl") not in (None, 0, -1):
+            ctx.warn(node.key("ttl"), "ignored: a cluster worker runs exactly as long as its "
+                     "hold (the head's ttl stops both)")
+        ttl = 0
     return ModelConfig(
         id=model_id,
         cmd=_anchor(_argv(ctx, node.key("cmd"), texts["cmd"]), folder),
@@ -425,7 +440,9 @@ def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
         capabilities=capabilities(node),
         set_params_by_id=by_id,
         memory=_size(node, "memory"),
-        sleep=_sleep(node, engine),
+        sleep=sleep,
+        cluster_worker=worker,
+        cluster=head,
     )
 
 
@@ -710,7 +727,9 @@ def load_config(
     files = [(ctx, top), *merged, *_included(ctx, base)]
     models, ctx_of = _models(files, base, keep_ports or {})
     _check_names(ctx_of, models)
-    return LoadResult(config=_with_models(top, base, models), warnings=tuple(warnings))
+    config = _with_models(top, base, models)
+    cluster.check(config, ctx_of, ctx)
+    return LoadResult(config=config, warnings=tuple(warnings))
 
 
 def config_files(path: str | os.PathLike[str] | None, config_dir: str | None) -> list[str]:
@@ -853,6 +872,9 @@ def _with_models(top: Node, base: Config, models: dict[str, ModelConfig]) -> Con
         if found is None:
             ctx.warn(f"hooks.on_startup.preload[{i}]",
                      f"{show(name)} is not a defined model, ignored")
+        elif found.cluster_worker:
+            ctx.warn(f"hooks.on_startup.preload[{i}]",
+                     f"{show(name)} is a cluster worker: only a head's hold starts it, ignored")
         elif found.id not in preload:
             preload.append(found.id)
     queue_timeout = base.queue_timeout

@@ -302,8 +302,8 @@ def _peers(ctx: Ctx, top: Node,
         if not is_http_url(proxy):
             ctx.fail(node.key("proxy"), f"required: an http:// or https:// URL, got {show(proxy)}")
         models = tuple(dict.fromkeys(m.strip() for m in node.texts("models") if m.strip()))
-        if not models:
-            ctx.fail(node.key("models"), "required: the models this peer serves")
+        # No models: a cluster peer only (checked once the models are known,
+        # swapd.config.cluster.check).
         api_key, unset = None, None
         try:
             api_key = node.text("apiKey") or None

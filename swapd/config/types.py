@@ -48,6 +48,17 @@ class SleepPolicy:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """A head model's `cluster:` (docs/two-sparks.md): before its engine starts, each peer
+    named here holds the worker recipe of its own config named beside it; the head renews
+    every hold each `hold_ttl`/3 seconds, and a peer stops a worker whose hold went
+    `hold_ttl` seconds unrenewed."""
+
+    nodes: tuple[tuple[str, str], ...]  # (peer id in `peers:`, worker model id on that peer)
+    hold_ttl: float = 15.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     id: str
     # argv after macro expansion; never passed through a shell.
@@ -97,6 +108,11 @@ class ModelConfig:
     memory: int | None = field(default=None, compare=False)
     # `sleepMode: enable`: sleep instead of stopping on a swap or ttl; None: stopped as always.
     sleep: SleepPolicy | None = None
+    # `clusterWorker: true`: run only while a head on a peer holds it (POST
+    # /api/cluster/holds); never started by a request, never listed.
+    cluster_worker: bool = False
+    # `cluster:` of a head model: the workers peers hold for it.
+    cluster: ClusterConfig | None = None
 
     @property
     def port(self) -> int | None:

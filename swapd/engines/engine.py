@@ -403,6 +403,10 @@ class Engine:
                     code = self.last_exit.code if self.last_exit else None
                     reason = f"exited with code {code}" + self._squatted()
                     raise StartError(self.id, reason, code, self.tail())
+                if self.cfg.cluster_worker and self.cfg.check_endpoint is None:
+                    # A worker (`ray start --block`) serves no port of its own: with
+                    # `checkEndpoint: none`, started means ready (docs/two-sparks.md).
+                    return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     reason = f"not ready after {timeout:g}s (healthCheckTimeout)" + self._squatted()

@@ -28,8 +28,9 @@ OPEN_PATHS = ("/health", "/metrics", *llamaswap_routes.OPEN_PATHS)
 OPEN_PREFIXES = ("/ui/",)
 # /api/: profiles, and the page's activity, captures and GPU sample.
 ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/")
-# Recipes (files written, commands to run): an admin key or loopback, never an API key.
-RECIPE_PREFIX = "/admin/"
+# Recipes (files written, commands to run) and cluster holds (a process started for a
+# head on another node): an admin key or loopback, never an API key.
+RECIPE_PREFIX = ("/admin/", "/api/cluster/")
 # What a client of another machine is told when no key of any kind is set; the status page
 # shows it as its one line.
 OPERATIONS_LOOPBACK_ONLY = (
@@ -216,7 +217,8 @@ class Gate:
                                    code="invalid_api_key")
                 return
             if config.api_keys:
-                raise ApiError("recipes answer only loopback clients when adminKeys is empty",
+                raise ApiError("recipes and cluster holds answer only loopback clients when "
+                               "adminKeys is empty",
                                status=403, code="forbidden")
             raise ApiError(OPERATIONS_LOOPBACK_ONLY, status=403, code="operations_loopback_only")
         if config.api_keys and not key_in(key, config.api_keys + config.admin_keys):

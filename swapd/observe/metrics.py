@@ -50,7 +50,8 @@ START_RESULTS: Final = ("success", "failure")
 # swapd_engine_sleeps_total{result} (swapd.schedule.phase.SleepResult) and wakes_total.
 SLEEP_RESULTS: Final = ("slept", "no_memory_freed", "failed")
 WAKE_RESULTS: Final = ("woken", "failed")
-STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload", "memory_guard")
+STOP_REASONS: Final = ("idle", "swap", "unload", "crash", "shutdown", "reload", "memory_guard",
+                       "release")
 # The codes swapd itself answers a routed request with: 200 (relayed), 429 concurrencyLimit,
 # 499 client gone, 502 engine failed, 503 start failed / queue full / shutting down, 504 queue
 # timeout. Each configured model has these at zero. (An engine's own 4xx/5xx are relayed and
@@ -419,6 +420,21 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        # Cluster holds (docs/two-sparks.md): those this node holds on its peers for its
+        # heads, and those it could not have or lost.
+        self.cluster_holds = Gauge(
+            "swapd_cluster_holds",
+            "Cluster holds this node holds on a peer for a head model (1 while held).",
+            ["peer", "model"],
+            registry=r,
+        )
+        self.cluster_hold_failures = Counter(
+            "swapd_cluster_hold_failures_total",
+            "Cluster holds that could not be had or were lost, by peer and reason "
+            "(unreachable, timeout, refused, worker_failed, lost, no_key).",
+            ["peer", "reason"],
+            registry=r,
+        )
         self.build_info = Info("swapd_build", "swapd build information.", registry=r)
         self.build_info.info({"version": version})
         self._collector = _SampleCollector()
@@ -448,6 +464,17 @@ class Metrics:
             for code in MODEL_CODES:
                 self.requests_total.labels(model, code)
             self.stream_errors.labels(model)
+
+    def register_cluster(self, heads: Mapping[str, Iterable[str]],
+                         reasons: Iterable[str]) -> None:
+        """A cluster head's series at zero from the moment it is configured (head model ->
+        its peers): a first failed hold must show in rate()."""
+        reasons = tuple(reasons)
+        for model, peers in heads.items():
+            for peer in peers:
+                self.cluster_holds.labels(peer, model)
+                for reason in reasons:
+                    self.cluster_hold_failures.labels(peer, reason)
 
     def _activate(self, model: str) -> None:
         """A model's first request or engine start: its engine counters at zero from here."""

@@ -47,6 +47,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from swapd.cluster.holds import Hold, HoldTable, HoldView
 from swapd.config.types import Config, ModelConfig
 from swapd.placement.groups import DEFAULT_GROUP, groups_router
 from swapd.placement.types import (
@@ -75,6 +76,11 @@ class Refusal(StrEnum):
     MEMORY_GUARD = "memory_guard"  # 503: the memory guard killed the engine
     WONT_FIT = "insufficient_memory"  # 503: the router says it can never be placed here
     NOT_SWAPPABLE = "model_not_swappable"  # 409: only a `swappable: false` model's stop frees it
+    # Cluster holds (docs/two-sparks.md)
+    NOT_A_WORKER = "not_a_cluster_worker"  # 409: a hold for a recipe without clusterWorker
+    HOLD_CONFLICT = "cluster_hold_conflict"  # 409: another head holds that worker
+    HELD = "cluster_held"  # 503: waited past queueTimeout while a hold keeps the GPU
+    HOLD_ENDED = "cluster_hold_ended"  # 503: the hold ended before its worker was ready
 
 
 # -- effects ---------------------------------------------------------------------------
@@ -217,6 +223,10 @@ class Core:
     _closing: bool = False
     _ask_again: float | None = None  # a router's Wait(until=…)
     _group_names: dict[str, str] = field(default_factory=dict)
+    # Cluster holds on this node's workers, and the requests that wait because a hold keeps
+    # the GPU (model -> which hold): their queue timeout names the holder.
+    _holds: HoldTable = field(default_factory=HoldTable)
+    _held_back: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for cfg in self.config.models.values():
@@ -313,7 +323,7 @@ class Core:
         (refused); never queued, never a start or a swap."""
         self._seq += 1
         m = self._models.get(model)
-        if m is None or self._closing or not self.is_ready(model):
+        if m is None or self._closing or not self.is_ready(model) or m.cfg.cluster_worker:
             return self._seq, []
         if m.cfg.concurrency_limit and m.inflight >= m.cfg.concurrency_limit:
             return self._seq, []
@@ -380,6 +390,8 @@ class Core:
             return fx
         restart = m.cfg.restart
         retry = backoff(m.failures + 1, restart.backoff_initial, restart.backoff_max)
+        if (hold := self._holds.of_worker(model)) is not None:
+            self._end_hold(hold, f"the memory guard killed the worker: {message}", now, fx)
         self._fail_waiters(model, fx, Refusal.MEMORY_GUARD, message, retry)
         return self._finish(now, fx)
 
@@ -389,6 +401,8 @@ class Core:
         fx: list[Effect] = []
         if m is None or m.phase not in (Phase.READY, Phase.DRAINING, Phase.SLEEPING):
             return fx  # an exit we caused, or one the start (sleep, wake) reports itself
+        if (hold := self._holds.of_worker(model)) is not None:
+            self._end_hold(hold, f"the worker exited: {error}", now, fx)
         m.phase = Phase.STOPPING
         m.stop_reason = StopReason.CRASH
         m.last_error = error
@@ -414,7 +428,8 @@ class Core:
                 retry = m.retry_at - now
                 self._fail_waiters(model, fx, Refusal.START_FAILED, self._failed_message(
                     model, m), retry)
-        elif reason in (StopReason.IDLE, StopReason.SWAP, StopReason.UNLOAD):
+        elif reason in (StopReason.IDLE, StopReason.SWAP, StopReason.UNLOAD,
+                        StopReason.RELEASE):
             m.failures, m.start_failed = 0, False
         if m.successor is not None or m.removed:
             self._replace(model, m, fx)
@@ -425,8 +440,19 @@ class Core:
         """The timer fired: queue timeouts, idle engines, drain deadlines, retries."""
         self._timer = None
         fx: list[Effect] = []
+        for hold in self._holds.expired(now):
+            self._end_hold(hold, f"not renewed for {hold.ttl:g}s (holdTtl): its head "
+                           "stopped, died or lost its link", now, fx)
         for w in [w for w in self._queue if w.deadline <= now]:
             self._unqueue(w.ticket, fx)
+            why = self._held_back.get(w.model)
+            if why is not None:
+                fx.append(Fail(
+                    w.ticket, w.model, Refusal.HELD,
+                    f"model {w.model!r} could not start within {self.config.queue_timeout:g}s "
+                    f"(queueTimeout): the GPU is held for a cluster head: {why}; it is freed "
+                    "when that head stops, or by an admin unload of the worker", 5.0))
+                continue
             fx.append(Fail(
                 w.ticket, w.model, Refusal.QUEUE_TIMEOUT,
                 f"model {w.model!r} was not ready within "
@@ -463,14 +489,14 @@ class Core:
                 changes["added"].append(model)
             elif m.cfg != cfg:
                 changes["changed"].append(model)
-                self._retire(model, m, cfg, fx)
+                self._retire(model, m, cfg, fx, now)
             elif m.removed or m.successor is not None:
                 m.removed, m.successor = False, None  # back as it was: keep it
         for model in old.models:
             m = self._models.get(model)
             if model not in config.models and m is not None:
                 changes["removed"].append(model)
-                self._retire(model, m, None, fx)
+                self._retire(model, m, None, fx, now)
         self._dispatch(now, fx)
         return changes, self._finish(now, fx)
 
@@ -488,6 +514,9 @@ class Core:
         ]
         for k in targets:
             m = self._models[k]
+            if (hold := self._holds.of_worker(k)) is not None:
+                # Only an operator on this node, the guard or shutdown ends a hold early.
+                self._end_hold(hold, f"stopped by an admin on this node ({reason})", now, fx)
             m.want_sleep = False
             if m.phase == Phase.SLEEPING:
                 self._stop_sleeper(k, m, reason, fx)
@@ -586,6 +615,8 @@ class Core:
         flight finished (at most `drain` seconds)."""
         self._closing = True
         fx: list[Effect] = []
+        for hold in self._holds.all():
+            self._end_hold(hold, "the worker's node is shutting down", now, fx)
         for w in list(self._queue):
             self._unqueue(w.ticket, fx)
             fx.append(Fail(w.ticket, w.model, Refusal.SHUTTING_DOWN,
@@ -615,15 +646,103 @@ class Core:
         if m.phase == Phase.FAILED:
             m.phase = Phase.STOPPED
 
+    # -- cluster holds (this node's workers, held by heads on other nodes) ---------------
+
+    def hold(self, model: str, now: float, hold_id: str, holder: str,
+             ttl: float) -> tuple[int, list[Effect]]:
+        """A head on another node asks this node to hold its worker `model`: a GPU tenant
+        like any other, started through this node's queue and swap rules (it evicts this
+        node's tenant by this node's rules). Returns the hold's ticket and the effects: its
+        Grant once the worker is ready (the hold's `ttl` counts from then), or its Fail."""
+        self._seq += 1
+        ticket = self._seq
+        m = self._models.get(model)
+        refused: tuple[Refusal, str, float | None] | None = None
+        other = self._holds.of_worker(model)
+        if m is not None and not m.removed and not self._closing and not m.cfg.cluster_worker:
+            refused = (Refusal.NOT_A_WORKER, f"model {model!r} is not a cluster worker here "
+                       "(clusterWorker: true): a hold names a worker recipe of this node", None)
+        elif other is not None and not self._closing:
+            refused = (Refusal.HOLD_CONFLICT, f"worker {model!r} is already held for "
+                       f"{other.holder} (hold {other.id})", None)
+        else:
+            refused = self._refusal(model, m, now, hold=True)
+        if refused is not None:
+            return ticket, [Fail(ticket, model, *refused)]
+        assert m is not None
+        hold = Hold(hold_id, model, holder, ttl, now, ticket)
+        self._holds.add(hold)
+        if not self._queue and m.phase == Phase.READY and not self._victim(model):
+            m.inflight += 1
+            self._holds.granted(hold, now)
+            return ticket, self._finish(now, [Grant(ticket, model)])
+        if len(self._queue) >= self.config.max_queue:
+            self._holds.end(hold_id, "queue full")
+            return ticket, [Fail(ticket, model, Refusal.QUEUE_FULL,
+                                 f"{len(self._queue)} requests are already waiting (maxQueue)",
+                                 5.0)]
+        waiter = _Waiter(Queued(ticket, model, now, 0), ticket, now + self.config.queue_timeout)
+        key = self.queue_key(waiter.queued)
+        i = bisect.bisect_right(self._keys, key)
+        self._keys.insert(i, key)
+        self._queue.insert(i, waiter)
+        m.queued += 1
+        fx: list[Effect] = []
+        self._dispatch(now, fx)
+        return ticket, self._finish(now, fx)
+
+    def unhold(self, hold_id: str, now: float, reason: str) -> tuple[Hold | None, list[Effect]]:
+        """A hold ends (released by its holder, or its holder went away while it waited):
+        the worker is stopped once nothing else holds it. None: no such hold."""
+        hold = self._holds.get(hold_id)
+        if hold is None:
+            return None, []
+        fx: list[Effect] = []
+        self._end_hold(hold, reason, now, fx)
+        self._dispatch(now, fx)
+        return hold, self._finish(now, fx)
+
+    def renew_hold(self, hold_id: str, now: float,
+                   ttl: float | None = None) -> tuple[Hold | None, list[Effect]]:
+        """The holder renews: the hold lasts `ttl` more seconds from now. None: no such hold
+        (`hold_ended` says why)."""
+        hold = self._holds.renew(hold_id, now, ttl)
+        return hold, ([] if hold is None else self._finish(now, []))
+
+    def hold_ended(self, hold_id: str) -> str | None:
+        return self._holds.ended(hold_id)
+
+    def hold_of(self, worker: str) -> Hold | None:
+        return self._holds.of_worker(worker)
+
+    def holds(self, now: float) -> list[HoldView]:
+        return [HoldTable.view(h, now) for h in self._holds.all()]
+
+    def _end_hold(self, hold: Hold, reason: str, now: float, fx: list[Effect]) -> None:
+        """The hold is over: a waiting one leaves the queue (its holder hears `reason`), a
+        granted one gives its worker back (the worker stops in `_advance` once idle)."""
+        self._holds.end(hold.id, reason)
+        if hold.until is None:
+            if self._unqueue(hold.ticket, fx) is not None:
+                fx.append(Fail(hold.ticket, hold.worker, Refusal.HOLD_ENDED, reason, None))
+            return
+        m = self._models.get(hold.worker)
+        if m is not None and m.inflight > 0:
+            m.inflight -= 1
+            m.last_used = now
+
     # -- decisions ---------------------------------------------------------------------
 
     def _refusal(
-        self, model: str, m: _Model | None, now: float
+        self, model: str, m: _Model | None, now: float, hold: bool = False,
     ) -> tuple[Refusal, str, float | None] | None:
         if self._closing:
             return Refusal.SHUTTING_DOWN, "swapd is shutting down", 5.0
         if m is None or m.removed:
             return Refusal.UNKNOWN_MODEL, f"model {model!r} is not configured", None
+        if m.cfg.cluster_worker and not hold:
+            return (Refusal.UNKNOWN_MODEL, f"model {model!r} is a cluster worker: only a "
+                    "head's hold starts it (POST /api/cluster/holds)", None)
         limit = m.cfg.concurrency_limit
         if limit and m.inflight >= limit:
             return (
@@ -654,6 +773,7 @@ class Core:
             self._advance(now, fx)
             return
         self._ask_again = None
+        self._held_back.clear()
         if self._queue:
             keep: list[_Waiter] = []
             keys: list[tuple[float, ...]] = []
@@ -663,6 +783,8 @@ class Core:
                     m.inflight += 1
                     m.queued -= 1
                     fx.append(Grant(w.ticket, w.model))
+                    if (hold := self._holds.by_ticket(w.ticket)) is not None:
+                        self._holds.granted(hold, now)  # its ttl counts from readiness
                 else:
                     keep.append(w)
                     keys.append(key)
@@ -753,6 +875,14 @@ class Core:
             self._fail_waiters(model, fx, Refusal.WONT_FIT, decision.reason, None)
             return
         victims = tuple(v for v in decision if v != model and v in self._models)
+        held = [h for v in victims if (h := self._holds.of_worker(v)) is not None]
+        if held:
+            # Held means held (docs/two-sparks.md): a request of this node never evicts a
+            # worker a head on another node holds; it waits, and its queue timeout names
+            # the holder. The hold's end (release, expiry, admin unload) decides again.
+            h = held[0]
+            self._held_back[model] = f"{h.worker} is held for {h.holder} (hold {h.id})"
+            return
         pinned = sorted(v for v in victims if not self._models[v].cfg.swappable)
         if pinned:
             # llama-swap #1127: a model marked `swappable: false` keeps its engine (and its
@@ -795,6 +925,14 @@ class Core:
     def _advance(self, now: float, fx: list[Effect]) -> None:
         """Issue the stops whose drains are done, and the swap's start once its victims
         are gone."""
+        for k, m in self._models.items():
+            if (m.cfg.cluster_worker and m.phase == Phase.READY and m.inflight == 0
+                    and self._holds.of_worker(k) is None
+                    and not any(w.model == k for w in self._queue)):
+                # A worker runs exactly as long as a hold: released, expired, or its
+                # holder went away while it started.
+                m.phase = Phase.DRAINING
+                m.stop_reason = StopReason.RELEASE
         for k, m in self._models.items():
             if m.phase != Phase.DRAINING or m.stop_reason is None:
                 continue
@@ -853,7 +991,10 @@ class Core:
             m.stop_reason = reason
             m.drain_deadline = deadline
 
-    def _retire(self, model: str, m: _Model, cfg: ModelConfig | None, fx: list[Effect]) -> None:
+    def _retire(self, model: str, m: _Model, cfg: ModelConfig | None, fx: list[Effect],
+                now: float = 0.0) -> None:
+        if (hold := self._holds.of_worker(model)) is not None:
+            self._end_hold(hold, "the worker's recipe changed on a reload of its node", now, fx)
         m.successor = cfg
         m.removed = cfg is None
         if m.phase in (Phase.STOPPED, Phase.FAILED):
@@ -908,7 +1049,12 @@ class Core:
         return None
 
     def _finish(self, now: float, fx: list[Effect]) -> list[Effect]:
-        """Append the timer for the next thing due, if it changed."""
+        """Append the timer for the next thing due, if it changed. A hold whose place in
+        the queue was answered with a failure (start failed, queue timeout) ends with it."""
+        if len(self._holds):
+            for e in fx:
+                if isinstance(e, Fail) and (h := self._holds.by_ticket(e.ticket)) is not None:
+                    self._holds.end(h.id, e.message)
         at = self._next_due(now)
         if at != self._timer:
             self._timer = at
@@ -917,6 +1063,8 @@ class Core:
 
     def _next_due(self, now: float) -> float | None:
         due: list[float] = [w.deadline for w in self._queue]
+        if (expiry := self._holds.next_expiry()) is not None:
+            due.append(expiry)
         if self._ask_again is not None:
             due.append(max(now, self._ask_again))
         for m in self._models.values():

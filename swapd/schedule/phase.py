@@ -33,6 +33,7 @@ class StopReason(StrEnum):
     RELOAD = "reload"
     CRASH = "crash"
     SHUTDOWN = "shutdown"
+    RELEASE = "release"  # a cluster worker whose hold ended (docs/two-sparks.md)
 
 
 

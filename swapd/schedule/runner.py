@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from swapd.cluster.holds import HoldView
+from swapd.cluster.peers import HoldFailed, PeerHolds
 from swapd.config.types import Config, ModelConfig
 from swapd.engines import procgroup
 from swapd.engines.engine import Engine, EngineState, LineSink, SleepError, StartError
@@ -136,6 +140,42 @@ class NotSwappable(SchedulerError):
     type = "invalid_request_error"
 
 
+class NotAWorker(SchedulerError):
+    """A hold for a recipe of this node that is not a cluster worker."""
+
+    status = 409
+    code = "not_a_cluster_worker"
+    type = "invalid_request_error"
+
+
+class HoldConflict(SchedulerError):
+    """A hold for a worker another head holds now."""
+
+    status = 409
+    code = "cluster_hold_conflict"
+    type = "invalid_request_error"
+
+
+class ClusterHeld(SchedulerError):
+    """A request of this node waited past queueTimeout: a cluster hold keeps the GPU."""
+
+    code = "cluster_held"
+
+
+class HoldEnded(SchedulerError):
+    """A hold ended before its worker was ready (unloaded, shutdown, the holder left)."""
+
+    code = "cluster_hold_ended"
+
+
+class HoldNotFound(SchedulerError):
+    """A renewal or release of a hold this node does not have (any more): says why."""
+
+    status = 404
+    code = "hold_not_found"
+    type = "invalid_request_error"
+
+
 ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.UNKNOWN_MODEL: UnknownModel,
     Refusal.CONCURRENCY: ConcurrencyLimited,
@@ -146,6 +186,10 @@ ERRORS: dict[Refusal, type[SchedulerError]] = {
     Refusal.MEMORY_GUARD: MemoryGuardKilled,
     Refusal.WONT_FIT: InsufficientMemory,
     Refusal.NOT_SWAPPABLE: NotSwappable,
+    Refusal.NOT_A_WORKER: NotAWorker,
+    Refusal.HOLD_CONFLICT: HoldConflict,
+    Refusal.HELD: ClusterHeld,
+    Refusal.HOLD_ENDED: HoldEnded,
 }
 
 
@@ -210,6 +254,10 @@ class Observer(Protocol):
 
     def engine_woken(self, model: str, ok: bool, seconds: float) -> None: ...
 
+    def cluster_hold(self, peer: str, model: str, held: bool) -> None: ...
+
+    def cluster_hold_failed(self, peer: str, reason: str) -> None: ...
+
 
 class NullObserver:
     def engine_state(self, model: str, state: str) -> None:
@@ -228,6 +276,12 @@ class NullObserver:
         pass
 
     def engine_woken(self, model: str, ok: bool, seconds: float) -> None:
+        pass
+
+    def cluster_hold(self, peer: str, model: str, held: bool) -> None:
+        pass
+
+    def cluster_hold_failed(self, peer: str, reason: str) -> None:
         pass
 
 
@@ -268,6 +322,12 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
+        # The holds this node takes on its peers for its cluster heads (docs/two-sparks.md).
+        self._peers = PeerHolds(
+            lambda: self.config.peers, holder=_holder_name,
+            on_held=lambda peer, model, held: self._observer.cluster_hold(peer, model, held),
+            on_failure=lambda peer, reason: self._observer.cluster_hold_failed(peer, reason),
+            clock=clock)
         for cfg in config.models.values():
             self._engines[cfg.id] = self._factory(cfg, self._engine_state)
         self._recall_sleep_verdicts(config.models)
@@ -448,11 +508,15 @@ class Scheduler:
                                           self.config.memory_reserve,
                                           lambda: self._to_come(model))
         self._recall_sleep_verdicts([model])  # a reloaded recipe: what this host found
+        if e.cfg.cluster is not None and not await self._take_holds(model, e.cfg):
+            return
         self._release_wait.spawning(e.cfg)
         self._guard_events.pop(model, None)
         try:
-            seconds = await engine.start()
+            seconds = await self._engine_start(model, engine)
         except StartError as exc:
+            if e.cfg.cluster is not None:
+                await self._peers.release(model)  # the head failed: its workers go too
             self._observer.engine_started(model, False, 0.0)
             event = self._guard_events.pop(model, None)
             if event is None:
@@ -473,6 +537,46 @@ class Scheduler:
         self._observer.engine_started(model, True, seconds)
         self._spawn_task(self._monitor(model, engine), f"monitor-{model}")
         self._apply(self._core.start_finished(model, self._clock(), ok=True), notify=True)
+
+    async def _take_holds(self, model: str, cfg: ModelConfig) -> bool:
+        """Before a cluster head starts: every peer holds its worker, or the start fails
+        (503 with the reason, backoff as for any failed start; holds taken are released)."""
+        assert cfg.cluster is not None
+        log.info("taking cluster holds", model=model,
+                 nodes=[f"{peer}/{worker}" for peer, worker in cfg.cluster.nodes])
+        try:
+            await self._peers.take(model, cfg.cluster, cfg.health_check_timeout + 60)
+        except HoldFailed as exc:
+            self._starts.pop(model, None)
+            self._observer.engine_started(model, False, 0.0)
+            log.error("engine start failed: cluster hold", model=model, peer=exc.peer,
+                      worker=exc.worker, reason=str(exc.reason), error=exc.detail)
+            self._apply(self._core.start_finished(
+                model, self._clock(), ok=False, error=f"model {model!r} failed to start: {exc}"),
+                notify=True)
+            self._report_failed(model)
+            return False
+        return True
+
+    async def _engine_start(self, model: str, engine: Engine) -> float:
+        """`engine.start()`; for a cluster head, raced against the loss of a hold (a worker
+        that dies while the head loads fails the start)."""
+        lost = self._peers.lost(model) if engine.cfg.cluster is not None else None
+        if lost is None:
+            return await engine.start()
+        start = asyncio.ensure_future(engine.start())
+        try:
+            racing: set[asyncio.Future[Any]] = {start, lost}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not start.done():
+                start.cancel()  # Engine.start removes its half-started group itself
+                await asyncio.gather(start, return_exceptions=True)
+        if start.done() and not start.cancelled() and (
+                start.exception() is not None or not lost.done()):
+            return start.result()
+        raise StartError(model, lost.result() if lost.done() and not lost.cancelled()
+                         else "a cluster hold was lost", None, engine.tail())
 
     async def _sleep(self, model: str, reason: StopReason) -> None:
         """Carry out a Sleep: the engine's sleep calls, then memory must show sleepMinFreed
@@ -581,7 +685,25 @@ class Scheduler:
         return gpu.group_rss({model: tree})[0].get(model)
 
     async def _monitor(self, model: str, engine: Engine) -> None:
-        """Notice an engine that exits on its own (a crash), also while it sleeps."""
+        """Notice an engine that exits on its own (a crash), also while it sleeps; for a
+        cluster head, also a lost hold (its worker died on a peer): the head is stopped
+        as after a crash (502/503 with the reason, backoff)."""
+        lost = self._peers.lost(model) if engine.cfg.cluster is not None else None
+        if lost is not None:
+            exited = asyncio.ensure_future(engine.wait_exit())
+            try:
+                racing: set[asyncio.Future[Any]] = {exited, lost}
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not exited.done():
+                    exited.cancel()
+            if lost.done() and not lost.cancelled() and not exited.done():
+                if self._engines.get(model) is engine and engine.state == EngineState.READY:
+                    error = lost.result()
+                    log.error("cluster worker lost: stopping the head", model=model,
+                              error=error)
+                    self._apply(self._core.engine_exited(model, self._clock(), error))
+                return
         info = await engine.wait_exit()
         if self._engines.get(model) is not engine or engine.state not in (
                 EngineState.READY, EngineState.SLEEPING):
@@ -612,6 +734,8 @@ class Scheduler:
             log.info("stopping engine", model=model, reason=label, pid=engine.pid)
             killed = await engine.stop(reason=label)
             self._observer.engine_stopped(model, label, killed)
+        if engine is not None and engine.cfg.cluster is not None:
+            await self._peers.release(model)  # the head first, then its workers
         self._stops[model] = self._stops.get(model, 0) + 1
         self._apply(self._core.stop_finished(model, self._clock()), notify=True)
         self._report_failed(model)
@@ -739,6 +863,7 @@ class Scheduler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._peers.close()
 
     async def kill_all(self) -> None:
         """Fast exit: SIGKILL every engine group now (second SIGINT)."""
@@ -747,6 +872,73 @@ class Scheduler:
             *(e.stop(grace=0, reason="shutdown") for e in self._engines.values() if e.running),
             return_exceptions=True,
         )
+
+    # -- cluster holds, the peer side (docs/two-sparks.md) ----------------------------
+
+    async def hold(self, worker: str, holder: str, ttl: float) -> HoldView:
+        """A head on another node holds this node's worker: queued, placed and started like
+        any tenant here; returns once the worker is ready. The holder's re-POST renews.
+        Raises SchedulerError (404, 409, 503) when it cannot be had."""
+        existing = self._core.hold_of(worker)
+        if existing is not None and existing.holder == holder and existing.until is not None:
+            return self.renew_hold(existing.id, ttl)
+        hold_id = secrets.token_urlsafe(12)
+        ticket, fx = self._core.hold(worker, self._clock(), hold_id, holder, ttl)
+        first = fx[0] if fx else None
+        if type(first) is Fail and first.ticket == ticket:
+            raise ERRORS[first.refusal](first.message, retry_after=first.retry_after)
+        log.info("cluster hold", worker=worker, holder=holder, hold=hold_id, ttl=ttl)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[ticket] = future
+        self._apply(fx)
+        try:
+            await asyncio.shield(future)
+        except BaseException:
+            # The head went away (or the hold was refused): end it, whatever its state.
+            self._waiting.pop(ticket, None)
+            self._apply(self._core.unhold(hold_id, self._clock(),
+                                          "its holder went away before the worker was ready")[1])
+            raise
+        return self._hold_view(hold_id)
+
+    def renew_hold(self, hold_id: str, ttl: float | None = None) -> HoldView:
+        hold, fx = self._core.renew_hold(hold_id, self._clock(), ttl)
+        if hold is None:
+            raise self._hold_gone(hold_id)
+        self._apply(fx)
+        return self._hold_view(hold_id)
+
+    async def release_hold(self, hold_id: str, reason: str = "released by its holder") -> None:
+        """End a hold; the worker is stopped (waited for)."""
+        hold, fx = self._core.unhold(hold_id, self._clock(), reason)
+        if hold is None:
+            raise self._hold_gone(hold_id)
+        log.info("cluster hold released", worker=hold.worker, holder=hold.holder, hold=hold_id)
+        before = self._stops.get(hold.worker, 0)
+        self._apply(fx)
+        await self._wait_for(lambda: self._stops.get(hold.worker, 0) > before
+                             or self._core.phase(hold.worker) not in RUNNING)
+
+    def holds(self) -> list[HoldView]:
+        return self._core.holds(self._clock())
+
+    def cluster_nodes(self, model: str) -> list[dict[str, Any]] | None:
+        """A cluster head's nodes and the state of each worker's hold (None: no head)."""
+        cfg = self._core.cfg(model)
+        if cfg is None or cfg.cluster is None:
+            return None
+        return self._peers.views(model, cfg.cluster)
+
+    def _hold_view(self, hold_id: str) -> HoldView:
+        for view in self._core.holds(self._clock()):
+            if view.id == hold_id:
+                return view
+        raise self._hold_gone(hold_id)
+
+    def _hold_gone(self, hold_id: str) -> HoldNotFound:
+        why = self._core.hold_ended(hold_id)
+        return HoldNotFound(f"no hold {hold_id[:64]!r} here" if why is None
+                            else f"hold {hold_id[:64]!r} ended: {why}")
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -778,6 +970,11 @@ class Scheduler:
         """Wait until `condition()` holds, re-checked on every scheduler state change."""
         while not condition():
             await self._changed.wait()
+
+
+def _holder_name(model: str) -> str:
+    """How this node names itself to a peer it holds a worker on: host and head model."""
+    return f"{socket.gethostname()[:64]}/{model}"[:160]
 
 
 def _asleep(engine: Engine) -> bool:
