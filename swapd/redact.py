@@ -24,8 +24,9 @@ text (a log line, an error message, a proxy URL). Both also mask every value reg
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 MASK = "***"
 
@@ -97,18 +98,22 @@ _MASKED_GROUP = rf"\1{MASK}"
 # The part of text[lo:i] up to its last character that cannot be in a name.
 _BEFORE_NAME = re.compile(r"(?s:.*)[^A-Za-z0-9_.-]")
 _NAME_CHARS = re.compile(r"[A-Za-z0-9_.-]*+")
+# The patterns below start with a literal (fast to search for) and say nothing of what
+# precedes a match; `_sub_where` keeps only matches that start a word or a token.
 # `-k VALUE`: the short key flag of many clients and servers (argv joined into text).
-_SHORT = re.compile(r"(?<!\S)(-k)(\s++|=)([\"']?)([^\s\"']++)")
+_SHORT = re.compile(r"-k(\s++|=)([\"']?)([^\s\"']++)")
 # `-u user:PASSWORD` (curl).
-_USER = re.compile(r"(?<!\S)(-u|--user|--proxy-user)(\s++|=)([\"']?)([^\s\"':]*+):([^\s\"']++)")
+_USER = re.compile(r"(-u|--user|--proxy-user)(\s++|=)([\"']?)([^\s\"':]*+):([^\s\"']++)")
 # Well-known token shapes, whatever names them: OpenAI/Anthropic, Hugging Face, GitHub,
-# Slack, AWS access key ids; each starts where no token character precedes it.
+# Slack, AWS access key ids.
 _SHAPES = re.compile(
-    r"(?<![A-Za-z0-9_-])(?:sk-[A-Za-z0-9_-]{16,}+|hf_[A-Za-z0-9]{16,}+|gh[pousr]_[A-Za-z0-9]{20,}+"
-    r"|github_pat_[A-Za-z0-9_]{20,}+|xox[abpr]-[A-Za-z0-9-]{10,}+|AKIA[A-Z0-9]{16}(?![A-Za-z0-9]))"
+    r"sk-[A-Za-z0-9_-]{16,}+|hf_[A-Za-z0-9]{16,}+|gh[pousr]_[A-Za-z0-9]{20,}+"
+    r"|github_pat_[A-Za-z0-9_]{20,}+|xox[abpr]-[A-Za-z0-9-]{10,}+|AKIA[A-Z0-9]{16}(?![A-Za-z0-9])"
 )
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # A line without any of these has no secret name in it (a cheap test before `_NAMED`).
 _HINTS = ("key", "token", "secret", "pass", "auth", "bearer", "credential", "cookie")
+_WORDS = (*_HINTS, "basic")
 # Values the config names as secrets; swapd's daemon registers them at each (re)load.
 _known: tuple[str, ...] = ()
 # Shorter values would mask ordinary words.
@@ -139,6 +144,17 @@ def remember(values: Iterable[str]) -> None:
 
 def is_secret_name(name: str) -> bool:
     """True for a flag or variable name that names a secret (`--api-key`, `HF_TOKEN`)."""
+    if len(name) <= 64:
+        return _is_secret_name(name)  # names repeat (an engine's log says `n_tokens` a lot)
+    return _secret_words(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_name(name: str) -> bool:
+    return _secret_words(name)
+
+
+def _secret_words(name: str) -> bool:
     words = [w for w in _WORD_SPLIT.split(name.strip("-\"' ").lower()) if w]
     if not words or words[-1] in _NOT_SECRET_LAST:
         return False
@@ -164,17 +180,20 @@ def _named(match: re.Match[str]) -> str:
     return f"{name}{match['q1']}{match['sep']}{match['q2']}{MASK}"
 
 
-def _mask_named(text: str) -> str:
+def _mask_named(text: str, lower: str | None = None,
+                found: dict[str, int] | None = None) -> str:
     """Mask the values of secret names. Driven by the hint words (a fast search in the
     lower-cased text): each name that holds one is matched once, from its start, so the
-    work is linear in the text whatever it holds."""
-    lower = text.lower()
-    if len(lower) != len(text):
-        lower = text.translate(_ASCII_LOWER)  # `İ` lower-cases to two characters
+    work is linear in the text whatever it holds. `lower` and `found` (each word's first
+    position in it), when the caller has them."""
+    if lower is None:
+        lower = text.lower()
+        if len(lower) != len(text):
+            lower = text.translate(_ASCII_LOWER)
     out: list[str] = []
     pos = 0  # text[:pos] is in `out`
     lo = 0  # no name starts before lo that is not done with
-    hints = _Hints(lower)
+    hints = _Hints(lower, found)
     while (at := hints.next(lo)) >= 0:
         before = _BEFORE_NAME.match(text, lo, at)
         start = before.end() if before is not None else lo
@@ -206,9 +225,11 @@ class _Hints:
 
     __slots__ = ("_lower", "_next")
 
-    def __init__(self, lower: str) -> None:
+    def __init__(self, lower: str, found: dict[str, int] | None = None) -> None:
         self._lower = lower
-        self._next = {word: lower.find(word) for word in _HINTS if word in lower}
+        if found is None:
+            found = {word: at for word in _HINTS if (at := lower.find(word)) >= 0}
+        self._next = {word: at for word, at in found.items() if word in _HINTS}
 
     def next(self, lo: int) -> int:
         best = -1
@@ -239,26 +260,62 @@ def redact_text(text: str) -> str:
     for value in _known:
         if value in text:
             text = text.replace(value, MASK)
-    # Each pattern only where its literal occurs: `in` is a memchr-speed scan, a pattern
-    # tried at every position is not (1 MB of hostile text stays in milliseconds).
+    # Each pattern only where its literal occurs: a substring search is a fast scan, a
+    # pattern tried at every position is not (1 MB of hostile text stays in milliseconds).
+    # Each word is searched for once; the positions found drive the named-secret scan.
     if "://" in text:
         text = _USERINFO.sub(_userinfo, text)
     lower = text.lower()
-    if "bearer" in lower:
-        text = _BEARER.sub(_MASKED_GROUP, text)
-    if "basic" in lower:
-        text = _BASIC.sub(_MASKED_GROUP, text)
-    if "authorization" in lower:
-        text = _AUTH_HEADER.sub(_MASKED_GROUP, text)
-    if any(word in lower for word in _HINTS):
-        text = _mask_named(text)
+    if len(lower) != len(text):
+        lower = text.translate(_ASCII_LOWER)  # `İ` lower-cases to two characters
+    found = {word: at for word in _WORDS if (at := lower.find(word)) >= 0}
+    masked = 0
+    if "bearer" in found:
+        text, n = _BEARER.subn(_MASKED_GROUP, text)
+        masked += n
+    if "basic" in found:
+        text, n = _BASIC.subn(_MASKED_GROUP, text)
+        masked += n
+    if "auth" in found and "authorization" in lower:
+        text, n = _AUTH_HEADER.subn(_MASKED_GROUP, text)
+        masked += n
+    if any(word in found for word in _HINTS):
+        if masked:  # the text moved: its positions are found again
+            text = _mask_named(text)
+        else:
+            text = _mask_named(text, lower, found)
     if "-k" in text:
-        text = _SHORT.sub(_short, text)
+        text = _sub_where(_SHORT, text, _short, str.isspace)
     if "-u" in text:
-        text = _USER.sub(rf"\1\2\3\4:{MASK}", text)
+        text = _sub_where(_USER, text, _user, str.isspace)
     if _may_have_shape(text):
-        text = _SHAPES.sub(MASK, text)
+        text = _sub_where(_SHAPES, text, lambda _: MASK, lambda c: c not in _TOKEN_CHARS)
     return text
+
+
+def _sub_where(pattern: re.Pattern[str], text: str, repl: Callable[[re.Match[str]], str],
+               starts_after: Callable[[str], bool]) -> str:
+    """`pattern.sub(repl, text)` for the matches at the start of `text` or after a
+    character `starts_after` accepts. A match refused for what precedes it is skipped
+    whole: a later one inside it is preceded by its characters too (linear)."""
+    out: list[str] = []
+    pos = at = 0
+    while (match := pattern.search(text, at)) is not None:
+        start = match.start()
+        at = max(match.end(), start + 1)
+        if start > 0 and not starts_after(text[start - 1]):
+            continue
+        out.append(text[pos:start])
+        out.append(repl(match))
+        pos = at
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _user(match: re.Match[str]) -> str:
+    return f"{match[1]}{match[2]}{match[3]}{match[4]}:{MASK}"
 
 
 def _may_have_shape(text: str) -> bool:
@@ -274,9 +331,9 @@ def _may_have_shape(text: str) -> bool:
 
 
 def _short(match: re.Match[str]) -> str:
-    if looks_like_flag(match[4]):
+    if looks_like_flag(match[3]):
         return match[0]  # `-k --port`: no value
-    return f"{match[1]}{match[2]}{match[3]}{MASK}"
+    return f"-k{match[1]}{match[2]}{MASK}"
 
 
 def redact_argv(argv: Iterable[str]) -> list[str]:
