@@ -464,9 +464,8 @@ class Daemon:
             log.error("cannot listen", listen=self._listen, error=str(exc))
             return None
         urls = listening_urls(site, "https" if self._tls else "http")
-        print(f"swapd listening on {', '.join(urls)}", flush=True)
         log.info(
-            "swapd listening",
+            "swapd listening",  # with `urls`: where to reach it (llama-swap prints it too)
             listen=f"{host}:{port}",
             urls=urls,
             version=__version__,

@@ -152,7 +152,8 @@ def test_engine_that_exits_or_hangs_while_starting_fails_fast(start_swapd, tmp_p
     for code, doc, took in dies:  # every waiter gets the failure, at once
         assert code == 503 and is_openai_error(doc, "engine_start_failed"), doc
         assert "exited with code 3" in doc["error"]["message"]
-        assert "simulated crash" not in doc["error"]["message"]  # engine output: /logs only
+        # the engine's last line, as a crash's message has it (issue 22); the rest: /logs
+        assert "last output: fatal: simulated crash" in doc["error"]["message"]
         assert took < 5, took
     code, doc, took = timed_post(daemon, {"model": "hangs"})
     assert code == 503 and "not ready after 1s" in doc["error"]["message"], doc
