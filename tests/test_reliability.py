@@ -79,9 +79,13 @@ def test_load_over_three_models_loses_nothing(start_swapd, tmp_path):
     baseline = soak.resources(pid)
     base_tasks = soak.task_names(pid, dump)
 
-    outcomes = asyncio.run(soak.drive(
-        daemon.url, duration=5.0, clients=20, seed=8, mix=soak.Mix(),
-        queue_timeout=queue_timeout, tokens=6))
+    outcomes: list[soak.Outcome] = []
+    for seed in (8, 9, 10, 11):  # a loaded runner serves fewer in 5 s: drive on, not fail
+        outcomes += asyncio.run(soak.drive(
+            daemon.url, duration=5.0, clients=20, seed=seed, mix=soak.Mix(),
+            queue_timeout=queue_timeout, tokens=6))
+        if len(outcomes) >= 60:
+            break
 
     status = daemon.status()
     assert status["queue"] == 0
