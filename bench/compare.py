@@ -14,6 +14,7 @@ import argparse
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench import datapath, procs
 from bench.__main__ import contender, swapd_for
@@ -36,6 +37,13 @@ def main() -> None:
         "--activity-off",
         action="store_true",
         help="also the working tree (uvloop) with activity.size: 0: what activity records cost",
+    )
+    p.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help="also the working tree (uvloop) with no key at all, and with this many named keys "
+        "(the bench's own one of them, with a scope and every limit): what named keys cost",
     )
     args = p.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="swapd-compare-"))
@@ -78,6 +86,11 @@ def main() -> None:
         if args.activity_off:
             new["quiet"] = swapd_for(up, workdir, "uvloop", {"activity": {"size": 0}}, "quiet")
             started.append(new["quiet"])
+        if args.keys:
+            new["nokeys"] = swapd_for(up, workdir, "uvloop", {"apiKeys": []}, "nokeys")
+            started.append(new["nokeys"])
+            new["keys"] = swapd_for(up, workdir, "uvloop", named_keys(args.keys), "keys")
+            started.append(new["keys"])
         cs = [
             contender("relay", relay),
             Contender(
@@ -94,6 +107,11 @@ def main() -> None:
         if args.activity_off:
             cs.append(Contender("new-quiet", "working tree, uvloop, activity off",
                                 new["quiet"].url, new["quiet"].tree))
+        if args.keys:
+            cs.append(Contender("new-nokeys", "working tree, uvloop, no keys",
+                                new["nokeys"].url, new["nokeys"].tree))
+            cs.append(Contender("new-keys", f"working tree, uvloop, {args.keys} named keys",
+                                new["keys"].url, new["keys"].tree))
         labels = {c.key: c.label for c in cs}
         res = datapath.run_saturation(
             cs, up.process(), datapath.SatSettings(seconds=args.seconds, rounds=args.rounds)
@@ -109,6 +127,23 @@ def main() -> None:
     finally:
         for s in reversed(started):
             s.stop()
+
+
+def named_keys(n: int) -> dict[str, Any]:
+    """`n` named keys (no apiKeys); the bench's key is the middle one, scoped to its model,
+    with every limit set far above what the bench reaches (so each request is admitted,
+    counted and released as a limited key's is)."""
+    keys: dict[str, Any] = {
+        f"user{i:03d}": {"key": f"bench-key-{i:03d}", "models": [f"other{i}*"]} for i in range(n)
+    }
+    keys[f"user{n // 2:03d}"] = {
+        "key": procs.API_KEY,
+        "models": ["m*"],
+        "maxConcurrent": 10_000,
+        "requestsPerMinute": 1_000_000_000,
+        "tokensPerDay": 1_000_000_000_000,
+    }
+    return {"apiKeys": [], "keys": keys}
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from swapd.http.appstate import CONFIG, UPSTREAM, LiveConfig
 from swapd.http.cluster import ClusterRoutes
 from swapd.http.connections import LoopErrors, Runner, connection_cap, raise_fd_limit
 from swapd.http.gate import Gate
+from swapd.http.limits import Limits, day_start
 from swapd.http.llamaswap_routes import llamaswap_routes
 from swapd.http.modelnames import Profiles
 from swapd.http.proxy import Proxy
@@ -70,6 +71,11 @@ def swapd_keys(config: Config) -> list[str]:
     """The keys swapd itself uses: kept from engines' environments (engines.launch)."""
     return [*config.api_keys, *config.admin_keys,
             *(p.api_key for p in config.peers.values() if p.api_key)]
+
+
+def key_names(config: Config) -> list[str]:
+    """The names of the config's keys, named and unnamed (what labels their metrics)."""
+    return [k.name for k in config.keys.values()]
 
 
 def config_secrets(config: Config) -> list[str]:
@@ -181,6 +187,9 @@ class Daemon:
             retention_days=self.config.activity_retention_days,
         )
         self.capture = CaptureBuffer(self.config.capture_buffer_mb)
+        # What each key did (in flight, its rate window, today's tokens): kept across
+        # reloads by key name, seeded from the activity store at startup.
+        self.limits = Limits()
         self._observer = _Observer(self)
         # Built in the order they need each other: the engines' process trees (kept in step
         # with the record under stateDir), the sampler that reads them, the memory watch
@@ -247,6 +256,7 @@ class Daemon:
             activity=self.activity,
             capture=self.capture,
             starts=self.starts,
+            limits=self.limits,
         )
         app.on_cleanup.append(lambda _: proxy.close())  # sessions made for `timeouts`
         admin = Admin(self.scheduler, self.reload, self.profiles, details=self._details,
@@ -311,6 +321,7 @@ class Daemon:
             self.metrics.register_models(list(self.config.models))
             self._register_cluster()
             self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
+            self.metrics.register_keys(key_names(self.config))
             for model in changes["removed"]:
                 self.metrics.forget_model(model)
             log.info("config reloaded", why=why, **changes)
@@ -397,6 +408,8 @@ class Daemon:
                       "them", state_dir=str(self.state_dir), problem=problem)
             return None
         self.activity.load()
+        # A restart does not give a key a fresh day: today's tokens come from the store.
+        self.limits.seed(self.activity.today_by_key(day_start(time.time())))
         for warning in self._warnings:
             log.warning("config warning", warning=warning)
         # Orphans of an engine become our children, not init's: found by parenthood even
@@ -417,6 +430,7 @@ class Daemon:
         resources.push_async_callback(self.scheduler.kill_all)
         self.metrics.register_models(list(self.config.models))
         self._register_cluster()
+        self.metrics.register_keys(key_names(self.config))
         self.metrics.attach_sampler(self.sampler)
         self.metrics.llamaswap_names(self.config.llamaswap_metric_names)
         self.metrics.attach_memory(self.memory)
@@ -475,7 +489,7 @@ class Daemon:
             max_connections=connection_cap(fd_limit),
             loop=type(loop).__module__.split(".")[0],
         )
-        if host in ("", "0.0.0.0", "::") and not (self.config.api_keys or self.config.admin_keys):
+        if host in ("", "0.0.0.0", "::") and not self.config.keys:
             # llama-swap says so too: the inference API is open to the network.
             log.warning(
                 "reachable by every host on the network without a key: the inference API is "

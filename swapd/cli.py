@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -17,11 +18,12 @@ from collections.abc import Sequence
 import yaml
 
 from swapd import __version__
+from swapd.config.keys import KEY_NAME, digest
 from swapd.config.loader import load_config
 from swapd.config.nodes import ConfigError, local_url, spell, split_host_port
 from swapd.config.routing import check_lines
 from swapd.config.sizes import format_size
-from swapd.config.types import LoadResult, RouterKind
+from swapd.config.types import Config, KeyConfig, KeyRole, LoadResult, RouterKind
 from swapd.redact import redact_argv, redact_text
 
 EXIT_OK = 0
@@ -60,6 +62,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="a file holding the key (kept out of the process list); "
                         "default: $SWAPD_ADMIN_KEY, if set")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    keys = sub.add_parser("keys", help="make a named key, or list the config's keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a fresh key once, and its YAML to paste")
+    new.add_argument("name", help="the key's name (labels its usage and metrics)")
+    new.add_argument("--models", nargs="+", default=None,
+                     help="model ids, aliases or globs it may use (default: all)")
+    new.add_argument("--peers", nargs="+", default=None,
+                     help="peer ids or peer/model globs it may reach (default: all)")
+    new.add_argument("--role", choices=[r.value for r in KeyRole], default="inference")
+    new.add_argument("--max-concurrent", type=int, default=0)
+    new.add_argument("--requests-per-minute", type=int, default=0)
+    new.add_argument("--tokens-per-day", type=int, default=0)
+    new.add_argument("--expires", default=None, help="a date (2027-01-01)")
+    new.add_argument("--no-swap", action="store_true",
+                     help="only models already running (it never starts or swaps one)")
+    listing = keys_sub.add_parser("list", help="the config's keys and today's usage")
+    listing.add_argument("--config", "-config", required=True)
+    listing.add_argument("--url", default=None, help="swapd's base URL (default: its listen)")
+    listing.add_argument("--key", default=None,
+                         help="an operator or admin key, if the config has such keys "
+                         "(default: $SWAPD_KEY)")
 
     litellm = sub.add_parser("litellm-config", help="print a LiteLLM model_list for this node")
     litellm.add_argument("--config", "-config", required=True)
@@ -118,7 +142,7 @@ def _with_exec_warnings(loaded: LoadResult) -> LoadResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "check", "status", "litellm-config"}
+    commands = {"serve", "check", "status", "keys", "litellm-config"}
     if (
         args_list
         and args_list[0] not in commands
@@ -171,6 +195,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "status":
         return _status_command(args)
+
+    if args.command == "keys":
+        if args.keys_command == "new":
+            return _keys_new(args)
+        loaded = _load(args.config)
+        if loaded is None:
+            return EXIT_BAD_CONFIG
+        return _keys_list(loaded.config, args.url, args.key or os.environ.get("SWAPD_KEY"))
 
     if args.command == "litellm-config":
         return _litellm(args.config, args.url)
@@ -288,6 +320,12 @@ def format_check(result: LoadResult) -> str:
         )
     if config.preload:
         lines.append(f"preload: {', '.join(config.preload)}")
+    named = [k for k in config.keys.values() if k.named]
+    if named:
+        lines.append(f"keys: {len(named)} named (docs/keys.md)")
+        for key in named:
+            lines.append(f"  {key.name}: role {key.role}, models {_scope(key.models)}, "
+                         f"peers {_scope(key.peers)}, limits {_limits(key)}")
     lines += check_lines(config)  # matrix, priority, selectors, profiles, peers
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
@@ -392,3 +430,104 @@ def format_status(doc: dict[str, object], now: float | None = None) -> str:
         if isinstance(sleep, dict) and sleep.get("off"):
             lines.append(f"{model}: sleep off: {sleep['off']}")
     return "\n".join(lines)
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    """A fresh key, printed once (only its SHA-256 goes in the config), and its entry."""
+    import yaml
+
+    if not KEY_NAME.fullmatch(args.name):
+        print("swapd: a key's name must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+              file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    numbers = (args.max_concurrent, args.requests_per_minute, args.tokens_per_day)
+    if any(n < 0 for n in numbers):
+        print("swapd: limits must be integers ≥ 0", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    secret = "sk-swapd-" + secrets.token_urlsafe(32)
+    entry: dict[str, object] = {"keySha256": digest(secret).hex()}
+    if args.models is not None:
+        entry["models"] = [m for arg in args.models for m in arg.split(",") if m]
+    if args.peers is not None:
+        entry["peers"] = [p for arg in args.peers for p in arg.split(",") if p]
+    entry["role"] = args.role
+    for name, value in (("maxConcurrent", args.max_concurrent),
+                        ("requestsPerMinute", args.requests_per_minute),
+                        ("tokensPerDay", args.tokens_per_day)):
+        if value:
+            entry[name] = value
+    if args.expires:
+        entry["expires"] = args.expires
+    if args.no_swap:
+        entry["swap"] = False
+    print(f"key for {args.name} (shown once; swapd keeps only its SHA-256):\n\n  {secret}\n")
+    print("paste under `keys:` in the config:\n")
+    print(yaml.safe_dump({"keys": {args.name: entry}}, sort_keys=False,
+                         default_flow_style=None).rstrip())
+    return EXIT_OK
+
+
+def _scope(globs: tuple[str, ...] | None) -> str:
+    return "all" if globs is None else ", ".join(globs) or "none"
+
+
+def _limits(key: KeyConfig) -> str:
+    parts = []
+    if key.max_concurrent:
+        parts.append(f"{key.max_concurrent} at once")
+    if key.requests_per_minute:
+        parts.append(f"{key.requests_per_minute}/min")
+    if key.tokens_per_day:
+        parts.append(f"{key.tokens_per_day} tokens/day")
+    if not key.swap:
+        parts.append("no swap")
+    return ", ".join(parts) or "-"
+
+
+def format_keys(config: Config, usage: dict[str, dict[str, object]] | None,
+                now: float) -> str:
+    """`swapd keys list`: one row per key (named, then the old lists' unnamed ones)."""
+    header = ("NAME", "ROLE", "MODELS", "PEERS", "LIMITS", "EXPIRES", "TODAY")
+    rows = [header]
+    for key in sorted(config.keys.values(), key=lambda k: (not k.named, k.name)):
+        expires = "-"
+        if key.expires is not None:
+            expires = time.strftime("%Y-%m-%d", time.gmtime(key.expires))
+            if key.expires <= now:
+                expires += " (expired)"
+        today = "?"
+        if usage is not None:
+            row = usage.get(key.name, {})
+            today = f"{row.get('requests', 0)} req, {row.get('tokens', 0)} tok"
+            if key.tokens_per_day:
+                today += f" of {key.tokens_per_day}"
+        rows.append((key.name, str(key.role), _scope(key.models), _scope(key.peers),
+                     _limits(key), expires, today))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _keys_list(config: Config, url: str | None, key: str | None) -> int:
+    if not config.keys:
+        print("no keys in this config (keys:, apiKeys, adminKeys)")
+        return EXIT_OK
+    if url is None:
+        host, port = split_host_port(config.listen)
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    request = urllib.request.Request(url.rstrip("/") + "/api/usage?by=key")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    usage: dict[str, dict[str, object]] | None = None
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            usage = {str(row["name"]): row for row in json.load(resp)["data"]}
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        print(redact_text(f"swapd: cannot read today's usage from {url}/api/usage: {exc}"),
+              file=sys.stderr)
+    print(format_keys(config, usage, time.time()))
+    return EXIT_OK if usage is not None else 1

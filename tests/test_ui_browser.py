@@ -102,10 +102,11 @@ def test_a_chat_from_the_page_shows_in_activity_with_tokens_and_logs_arrive_live
     expect(page.locator(".msg.assistant")).to_contain_text("tok0 tok1 tok2 tok3 tok4 tok5")
     row = page.wait_for_selector("#activity-rows tr[data-model='alpha']")
     cells = [c.inner_text() for c in row.query_selector_all("td")]
-    # time, model, status, in, out, cached, TTFT, prefill, decode, duration, session
+    # time, model, status, in, out, cached, TTFT, prefill, decode, duration, key, session
     assert cells[1:6] == ["alpha", "200", "3", "6", "2"]
     assert cells[7:9] == ["240.0", "50.0"]
-    assert cells[10].startswith("ui-")  # the page's own X-Session-ID
+    assert cells[10] == ""  # no keys in this config
+    assert cells[11].startswith("ui-")  # the page's own X-Session-ID
     # The engine's lines came live, after the page opened: its start and the request.
     expect(page.locator("#log-lines")).to_contain_text(
         "[alpha] request POST /v1/chat/completions"
@@ -241,3 +242,44 @@ def shot(page: Any, tmp_path: Any, name: str) -> None:
     shots = os.environ.get("SWAPD_SCREENSHOTS")
     if shots:
         page.screenshot(path=os.path.join(shots, name))
+
+
+def test_the_usage_panel_shows_todays_requests_and_tokens_per_key_and_model(
+    start_swapd, page, tmp_path,
+) -> None:
+    keys = {"ops": {"key": "ops-k", "role": "operator"},
+            "agent": {"key": "agent-k", "models": ["beta"]},
+            "tuner": {"key": "tuner-k", "tokensPerDay": 100000}}
+    daemon = start_swapd({**two_models(), "keys": keys, "activity": {"store": "sqlite"}})
+    for key, name, times in (("agent-k", "beta", 2), ("tuner-k", "alpha", 3)):
+        for _ in range(times):
+            code, _ = daemon.post("/v1/chat/completions", {"model": name, "messages": []},
+                                  headers={"Authorization": f"Bearer {key}"})
+            assert code == 200
+    page.goto(daemon.url + "/ui")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "ops-k")
+    page.click("#key-save")
+    expect(page.locator("#usage-keys tbody")).to_contain_text("tuner")
+
+    def rows(table: str) -> dict[str, list[str]]:
+        out = {}
+        for row in page.query_selector_all(f"#{table} tbody tr"):
+            cells = [c.inner_text() for c in row.query_selector_all("td")]
+            out[cells[0]] = cells[1:]
+        return out
+
+    # requests, errors, prompt, completion, tokens: the fake engine reports 3 + 4 a request
+    # (alpha's --timings do not change its usage).
+    assert rows("usage-keys") == {"agent": ["2", "0", "6", "8", "14"],
+                                  "ops": ["0", "0", "0", "0", "0"],
+                                  "tuner": ["3", "0", "9", "12", "21"]}
+    assert rows("usage-models") == {"alpha": ["3", "0", "9", "12", "21"],
+                                    "beta": ["2", "0", "6", "8", "14"]}
+    expect(page.locator("#activity-rows")).to_contain_text("tuner")
+    page.locator("#usage").screenshot(path=str(tmp_path / "ui-usage.png"))
+    shots = os.environ.get("SWAPD_SCREENSHOTS")
+    if shots:
+        page.locator("#usage").screenshot(path=os.path.join(shots, "ui-usage.png"))
+    # Only the first requests' 401s, before the key was given.
+    assert [e for e in page.errors if "status of 401" not in e] == []

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from swapd.config import cluster, configdir, recent
+from swapd.config.keys import load_keys
 from swapd.config.nodes import (
     ConfigError,
     Ctx,
@@ -81,7 +82,7 @@ _TOP_KEYS = frozenset(
     "healthCheckTimeout logLevel startPort globalTTL unloadTimeout macros apiKeys hooks groups "
     "routing includeAliasesInList sendLoadingState models listen adminKeys stateDir maxQueue "
     "queueTimeout shutdownTimeout logBufferLines maxBodyBytes include allowedHosts cors "
-    "bodyTimeout headerTimeout writeTimeout "
+    "bodyTimeout headerTimeout writeTimeout keys "
     # llama-swap's, loaded by swapd/config_routing.py
     "profiles selectors peers upstream matrix logTimeFormat logToStdout metricsMaxInMemory "
     "performance logRequests store activity captureBuffer ui memoryGuard".split()
@@ -768,11 +769,14 @@ def _settings(top: Node, source: str) -> Config:
                  f"got {show(listen)}")
     state_dir = top.text("stateDir")
     newer = recent.load(top)
+    activity = _activity(top)
+    api_keys, admin_keys = _keys(top, "apiKeys"), _keys(top, "adminKeys")
     return Config(
         models={},
         listen=listen,
-        api_keys=_keys(top, "apiKeys"),
-        admin_keys=_keys(top, "adminKeys"),
+        api_keys=api_keys,
+        admin_keys=admin_keys,
+        keys=load_keys(top, api_keys, admin_keys, activity.get("activity_size", 1000)),
         state_dir=os.path.expanduser(state_dir) if state_dir else None,
         log_level=level,
         health_check_timeout=hct,
@@ -799,7 +803,7 @@ def _settings(top: Node, source: str) -> Config:
         loaded_at=time.time(),
         macros=tuple(_macro_defs(ctx, top.child("macros", None)).items()),
         capture_buffer_mb=float(top.number("captureBuffer", 0.0, maximum=4096)),
-        **_activity(top),
+        **activity,
     )
 
 

@@ -136,6 +136,36 @@ class MemoryGuardConfig:
     floor: Floor = DEFAULT_FLOOR
 
 
+class KeyRole(StrEnum):
+    """What a key opens (docs/keys.md): each role includes the one before it."""
+
+    INFERENCE = "inference"  # the inference API and /upstream
+    OPERATOR = "operator"  # + operations routes and the status page (/running, /status, …)
+    ADMIN = "admin"  # + recipes (/admin/recipes: writing one runs a command)
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One key of `keys:` (named), or an entry of `apiKeys`/`adminKeys` (unnamed: its name
+    is its key path, `apiKeys[0]`). Only the SHA-256 of the secret is kept."""
+
+    name: str
+    sha256: bytes  # digest of the key as a client presents it
+    role: KeyRole = KeyRole.INFERENCE
+    models: tuple[str, ...] | None = None  # globs over model ids and aliases; None: all
+    peers: tuple[str, ...] | None = None  # globs over peer ids and "peer/model"; None: all
+    max_concurrent: int = 0  # 0: no limit
+    requests_per_minute: int = 0
+    tokens_per_day: int = 0
+    expires: float | None = None  # Unix time from which the key is refused (401)
+    swap: bool = True  # False: only models already running (else 409)
+    named: bool = True  # False: an entry of apiKeys/adminKeys
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.max_concurrent or self.requests_per_minute or self.tokens_per_day)
+
+
 @dataclass(frozen=True)
 class Config:
     models: dict[str, ModelConfig]
@@ -146,6 +176,9 @@ class Config:
     listen: str = "127.0.0.1:28080"
     api_keys: tuple[str, ...] = ()
     admin_keys: tuple[str, ...] = ()
+    # `keys:` in file order, then apiKeys and adminKeys as unnamed keys: every key swapd
+    # accepts, by the SHA-256 of its secret (swapd.http.keys looks a presented key up here).
+    keys: Mapping[bytes, KeyConfig] = field(default_factory=dict)
     state_dir: str | None = None
     log_level: str = "info"
     health_check_timeout: float = 120.0

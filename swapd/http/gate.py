@@ -10,15 +10,16 @@ module applies them to routes and keys.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from swapd.config.types import Config
+from swapd.config.types import Config, KeyConfig, KeyRole
 from swapd.errors import ApiError, answer
 from swapd.http import llamaswap_routes, origins
 from swapd.http.appstate import LiveConfig
-from swapd.http.keys import key_in, presented_key
+from swapd.http.keys import KEY, identify, locks, may, presented_key
 from swapd.http.proxy import INFERENCE_POST_PATHS
 from swapd.observe.metrics import Metrics
 
@@ -28,8 +29,9 @@ OPEN_PATHS = ("/health", "/metrics", *llamaswap_routes.OPEN_PATHS)
 OPEN_PREFIXES = ("/ui/",)
 # /api/: profiles, and the page's activity, captures and GPU sample.
 ADMIN_PREFIXES = ("/running", "/unload", "/logs", "/status", "/models/", "/admin/", "/api/")
-# Recipes (files written, commands to run) and cluster holds (a process started for a
-# head on another node): an admin key or loopback, never an API key.
+# Of those, recipes (files written, commands to run) and cluster holds (a process started
+# for a head on another node): an admin key or loopback, never an API key nor an operator
+# key.
 RECIPE_PREFIX = ("/admin/", "/api/cluster/")
 # What a client of another machine is told when no key of any kind is set; the status page
 # shows it as its one line.
@@ -74,6 +76,7 @@ class Gate:
         # This machine's names: a Host naming them is no rebinding (origins.py).
         self._own_names = origins.own_names()
         self._host_ok: dict[str, bool] = {}
+        self._locked: tuple[Config | None, tuple[bool, bool]] = (None, (False, False))
 
     def forget_hosts(self) -> None:
         """After a reload: `allowedHosts` may have changed."""
@@ -193,34 +196,78 @@ class Gate:
             if allow != "*":
                 response.headers.add("Vary", "Origin")
 
+    def _locks(self, config: Config) -> tuple[bool, bool]:
+        """keys.locks(config), worked out once per config (not per request: it looks at
+        every key)."""
+        if self._locked[0] is not config:
+            self._locked = (config, locks(config))
+        return self._locked[1]
+
+    def _operations(self, request: web.Request, config: Config, key: KeyConfig | None) -> None:
+        """Raise the 401/403 for an operations or recipe request without the role it needs.
+
+        Once any key may reach these routes (adminKeys, a named operator or admin key), a
+        key of the role is needed: an operator key for operations, an admin key for recipes
+        (no key, or an apiKeys entry: 401 as before named keys; a named key of a lower role:
+        403). Otherwise loopback clients, and llama-swap's rule: an apiKeys entry opens the
+        operations routes (never recipes) from any address."""
+        path = request.path
+        recipe = path.startswith(RECIPE_PREFIX)
+        if self._locks(config)[1]:
+            role = KeyRole.ADMIN if recipe else KeyRole.OPERATOR
+            if key is None or (not key.named and not may(key, role)):
+                raise ApiError("admin key required", status=401, code="invalid_admin_key")
+            if not may(key, role):
+                raise ApiError(
+                    f"key {key.name!r} (role {key.role}) may not use {path[:200]}: it needs "
+                    f"role {role} or above",
+                    status=403,
+                    code="forbidden",
+                )
+            return
+        if is_loopback(request):
+            return
+        if key is not None and key.named:
+            raise ApiError(
+                f"key {key.name!r} (role {key.role}) may not use {path[:200]}, and no key of "
+                "this config may: they answer loopback clients only",
+                status=403,
+                code="forbidden",
+            )
+        if config.api_keys and not recipe:
+            # llama-swap's rule: without adminKeys, an API key opens the operations
+            # routes (/running, /unload, /logs, /api/...) from any address; never the
+            # recipes, which write files and commands to run.
+            if key is None:
+                raise ApiError("invalid or missing API key (apiKeys)", status=401,
+                               code="invalid_api_key")
+            return
+        if config.api_keys:
+            raise ApiError("recipes and cluster holds answer only loopback clients when "
+                           "adminKeys is empty",
+                           status=403, code="forbidden")
+        raise ApiError(OPERATIONS_LOOPBACK_ONLY, status=403, code="operations_loopback_only")
+
     def _authorize(self, request: web.Request, config: Config) -> None:
-        """Raise the 401/403 for a request without the key its route needs."""
+        """Raise the 401/403 for a request without the key its route needs; keep the key
+        a request came with for the handlers (keys.KEY)."""
         path = request.path
         if path in OPEN_PATHS or path == "/ui" or path.startswith(OPEN_PREFIXES):
             return
         if path == "/" and "text/html" in request.headers.get("Accept", ""):
             return  # a browser, redirected to /ui
-        key = presented_key(request.headers)
+        key = identify(config, presented_key(request.headers)) if config.keys else None
+        if key is not None and key.expires is not None and time.time() >= key.expires:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(key.expires))
+            raise ApiError(f"key {key.name!r} expired on {when}", status=401,
+                           code="key_expired")
         if path.startswith(ADMIN_PREFIXES):
-            if config.admin_keys:
-                if not key_in(key, config.admin_keys):
-                    raise ApiError("admin key required", status=401, code="invalid_admin_key")
-                return
-            if is_loopback(request):
-                return
-            if config.api_keys and not path.startswith(RECIPE_PREFIX):
-                # llama-swap's rule: without adminKeys, an API key opens the operations
-                # routes (/running, /unload, /logs, /api/...) from any address; never the
-                # recipes, which write files and commands to run.
-                if not key_in(key, config.api_keys):
-                    raise ApiError("invalid or missing API key (apiKeys)", status=401,
-                                   code="invalid_api_key")
-                return
-            if config.api_keys:
-                raise ApiError("recipes and cluster holds answer only loopback clients when "
-                               "adminKeys is empty",
-                               status=403, code="forbidden")
-            raise ApiError(OPERATIONS_LOOPBACK_ONLY, status=403, code="operations_loopback_only")
-        if config.api_keys and not key_in(key, config.api_keys + config.admin_keys):
+            self._operations(request, config, key)
+            if key is not None:
+                request[KEY] = key
+            return
+        if key is not None:
+            request[KEY] = key
+        elif self._locks(config)[0]:
             self._metrics.unrouted(401)  # an API request refused before routing
             raise ApiError("invalid or missing API key", status=401, code="invalid_api_key")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from swapd.config.types import Capabilities, Config
+from swapd.config.types import Capabilities, Config, KeyConfig
 from swapd.engines.starts import StartTimes
+from swapd.http.keys import allows_model, allows_peer
 from swapd.redact import clean_line
 from swapd.schedule.runner import EngineView
 
@@ -15,14 +16,15 @@ ViewOf = Callable[[str], EngineView | None]
 
 
 def models(config: Config, view_of: ViewOf, starts: StartTimes,
-           active_profile: str | None) -> list[dict[str, Any]]:
+           active_profile: str | None, key: KeyConfig | None = None) -> list[dict[str, Any]]:
     """Configured models (with their state), then aliases (includeAliasesInList), peer
-    models, selectors and the active profile's new names."""
+    models, selectors and the active profile's new names; of a key with a scope, only what
+    it may use (docs/keys.md: the rest does not exist for it)."""
     data: list[dict[str, Any]] = []
     listed: set[str] = set()
     for model in config.models.values():
         listed.update((model.id, *model.aliases))
-        if model.unlisted:
+        if model.unlisted or not allows_model(key, model):
             continue
         view = view_of(model.id)
         entry = _entry(model.id, view.state if view else "stopped", model.name,
@@ -53,13 +55,15 @@ def models(config: Config, view_of: ViewOf, starts: StartTimes,
     for peer in config.peers.values():
         for peer_model in peer.models:
             listed.add(f"{peer.id}/{peer_model}")
+            if not allows_peer(key, peer.id, peer_model):
+                continue
             data.append(_entry(f"{peer.id}/{peer_model}", "remote",
                                f"{peer.id}: {peer_model}", None, None, None,
                                {"type": "peer", "peerID": peer.id}))
     listed.update(config.peer_routes)
     for selector in config.selectors.values():
         listed.add(selector.id)
-        if selector.unlisted:
+        if selector.unlisted or not _any_allowed(config, key, selector.targets):
             continue
         internal: dict[str, Any] = {"type": "selector", "strategy": str(selector.strategy),
                                     "targets": list(selector.targets)}
@@ -70,12 +74,26 @@ def models(config: Config, view_of: ViewOf, starts: StartTimes,
                            internal))
     profile = config.profiles.get(active_profile or "")
     for pin, target in profile.pins if profile else ():
-        if target is not None and pin not in listed:
+        if target is not None and pin not in listed and _any_allowed(config, key, (target,)):
             data.append(_entry(pin, _selector_state(config, view_of, (target,)), None, None,
                                None, None, {"type": "profile", "target": target}))
     for entry in data:
         entry["created"] = int(config.loaded_at)  # the config's load time, not 0
     return data
+
+
+def _any_allowed(config: Config, key: KeyConfig | None, targets: tuple[str, ...]) -> bool:
+    """Whether `key` may use one of `targets` (a selector's, or a profile pin's)."""
+    if key is None or (key.models is None and key.peers is None):
+        return True
+    for target in targets:
+        model = config.resolve(target)
+        if model is not None and allows_model(key, model):
+            return True
+        route = config.peer_routes.get(target)
+        if route is not None and allows_peer(key, *route):
+            return True
+    return False
 
 
 def _state(view_of: ViewOf, model: str) -> str:

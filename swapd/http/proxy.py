@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from swapd.config.types import Config, ModelConfig, PeerConfig, Timeouts
+from swapd.config.types import Config, KeyConfig, ModelConfig, PeerConfig, Timeouts
 from swapd.engines.starts import StartTimes
 from swapd.errors import ApiError, anthropic_error_body, error_body
 from swapd.http import listing, modelnames
@@ -30,13 +30,14 @@ from swapd.http.appstate import UPSTREAM, config_of
 from swapd.http.bodies import parse_json, read_body
 from swapd.http.capacity import GlobalLimit
 from swapd.http.clients import Clients
-from swapd.http.keys import key_in
+from swapd.http.keys import KEY, allows_model, allows_peer, is_swapds_own
+from swapd.http.limits import Limit, Limits, Slot
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
-from swapd.observe.activity import ActivityLog, Tracker, session_of
+from swapd.observe.activity import ActivityLog, Record, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
 from swapd.observe.streams import UNBUFFERED, stream_headers
-from swapd.schedule.runner import Scheduler, StartFailed
+from swapd.schedule.runner import NotLoaded, Scheduler, StartFailed
 
 log = structlog.get_logger("swapd.proxy")
 
@@ -269,8 +270,10 @@ class Proxy:
         activity: ActivityLog | None = None,
         capture: CaptureBuffer | None = None,
         starts: StartTimes | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._scheduler = scheduler
+        self._limits = limits if limits is not None else Limits()
         self._metrics = metrics
         self._clients = Clients()
         self._profiles = profiles or Profiles()
@@ -297,19 +300,30 @@ class Proxy:
         view = self._scheduler.view(model)
         return view.state if view is not None else "stopped"
 
-    def _target(self, config: Config, name: str,
-                selectors: bool = True) -> tuple[Local | Remote, Chosen | None]:
-        """Profile pin, selector, local name, peer: where `name` goes (404/400/503)."""
+    def _target(self, config: Config, name: str, selectors: bool = True,
+                key: KeyConfig | None = None) -> tuple[Local | Remote, Chosen | None]:
+        """Profile pin, selector, local name, peer: where `name` goes (404/400/503). A
+        model out of `key`'s scope is 404, as if it did not exist (docs/keys.md)."""
         def pick(selector: Any) -> str:
             return modelnames.choose(config, selector, self._state, self._spillover)
 
         try:
-            return modelnames.resolve(config, self._profiles.active, name,
-                                  pick if selectors else None)
+            target, chosen = modelnames.resolve(config, self._profiles.active, name,
+                                                pick if selectors else None)
         except Unroutable as exc:
             raise ApiError(exc.message, status=exc.status, code=exc.code) from None
+        if key is not None and not (
+            allows_model(key, target.model) if isinstance(target, Local)
+            else allows_peer(key, target.peer.id, target.model)
+        ):
+            if chosen is not None:
+                self._spillover.release(chosen)
+            raise ApiError(f"model {name[:200]!r} is not configured", status=404,
+                           code="model_not_found")
+        return target, chosen
 
-    async def _route(self, request: web.Request, config: Config) -> Routed | PeerRouted:
+    async def _route(self, request: web.Request, config: Config,
+                     key: KeyConfig | None) -> Routed | PeerRouted:
         data: dict[str, Any] | None = None
         body = await read_body(request, config.max_body_bytes, config.body_timeout)
         ctype = request.headers.get("Content-Type", "")
@@ -322,7 +336,7 @@ class Proxy:
             name = found
         else:
             data, name = json_model(body)
-        target, chosen = self._target(config, name)
+        target, chosen = self._target(config, name, key=key)
         return self._routed(config, request.path, target, body, data, name, chosen)
 
     def _routed(
@@ -357,29 +371,61 @@ class Proxy:
     async def handle_inference(self, request: web.Request) -> web.StreamResponse:
         t0 = time.monotonic()
         config = config_of(request)  # the config in force when the request arrived
+        key = request.get(KEY)
+        slot = self._admit(key) if key is not None and key.limited else None
         try:
-            routed = await self._route(request, config)
-        except ApiError as exc:
-            self._metrics.unrouted(exc.status)
-            raise
-        path = upstream_path(request.path_qs)
-        label = routed.remote.label if isinstance(routed, PeerRouted) else routed.model.id
-        try:
-            self._limit(config, label, t0)
-            with self._global.slot():
-                if isinstance(routed, PeerRouted):
-                    return await self._serve_peer(request, config, routed, path, t0)
-                return await self._serve(request, config, routed, path, t0, record=True)
+            try:
+                routed = await self._route(request, config, key)
+            except ApiError as exc:
+                self._metrics.unrouted(exc.status)
+                self._metrics.key_answered(key, "", exc.status)
+                raise
+            path = upstream_path(request.path_qs)
+            label = routed.remote.label if isinstance(routed, PeerRouted) else routed.model.id
+            try:
+                self._limit(config, label, t0, key)
+                with self._global.slot():
+                    if isinstance(routed, PeerRouted):
+                        return await self._serve_peer(request, config, routed, path, t0, key)
+                    return await self._serve(request, config, routed, path, t0, record=True,
+                                             key=key)
+            finally:
+                if routed.chosen is not None:
+                    self._spillover.release(routed.chosen)
         finally:
-            if routed.chosen is not None:
-                self._spillover.release(routed.chosen)
+            if slot is not None:
+                self._limits.release(slot)
 
-    def _limit(self, config: Config, label: str, t0: float) -> None:
+    def _admit(self, key: KeyConfig) -> Slot:
+        """A slot for a request of a key with limits, or its 429 with the honest wait."""
+        got = self._limits.admit(key)
+        if isinstance(got, Slot):
+            return got
+        self._metrics.unrouted(429)
+        self._metrics.key_answered(key, "", 429)
+        headers: dict[str, str] = {}
+        if got.limit == Limit.QUOTA:
+            assert got.reset_at is not None
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(got.reset_at))
+            message = (f"key {key.name!r} used its {key.tokens_per_day} tokens of today "
+                       f"(tokensPerDay); the count restarts at {reset}")
+            headers["X-RateLimit-Reset"] = str(round(got.reset_at))
+        elif got.limit == Limit.CONCURRENCY:
+            message = (f"key {key.name!r} has {key.max_concurrent} requests in flight "
+                       "(maxConcurrent); retry when one ends")
+        else:
+            message = (f"key {key.name!r} made {key.requests_per_minute} requests in the last "
+                       "minute (requestsPerMinute)")
+        raise ApiError(message, status=429, code="key_limit", retry_after=got.wait,
+                       headers=headers)
+
+    def _limit(self, config: Config, label: str, t0: float,
+               key: KeyConfig | None = None) -> None:
         """globalConcurrencyLimit: 429 at once, counted under the model asked for."""
         try:
             self._global.check(config.global_concurrency_limit)
         except ApiError:
-            self._count(label, 429, t0)
+            self._count(label, 429, t0, key)
             raise
 
     async def handle_by_query(self, request: web.Request) -> web.StreamResponse:
@@ -393,23 +439,24 @@ class Proxy:
             self._metrics.unrouted(400)
             raise ApiError("query parameter 'model' is required", status=400,
                            code="missing_model")
+        key = request.get(KEY)
         try:
-            target, chosen = self._target(config, name)
+            target, chosen = self._target(config, name, key=key)
         except ApiError as exc:
             self._metrics.unrouted(exc.status)
             raise
         try:
             self._limit(config, target.label if isinstance(target, Remote) else target.model.id,
-                        t0)
+                        t0, key)
             with self._global.slot():
                 if isinstance(target, Remote):
                     return await self._serve_peer(
                         request, config, PeerRouted(target, b"", False, chosen),
-                        request.path_qs, t0)
+                        request.path_qs, t0, key)
                 ready_only = request.query.get("autoload", "").lower() in ("false", "0")
                 return await self._serve(
                     request, config, Routed(target.model, b"", False, chosen),
-                    request.path_qs, t0, ready_only=ready_only)
+                    request.path_qs, t0, ready_only=ready_only, key=key)
         finally:
             if chosen is not None:
                 self._spillover.release(chosen)
@@ -427,8 +474,18 @@ class Proxy:
         """
         t0 = time.monotonic()
         config = config_of(request)
+        key = request.get(KEY)
+        slot = self._admit(key) if key is not None and key.limited else None
         try:
-            target, rest = self._upstream_target(config, request.match_info["tail"])
+            return await self._upstream(request, config, key, t0)
+        finally:
+            if slot is not None:
+                self._limits.release(slot)
+
+    async def _upstream(self, request: web.Request, config: Config, key: KeyConfig | None,
+                        t0: float) -> web.StreamResponse:
+        try:
+            target, rest = self._upstream_target(config, request.match_info["tail"], key)
             if not rest and not request.path.endswith("/"):
                 # An engine's web UI at /upstream/{model} would resolve its relative links
                 # against /upstream/: send the browser to the folder (llama-swap: 301 for
@@ -466,14 +523,15 @@ class Proxy:
             routed = self._routed(config, path, target, body, data,
                                   name if isinstance(name, str) and name else None)
             if isinstance(routed, PeerRouted):
-                return await self._serve_peer(request, config, routed, url_path, t0)
+                return await self._serve_peer(request, config, routed, url_path, t0, key)
             return await self._serve(request, config, routed, url_path, t0,
-                                     ready_only=_ignored(config, path), record=True)
+                                     ready_only=_ignored(config, path), record=True, key=key)
         assert isinstance(target, Local)
         return await self._serve(request, config, Routed(target.model, body, False), url_path,
-                                 t0, ready_only=_ignored(config, path))
+                                 t0, ready_only=_ignored(config, path), key=key)
 
-    def _upstream_target(self, config: Config, tail: str) -> tuple[Local | Remote, str]:
+    def _upstream_target(self, config: Config, tail: str,
+                         key: KeyConfig | None = None) -> tuple[Local | Remote, str]:
         """The model an /upstream path names (its longest prefix that is a name: "org/model/
         v1/x" may name model "org/model"), and the rest of the path; 404 when none does."""
         parts = tail.split("/")
@@ -481,7 +539,7 @@ class Proxy:
         for i in range(len(parts), 0, -1):
             name = "/".join(parts[:i])
             try:
-                target, _ = self._target(config, name, selectors=False)
+                target, _ = self._target(config, name, selectors=False, key=key)
             except ApiError as exc:
                 if exc.status == 404 and not (profile and profile.pin(name)[0]):
                     continue  # a shorter prefix may name it
@@ -491,20 +549,25 @@ class Proxy:
                        code="model_not_found")
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        """llama-swap's /v1/models, plus swapd's `state` (swapd.http.listing)."""
+        """llama-swap's /v1/models, plus swapd's `state` (swapd.http.listing); of a key
+        with a scope, only what it may use."""
         listed = listing.models(config_of(request), self._scheduler.view, self._starts,
-                                self._profiles.active)
+                                self._profiles.active, request.get(KEY))
         return web.json_response({"object": "list", "data": listed})
 
     # -- relay -----------------------------------------------------------------------
 
     async def _serve(
         self, request: web.Request, config: Config, routed: Routed, path: str, t0: float,
-        ready_only: bool = False, *, record: bool = False,
+        ready_only: bool = False, *, record: bool = False, key: KeyConfig | None = None,
     ) -> web.StreamResponse:
         """Relay to a local engine, with a lease from the scheduler (waiting for a start
-        or swap; with `ready_only`, only an engine ready now, else 409)."""
+        or swap; with `ready_only`, only an engine ready now, else 409). A key with
+        `swap: false` gets only an engine ready now too: it never starts one, nor evicts
+        the tenant."""
         model = routed.model.id
+        no_swap = key is not None and not key.swap and not ready_only
+        ready_only = ready_only or no_swap
         tracker = (
             Tracker(t0, routed.stream, strip_usage=routed.strip_usage)
             if record and self._activity is not None
@@ -537,7 +600,7 @@ class Proxy:
                     await write_within(ex, ex.loading, _loading_chunk(model, f"{model} is ready\n"))
                 url = lease.upstream + path
                 headers = engine_headers(request.headers, url, _strip_auth(config, routed.model),
-                                         config.admin_keys)
+                                         config)
                 return await self._relay(ex, url, headers, routed.body)
         except ClientStalled:
             # Only a loading stream is written before the relay: its client stopped reading
@@ -547,6 +610,10 @@ class Proxy:
             return ex.loading
         except ApiError as exc:
             ex.status = exc.status
+            if no_swap and isinstance(exc, NotLoaded) and key is not None:
+                raise ApiError(
+                    f"model {model!r} is not running, and key {key.name!r} may not start it "
+                    "(swap: false)", status=409, code="model_not_loaded") from None
             if ex.loading is not None and not held:  # the lease was refused
                 # The loading stream's 200 went out first: a stream that broke off.
                 await self._break_off(ex, ex.loading, exc.message, exc.code)
@@ -559,9 +626,10 @@ class Proxy:
                     exc.retry_after = eta
             raise
         finally:
-            self._count(model, ex.status or 499, t0)
+            self._count(model, ex.status or 499, t0, key)
             if tracker is not None:
-                self._record(request, config, model, tracker, ex.status or 499, capture)
+                self._record(request, config, model, tracker, ex.status or 499, capture, key,
+                             len(routed.body))
 
     async def _loading_progress(self, ex: Exchange, waited: float) -> None:
         model = ex.model
@@ -580,8 +648,11 @@ class Proxy:
         tracker: Tracker,
         status: int,
         capture: Capture | None,
+        key: KeyConfig | None = None,
+        body_size: int = 0,
     ) -> None:
-        """Keep a finished request's activity record (and its capture), count its tokens."""
+        """Keep a finished request's activity record (and its capture), count its tokens
+        (for a key, also against the key's day)."""
         activity = self._activity
         assert activity is not None
         record = tracker.record(
@@ -591,6 +662,10 @@ class Proxy:
         if capture is not None and self._capture is not None:
             self._capture.keep(record.id, capture)
             record.captured = True
+        if key is not None:
+            record.key = key.name
+            if status < 400:
+                self._count_key_tokens(key, record, body_size)
         activity.add(record)
         if status < 400:
             self._metrics.series(model).tokens(
@@ -602,8 +677,22 @@ class Proxy:
                 record.decode_tps,
             )
 
+    def _count_key_tokens(self, key: KeyConfig, record: Record, body_size: int) -> None:
+        """A key's request's tokens: in its metrics and, with a quota, against its day."""
+        if record.prompt_tokens is None:
+            # The engine reported none: about four bytes a token, marked estimated (as a
+            # completion counted from its events is), so that the key's count after a
+            # restart (from the store) is the count before it.
+            record.prompt_tokens = body_size // 4
+            record.estimated = True
+        prompt, completion = record.prompt_tokens, record.completion_tokens or 0
+        self._metrics.key_tokens(key, prompt, completion)
+        if key.tokens_per_day:
+            self._limits.add_tokens(key.name, prompt + completion, record.time)
+
     async def _serve_peer(
-        self, request: web.Request, config: Config, routed: PeerRouted, path: str, t0: float
+        self, request: web.Request, config: Config, routed: PeerRouted, path: str, t0: float,
+        key: KeyConfig | None = None,
     ) -> web.StreamResponse:
         """Relay to a peer: its base URL plus the request's path, its key injected. No
         local engine is involved, so no lease, no queue, no swap."""
@@ -611,7 +700,7 @@ class Proxy:
         label = remote.label
         peer = remote.peer
         if peer.api_key_unset:
-            self._count(label, 503, t0)
+            self._count(label, 503, t0, key)
             raise ApiError(
                 f"peer {peer.id!r} needs environment variable {peer.api_key_unset} for its "
                 "apiKey; set it and reload the config", status=503, code="peer_unavailable")
@@ -628,7 +717,7 @@ class Proxy:
             ex.status = exc.status
             raise
         finally:
-            self._count(label, ex.status or 499, t0)
+            self._count(label, ex.status or 499, t0, key)
 
     # -- relay -----------------------------------------------------------------------
     # _relay = _send (the request, up to the engine's status line) + _response (its
@@ -784,8 +873,10 @@ class Proxy:
         except (ConnectionError, RuntimeError):
             pass
 
-    def _count(self, model: str, code: int, t0: float) -> None:
+    def _count(self, model: str, code: int, t0: float, key: KeyConfig | None = None) -> None:
         self._metrics.series(model).answered(code, time.monotonic() - t0)
+        if key is not None:
+            self._metrics.key_answered(key, model, code)
 
 
 # What stays unescaped in a relayed path: RFC 3986's pchar and "/". A "%" is escaped, so a
@@ -844,21 +935,21 @@ def upstream_path(path_qs: str) -> str:
 
 
 def _strip_auth(config: Config, model: ModelConfig) -> bool:
-    return bool(config.api_keys or config.admin_keys) and not model.forward_client_auth
+    return bool(config.keys) and not model.forward_client_auth
 
 
 def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool,
-                   admin_keys: tuple[str, ...] = ()) -> CIMultiDict[str]:
+                   config: Config | None = None) -> CIMultiDict[str]:
     """The client's headers as an engine gets them (without the client's credentials
-    with `strip_auth`; never with an admin key, which is swapd's alone, not even with
-    forwardClientAuth: the status page's chat once sent it)."""
+    with `strip_auth`; never with an operator's or admin's key, which is swapd's alone,
+    not even with forwardClientAuth: the status page's chat once sent it)."""
     out = forward_headers(headers, strip_auth)
-    if not strip_auth and admin_keys:
+    if not strip_auth and config is not None and config.keys:
         for name in CLIENT_AUTH:
             for value in out.getall(name, ()):
                 # The value itself (x-api-key), or what follows a scheme (Bearer, Token…).
-                if key_in(value.strip(), admin_keys) or key_in(
-                        value.partition(" ")[2].strip(), admin_keys):
+                if is_swapds_own(config, value.strip()) or is_swapds_own(
+                        config, value.partition(" ")[2].strip()):
                     out.popall(name)
                     break
     if "@" in url and URL(url).user is not None:

@@ -66,6 +66,7 @@ class Record:
     estimated: bool = False  # tokens counted from content events, not reported by the engine
     session: str | None = None
     captured: bool = False
+    key: str | None = None  # the name of the key the request came with (never the key)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,6 +305,12 @@ class ActivityLog:
     def enabled(self) -> bool:
         return self.size > 0
 
+    @property
+    def store(self) -> str:
+        """Where usage sums come from: `sqlite` (every record kept), else `memory` (the
+        last `size` records)."""
+        return "sqlite" if self._db_path is not None else "memory"
+
     def next_id(self) -> int:
         value = self._next_id
         self._next_id += 1
@@ -364,6 +371,42 @@ class ActivityLog:
             except (sqlite3.Error, OSError) as exc:
                 log.warning("activity store write failed", error=str(exc))
 
+    async def usage(self, by: str, since: float) -> list[dict[str, Any]]:
+        """Requests and tokens since `since` (Unix time), summed by `by` (`key` or
+        `model`): from the SQLite store when there is one (what is pending written first),
+        else from the records in memory (the last `activity.size`)."""
+        if self._db_path is not None:
+            await self._flush()
+            try:
+                rows = await asyncio.to_thread(_sums, self._db_path, by, since)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("activity store unreadable", error=str(exc))
+            else:
+                return [_usage_row(row) for row in rows]
+        sums: dict[str | None, list[int]] = {}
+        for record in self._ring:
+            if record.time >= since:
+                row = sums.setdefault(record.key if by == "key" else record.model, [0, 0, 0, 0])
+                row[0] += 1
+                row[1] += record.status >= 400
+                row[2] += record.prompt_tokens or 0
+                row[3] += record.completion_tokens or 0
+        return [_usage_row((name, *row)) for name, row in sorted(
+            sums.items(), key=lambda item: item[0] or "")]
+
+    def today_by_key(self, day_start: float) -> dict[str, tuple[int, int]]:
+        """(requests, prompt + completion tokens) per key name since `day_start`, from the
+        SQLite store (before serving: the quotas' count after a restart)."""
+        if self._db_path is None or not self._db_path.exists():
+            return {}
+        try:
+            rows = _sums(self._db_path, "key", day_start)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("activity store unreadable; quotas start from 0", error=str(exc))
+            return {}
+        return {name: (requests, prompt + completion)
+                for name, requests, _, prompt, completion in rows if name}
+
     def _load(self, path: Path) -> None:
         try:
             rows = _read(path, self._ring.maxlen or 1, self._retention)
@@ -379,7 +422,7 @@ _CREATE = (
     "CREATE TABLE IF NOT EXISTS activity (id INTEGER PRIMARY KEY, time REAL, model TEXT, "
     "path TEXT, status INTEGER, stream INTEGER, duration REAL, prompt_tokens INTEGER, "
     "completion_tokens INTEGER, cached_tokens INTEGER, ttft REAL, prefill_tps REAL, "
-    "decode_tps REAL, estimated INTEGER, session TEXT, captured INTEGER)"
+    "decode_tps REAL, estimated INTEGER, session TEXT, captured INTEGER, key TEXT)"
 )
 
 
@@ -395,6 +438,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=5)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(_CREATE)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(activity)")}
+    if "key" not in columns:  # a store written before named keys (issue 23)
+        db.execute("ALTER TABLE activity ADD COLUMN key TEXT")
+    db.execute("CREATE INDEX IF NOT EXISTS activity_time ON activity (time)")
     return db
 
 
@@ -432,6 +479,27 @@ def _write(path: Path, records: Iterable[Record], retention: float) -> None:
             db.execute("DELETE FROM activity WHERE time < ?", (time.time() - retention,))
     finally:
         db.close()
+
+
+def _sums(path: Path, by: str, since: float) -> list[tuple[Any, ...]]:
+    column = "key" if by == "key" else "model"
+    db = _connect(path)
+    try:
+        return db.execute(
+            f"SELECT {column}, COUNT(*), SUM(status >= 400), "
+            "COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) "
+            f"FROM activity WHERE time >= ? GROUP BY {column} ORDER BY {column}",
+            (since,),
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def _usage_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    name, requests, errors, prompt, completion = row
+    return {"name": name, "requests": int(requests), "errors": int(errors or 0),
+            "prompt_tokens": int(prompt), "completion_tokens": int(completion),
+            "tokens": int(prompt) + int(completion)}
 
 
 def _read(path: Path, limit: int, retention: float) -> list[Record]:

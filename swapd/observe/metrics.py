@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from swapd import __version__
+from swapd.config.types import KeyConfig
 from swapd.memory.gpu import Sample
 from swapd.observe.llamaswap_metrics import LlamaSwapCollector
 from swapd.placement.by_memory import EVICTION_REASONS
@@ -435,6 +436,23 @@ class Metrics:
             ["peer", "reason"],
             registry=r,
         )
+        # Per key (docs/keys.md): names come from the config, so the series are bounded.
+        self.key_requests = Counter(
+            "swapd_key_requests_total",
+            "Inference requests answered, by key name, model and HTTP status code "
+            "(model=\"\" for a request refused before routing).",
+            ["key", "model", "code"],
+            registry=r,
+        )
+        self.key_tokens_total = Counter(
+            "swapd_key_tokens",
+            "Tokens of a key's requests, by kind (prompt, completion; estimated where the "
+            "engine reported none).",
+            ["key", "kind"],
+            registry=r,
+        )
+        self._key_codes: dict[tuple[str, str, int], Counter] = {}
+        self._key_tokens: dict[str, tuple[Counter, Counter]] = {}
         self.build_info = Info("swapd_build", "swapd build information.", registry=r)
         self.build_info.info({"version": version})
         self._collector = _SampleCollector()
@@ -517,6 +535,9 @@ class Metrics:
         self._models.discard(model)
         self._active.discard(model)
         self._series.pop(model, None)
+        self.key_requests.remove_by_labels({"model": model})
+        for found in [k for k in self._key_codes if k[1] == model]:
+            del self._key_codes[found]
         for metric in (
             self.requests_total,
             self.stream_errors,
@@ -540,6 +561,48 @@ class Metrics:
             self.memory_guard_kills,
         ):
             metric.remove_by_labels({"model": model})
+
+    # -- keys --------------------------------------------------------------------------
+
+    def register_keys(self, names: Iterable[str]) -> None:
+        """The token counters of these keys at zero; those of keys no longer configured
+        (a reload) go."""
+        names = set(names)
+        for gone in [n for n in self._key_tokens if n not in names]:
+            del self._key_tokens[gone]
+            self.key_tokens_total.remove_by_labels({"key": gone})
+            self.key_requests.remove_by_labels({"key": gone})
+            for k in [k for k in self._key_codes if k[0] == gone]:
+                del self._key_codes[k]
+        for name in names:
+            self._key_token_pair(name)
+
+    def _key_token_pair(self, name: str) -> tuple[Counter, Counter]:
+        pair = self._key_tokens.get(name)
+        if pair is None:
+            pair = self._key_tokens[name] = (
+                self.key_tokens_total.labels(name, "prompt"),
+                self.key_tokens_total.labels(name, "completion"),
+            )
+        return pair
+
+    def key_answered(self, key: KeyConfig | None, model: str, code: int) -> None:
+        """Count one request of `key` (nothing without a key)."""
+        if key is None:
+            return
+        found = (key.name, model, code)
+        counter = self._key_codes.get(found)
+        if counter is None:
+            counter = self._key_codes[found] = self.key_requests.labels(
+                key.name, model, str(code))
+        counter.inc()
+
+    def key_tokens(self, key: KeyConfig, prompt: int, completion: int) -> None:
+        prompt_counter, completion_counter = self._key_token_pair(key.name)
+        if prompt:
+            prompt_counter.inc(prompt)
+        if completion:
+            completion_counter.inc(completion)
 
     def set_engine_state(self, model: str, state: str) -> None:
         """One-hot: 1 for `state`, 0 for every other engine state. A model that never ran has

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import json
 import re
+import time
 from importlib import resources
 
 from aiohttp import web
 
 from swapd.errors import ApiError
+from swapd.http.appstate import config_of
+from swapd.http.limits import day_start
 from swapd.observe.activity import ActivityLog
 from swapd.observe.capture import CaptureBuffer
 from swapd.observe.metrics import SampleSource
@@ -144,6 +148,23 @@ def api_routes(
         document = await asyncio.to_thread(found.to_json)
         return web.json_response({"id": record_id, **document})
 
+    async def usage(request: web.Request) -> web.Response:
+        """`GET /api/usage?by=key|model&since=…`: requests and tokens summed (docs/keys.md);
+        `since` is Unix time or an ISO date (UTC), today (UTC) by default."""
+        by = request.query.get("by", "key")
+        if by not in ("key", "model"):
+            raise ApiError("by must be key or model", status=400, code="bad_query")
+        since = parse_since(request.query.get("since"), time.time())
+        rows = await activity.usage(by, since)
+        if by == "key":
+            # Every configured key, used or not (a key that made no request is news too).
+            seen = {row["name"] for row in rows}
+            rows += [_zero(k.name) for k in config_of(request).keys.values()
+                     if k.name not in seen]
+            rows.sort(key=lambda row: row["name"] or "")
+        return web.json_response({"by": by, "since": since, "enabled": activity.enabled,
+                                  "store": activity.store, "data": rows})
+
     async def gpu(request: web.Request) -> web.Response:
         sample = sampler.latest()
         return web.json_response(dataclasses.asdict(sample))
@@ -153,7 +174,33 @@ def api_routes(
         web.get("/api/activity/stream", stream_activity),
         web.get("/api/activity/{id}/capture", get_capture),
         web.get("/api/gpu", gpu),
+        web.get("/api/usage", usage),
     ]
+
+
+def parse_since(text: str | None, now: float) -> float:
+    """`since` of /api/usage: Unix seconds, or an ISO date or date and time (UTC unless it
+    names its zone); absent: the start of today (UTC). 400 for anything else."""
+    if text is None or not text.strip():
+        return day_start(now)
+    text = text.strip()[:64]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError("since must be Unix seconds or an ISO date (2026-12-01)", status=400,
+                       code="bad_query") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+def _zero(name: str) -> dict[str, object]:
+    return {"name": name, "requests": 0, "errors": 0, "prompt_tokens": 0,
+            "completion_tokens": 0, "tokens": 0}
 
 
 def _event(event_id: int, data: object) -> bytes:

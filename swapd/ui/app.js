@@ -371,6 +371,7 @@ function activityRow(r) {
     h("td", { class: "num" }, num(r.prefill_tps, 1)),
     h("td", { class: "num" }, num(r.decode_tps, 1)),
     h("td", { class: "num" }, dur(r.duration)),
+    h("td", {}, r.key || ""),
     h("td", {}, r.session || ""),
     h("td", {}, r.captured ? h("button", { type: "button", class: "ghost", onclick: () => showCapture(r.id) }, "view") : ""));
 }
@@ -549,6 +550,28 @@ $("#chat-input").addEventListener("keydown", (ev) => {
 });
 $("#chat-clear").addEventListener("click", () => { chatHistory = []; $("#chat-log").replaceChildren(); });
 
+// -- usage per key and model (today, UTC) ---------------------------------------------------
+
+function usageRows(rows, label) {
+  if (!rows.length) return [h("tr", {}, h("td", { class: "muted", colspan: 6 }, "no " + label + " yet"))];
+  return rows.map((r) => h("tr", {},
+    h("td", {}, r.name == null ? "(no key)" : r.name),
+    h("td", { class: "num" }, num(r.requests)),
+    h("td", { class: "num" + (r.errors ? " s4" : "") }, num(r.errors)),
+    h("td", { class: "num" }, num(r.prompt_tokens)),
+    h("td", { class: "num" }, num(r.completion_tokens)),
+    h("td", { class: "num" }, num(r.tokens))));
+}
+
+async function refreshUsage() {
+  const [byKey, byModel] = await Promise.all([json("/api/usage?by=key"), json("/api/usage?by=model")]);
+  $("#usage-keys tbody").replaceChildren(...usageRows(byKey.data, "keys"));
+  $("#usage-models tbody").replaceChildren(...usageRows(byModel.data, "requests"));
+  $("#usage-note").textContent = byKey.store === "sqlite"
+    ? "since 00:00 UTC"
+    : "since 00:00 UTC, of the records in memory (activity.store: sqlite keeps them all)";
+}
+
 // -- main loop ------------------------------------------------------------------------------
 
 function setConn(ok) {
@@ -561,6 +584,7 @@ async function refreshAll() {
   await Promise.all([
     refreshModels().catch(() => setConn(false)),
     refreshGpu().catch(() => {}),
+    refreshUsage().catch(() => {}),
   ]);
 }
 
@@ -576,5 +600,6 @@ async function start() {
   };
   every(() => refreshModels().catch(() => setConn(false)), POLL_MS);
   every(() => refreshGpu().catch(() => {}), 2 * POLL_MS);
+  every(() => refreshUsage().catch(() => {}), 5 * POLL_MS);
 }
 start();
