@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Swapd, fake_cmd, http, metric_value, model, port_block, wait_until
+from tests.support import Swapd, fake_cmd, http, metric_value, model, port_block, wait_until
 
 KEYS = {
     "alice": {"key": "alice-k", "role": "operator"},
