@@ -248,3 +248,47 @@ def test_check_lists_the_named_keys_without_their_secrets(tmp_path, capsys):
     assert "keys: 1 named" in out
     assert "  agent: role inference, models m*, peers all, limits 30/min, no swap" in out
     assert "agent-secret" not in out
+
+
+def test_usage_sums_read_concurrently_both_see_every_record(tmp_path, monkeypatch):
+    """The status page asks by key and by model at once: the second reader must wait for
+    the first one's write of the pending records, not read the store before it lands. The
+    write is held until a read is done (or half a second passes): a reader that does not
+    wait for it reads the store without the records."""
+    import asyncio
+    import threading
+    import time
+
+    from swapd.observe import activity
+    from swapd.observe.activity import ActivityLog, Record
+
+    read_done = threading.Event()
+    write, sums = activity._write, activity._sums
+
+    def held_write(*args: Any) -> None:
+        read_done.wait(0.5)
+        write(*args)
+
+    def noted_sums(*args: Any) -> Any:
+        try:
+            return sums(*args)
+        finally:
+            read_done.set()
+
+    monkeypatch.setattr(activity, "_write", held_write)
+    monkeypatch.setattr(activity, "_sums", noted_sums)
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        log = ActivityLog(100, db_path=tmp_path / "activity.sqlite3")
+        for i in range(50):
+            log.add(Record(id=log.next_id(), time=time.time(), model=f"m{i % 2}", path="/v1",
+                           status=200, stream=False, duration=0.1, prompt_tokens=3,
+                           completion_tokens=4, key="alice"))
+        by_key, by_model = await asyncio.gather(log.usage("key", 0), log.usage("model", 0))
+        await log.close()
+        return by_key, by_model
+
+    by_key, by_model = asyncio.run(main())
+    assert by_key == [{"name": "alice", "requests": 50, "errors": 0, "prompt_tokens": 150,
+                       "completion_tokens": 200, "tokens": 350}]
+    assert [(r["name"], r["requests"]) for r in by_model] == [("m0", 25), ("m1", 25)]

@@ -295,6 +295,7 @@ class ActivityLog:
         self._pending: list[Record] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._flush_lock = asyncio.Lock()
 
     def load(self) -> None:
         """Fill the ring from SQLite (after a restart); call once logging is set up."""
@@ -364,12 +365,15 @@ class ActivityLog:
         await self._flush()
 
     async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch and self._db_path is not None:
-            try:
-                await asyncio.to_thread(_write, self._db_path, batch, self._retention)
-            except (sqlite3.Error, OSError) as exc:
-                log.warning("activity store write failed", error=str(exc))
+        # One write at a time: a reader of the store (usage) that flushes first must find
+        # the batch an earlier flush took written, not merely taken.
+        async with self._flush_lock:
+            batch, self._pending = self._pending, []
+            if batch and self._db_path is not None:
+                try:
+                    await asyncio.to_thread(_write, self._db_path, batch, self._retention)
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("activity store write failed", error=str(exc))
 
     async def usage(self, by: str, since: float) -> list[dict[str, Any]]:
         """Requests and tokens since `since` (Unix time), summed by `by` (`key` or
