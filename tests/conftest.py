@@ -48,5 +48,8 @@ def start_swapd(tmp_path: Path) -> Iterator[Callable[..., Swapd]]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `late` (real engines built from source, minutes each) run after the
-    others: a quick failure shows first, and quick tests do not queue behind them."""
-    items.sort(key=lambda item: item.get_closest_marker("late") is not None)
+    others: a quick failure shows first, and quick tests do not queue behind them.
+    The real-vLLM tests (`vllm`: a few minutes, ~5 GB per vLLM, one xdist group) come after
+    those: under xdist their group is handed out last. Order kept otherwise."""
+    items.sort(key=lambda item: (item.get_closest_marker("vllm") is not None,
+                                 item.get_closest_marker("late") is not None))
