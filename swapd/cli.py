@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -429,7 +430,30 @@ def format_status(doc: dict[str, object], now: float | None = None) -> str:
         sleep = info.get("sleep")
         if isinstance(sleep, dict) and sleep.get("off"):
             lines.append(f"{model}: sleep off: {sleep['off']}")
+    lines += _cluster_lines(models)
     return "\n".join(lines)
+
+
+def _cluster_lines(models: dict[str, Any]) -> list[str]:
+    """A cluster head's nodes and each worker's hold; a worker's holder (docs/two-sparks.md)."""
+    lines = []
+    for model, info in models.items():
+        cluster = info.get("cluster")
+        if not isinstance(cluster, dict):
+            continue
+        if cluster.get("role") == "head":
+            for node in cluster.get("nodes") or []:
+                error = f" ({node['error']})" if node.get("error") else ""
+                lines.append(f"{model}: node {node.get('peer')}: worker {node.get('worker')} "
+                             f"{node.get('state')}{error}")
+        elif isinstance(hold := cluster.get("hold"), dict):
+            expires = hold.get("expires_in")
+            lines.append(f"{model}: held for {hold.get('holder')} (hold {hold.get('id')}, "
+                         + ("starting" if expires is None else f"expires in {expires:g}s")
+                         + ")")
+        else:
+            lines.append(f"{model}: cluster worker, not held")
+    return lines
 
 
 # -- keys ------------------------------------------------------------------------------

@@ -76,3 +76,19 @@ def test_warnings_sleep_preload_and_a_peer_without_key(tmp_path: Path) -> None:
     text = "\n".join(loaded.warnings)
     assert "models.big.sleepMode" in text and "hooks.on_startup.preload[0]" in text
     assert "models.big.cluster.nodes.spark2" in text and "no apiKey" in text
+
+
+def test_swapd_status_shows_a_heads_nodes_and_a_workers_holder() -> None:
+    from swapd.cli import format_status
+
+    base = {"state": "ready", "pid": 1, "uptime": 5, "inflight": 0, "queued": 0}
+    doc = {"version": "x", "listen": "l", "tenant": [], "queue": 0, "models": {
+        "big": {**base, "cluster": {"role": "head", "hold_ttl": 15, "nodes": [
+            {"peer": "spark2", "worker": "w", "state": "held", "hold": "abc", "error": None}]}},
+        "w": {**base, "cluster": {"role": "worker", "hold": {
+            "id": "abc", "holder": "spark1/big", "ttl": 15, "state": "held",
+            "expires_in": 12.5}}},
+    }}
+    text = format_status(doc, now=0)
+    assert "big: node spark2: worker w held" in text
+    assert "w: held for spark1/big (hold abc, expires in 12.5s)" in text

@@ -314,7 +314,9 @@ def _macros_and_port(ctx: Ctx, node: Node, model_id: str, base: Config, t: _Text
     if "${PORT}" in texts["cmd"] or "${PORT}" in texts["proxy"]:
         port = next_port()
         # `ollama serve` takes its address from env OLLAMA_HOST=127.0.0.1:${PORT}.
-        if not any("${PORT}" in texts[k] for k in ("cmd", *t.env_keys.values())):
+        # A cluster worker (`ray start --block`) serves no port: nothing to warn about.
+        if not any("${PORT}" in texts[k] for k in ("cmd", *t.env_keys.values())) \
+                and node.data.get("clusterWorker") is not True:
             ctx.warn(node.key("proxy"), f"${{PORT}} is {port} here but neither cmd nor env "
                      f"uses ${{PORT}}: the engine must listen on {port} by itself")
         substitute({"PORT": port})
@@ -420,7 +422,7 @@ def _model(ctx: Ctx, model_id: str, raw: Any, base: Config,
         env=settled.env,
         aliases=tuple(dict.fromkeys(aliases.values())),
         use_model_name=texts.get("useModelName"),
-        unlisted=node.flag("unlisted", False),
+        unlisted=node.flag("unlisted", False) or worker,  # a worker is never listed
         name=texts.get("name"),
         description=texts.get("description"),
         metadata=trees.get("metadata"),

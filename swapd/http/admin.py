@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import yaml
 from aiohttp import web
 
 from swapd import __version__
+from swapd.cluster.holds import HoldView
 from swapd.config.loader import load_model_entry
 from swapd.config.nodes import ConfigError
 from swapd.config.recipes import (
@@ -33,6 +34,7 @@ from swapd.errors import ApiError
 from swapd.files import write_atomic
 from swapd.http.appstate import config_of
 from swapd.http.bodies import parse_json, read_body
+from swapd.http.cluster import hold_document
 from swapd.http.modelnames import Profiles
 from swapd.memory.watch import MemoryWatch
 from swapd.redact import clean_line, redact_argv, redact_text
@@ -89,6 +91,7 @@ def status_document(scheduler: Scheduler, config: Config,
     """What `GET /status` answers: enough to see what swapd is doing right now."""
     now = time.time()
     models: dict[str, Any] = {}
+    holds = {h.worker: h for h in scheduler.holds()}
     for view in scheduler.views():
         exit_info = view.last_exit
         models[view.id] = {
@@ -124,6 +127,8 @@ def status_document(scheduler: Scheduler, config: Config,
                 "off": None if view.sleep_off is None else clean_line(view.sleep_off),
             },
         }
+        if (cluster := cluster_document(scheduler, view, holds)) is not None:
+            models[view.id]["cluster"] = cluster
         if details is not None:
             models[view.id].update(details(view.id))
     doc: dict[str, Any] = {
@@ -132,6 +137,8 @@ def status_document(scheduler: Scheduler, config: Config,
         "tenant": scheduler.live_gpu_engines(),
         "queue": scheduler.queued(),
         "models": models,
+        # The holds heads on other nodes have on this node's workers (docs/two-sparks.md).
+        "cluster_holds": [hold_document(h) for h in holds.values()],
         # llama-swap's profiles: the active one (null: none) and those defined.
         "profile": {
             "active": profiles.active if profiles else None,
@@ -141,6 +148,19 @@ def status_document(scheduler: Scheduler, config: Config,
     if memory is not None:
         doc["memory"] = memory_document(memory, config)
     return doc
+
+
+def cluster_document(scheduler: Scheduler, view: EngineView,
+                     holds: Mapping[str, HoldView]) -> dict[str, Any] | None:
+    """A cluster head: its nodes and each worker's hold; a worker: its hold and holder."""
+    cfg = view.cfg
+    if cfg.cluster is not None:
+        return {"role": "head", "hold_ttl": cfg.cluster.hold_ttl,
+                "nodes": scheduler.cluster_nodes(view.id) or []}
+    if cfg.cluster_worker:
+        hold = holds.get(view.id)
+        return {"role": "worker", "hold": None if hold is None else hold_document(hold)}
+    return None
 
 
 class Admin:
@@ -184,6 +204,7 @@ class Admin:
 
     async def running(self, request: web.Request) -> web.Response:
         out = []
+        holds = {h.worker: h for h in self._scheduler.holds()}
         for view in self._scheduler.views():
             if not view.alive:
                 continue
@@ -199,6 +220,8 @@ class Admin:
                     "pid": view.pid,
                 }
             )
+            if (cluster := cluster_document(self._scheduler, view, holds)) is not None:
+                out[-1]["cluster"] = cluster
         return web.json_response({"running": out})
 
     async def status(self, request: web.Request) -> web.Response:

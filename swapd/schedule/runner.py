@@ -322,6 +322,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
+        self._hold_ids: dict[str, str] = {}  # holds on this node's workers: id -> worker
         # The holds this node takes on its peers for its cluster heads (docs/two-sparks.md).
         self._peers = PeerHolds(
             lambda: self.config.peers, holder=_holder_name,
@@ -460,6 +461,8 @@ class Scheduler:
         """Carry out the core's effects; wake `_wait_for` if there were any (or `notify`:
         the event itself was a change, e.g. a stop that finished)."""
         changed = notify
+        if self._hold_ids or len(self._core.holds(0.0)):
+            self._log_ended_holds()
         for e in fx:
             changed = True
             if isinstance(e, Grant):
@@ -918,6 +921,16 @@ class Scheduler:
         self._apply(fx)
         await self._wait_for(lambda: self._stops.get(hold.worker, 0) > before
                              or self._core.phase(hold.worker) not in RUNNING)
+
+    def _log_ended_holds(self) -> None:
+        """Say in the log why each hold that just ended ended (expired, worker exited,
+        unloaded, released): the peer's side of a cluster failure."""
+        now = {h.id: h for h in self._core.holds(self._clock())}
+        for hold_id, worker in self._hold_ids.items():
+            if hold_id not in now:
+                log.info("cluster hold ended", worker=worker, hold=hold_id,
+                         reason=self._core.hold_ended(hold_id))
+        self._hold_ids = {h.id: h.worker for h in now.values()}
 
     def holds(self) -> list[HoldView]:
         return self._core.holds(self._clock())

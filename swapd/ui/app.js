@@ -245,6 +245,13 @@ function renderModels(models) {
     rows.push(["last exit", lastExit(m)]);
     if (m.pid) rows.push(["pid", m.pid]);
     if (m.sleep && m.sleep.off) rows.push(["sleep", "off: " + m.sleep.off]);
+    // Two nodes, one model (docs/two-sparks.md): a head's workers, a worker's holder.
+    const cl = m.cluster;
+    if (cl && cl.role === "head") {
+      for (const n of cl.nodes || []) rows.push(["node " + n.peer, n.worker + ": " + n.state + (n.error ? " (" + n.error + ")" : "")]);
+    } else if (cl && cl.role === "worker") {
+      rows.push(["held for", cl.hold ? cl.hold.holder + (cl.hold.expires_in != null ? " · expires in " + dur(cl.hold.expires_in) : " · starting") : "nobody (started only by a hold)"]);
+    }
     const running = m.state === "ready" || m.state === "starting" || m.state === "waking";
     const alive = running || m.state === "sleeping";
     ref.el.dataset.state = m.state;
@@ -256,7 +263,7 @@ function renderModels(models) {
     ref.progress.hidden = !showBar;
     if (showBar) ref.bar.style.width = Math.min(98, (100 * m.uptime) / (m.uptime + m.eta_seconds)).toFixed(1) + "%";
     ref.dl.replaceChildren(...rows.map(([k, v]) => [h("dt", {}, k), h("dd", { title: String(v) }, v)]).flat());
-    ref.load.disabled = running || busy.has(id);
+    ref.load.disabled = running || busy.has(id) || (cl && cl.role === "worker");
     ref.unload.disabled = !alive || busy.has(id);
     ref.sleep.hidden = !m.sleep;
     ref.sleep.disabled = m.state !== "ready" || !m.sleep || !!m.sleep.off || busy.has(id);
