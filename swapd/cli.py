@@ -269,7 +269,8 @@ def format_check(result: LoadResult) -> str:
         "allowedHosts: IP addresses, localhost, this machine's names"
         + "".join(f", {h}" for h in config.allowed_hosts),
         f"cors.allowOrigins: {', '.join(config.cors_allow_origins) or '- (none)'}",
-        f"bodyTimeout: {spell(config.body_timeout)}s, writeTimeout: {spell(config.write_timeout)}s",
+        f"bodyTimeout: {spell(config.body_timeout)}s, writeTimeout: "
+        f"{spell(config.write_timeout)}s, headerTimeout: {spell(config.header_timeout)}s",
         f"models: {len(config.models)}",
     ]
     for m in config.models.values():
