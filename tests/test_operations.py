@@ -413,7 +413,10 @@ def test_engines_left_by_a_sigkilled_swapd_are_reaped_before_the_next_listens(
     try:
         record = json.loads((first.state_dir / "engines.json").read_text())
         assert [(g["pid"], g["pgid"], g["model"]) for g in record["groups"]] == [(pid, pid, "m")]
-        assert not list(first.state_dir.glob("*.tmp"))
+        # Every state file is replaced atomically: no temp file stays (the start-times file
+        # is written by a worker thread, so its write may still be under way right now).
+        wait_until(lambda: not list(first.state_dir.glob("*.tmp")), timeout=10,
+                   message="no temp file left in the state folder")
 
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(10)
