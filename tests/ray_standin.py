@@ -63,6 +63,8 @@ async def head(args: argparse.Namespace) -> None:
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
+        # "delay": a long answer (a request in flight when a worker dies)
+        await asyncio.sleep(float(body.get("delay", 0)))
         return web.json_response({
             "id": "standin", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": "stop", "message": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,9 +112,11 @@ def test_a_request_on_node1_starts_the_worker_on_node2_then_the_head(pair: Pair)
     assert big["cluster"]["role"] == "head"
     assert big["cluster"]["nodes"][0]["peer"] == "node2"
     assert big["cluster"]["nodes"][0]["state"] == "held"
+    assert big["cluster"]["nodes"][0]["worker_state"] == "ready"
     [hold] = pair.holds()
     assert hold["worker"] == "big-worker" and hold["holder"].endswith("/big")
     assert hold["state"] == "held" and hold["ttl"] == HOLD_TTL
+    assert hold["worker_state"] == "ready"
     status2 = pair.node2.get("/status", headers=ADMIN2)[1]
     assert status2["models"]["big-worker"]["cluster"]["hold"]["id"] == hold["id"]
     assert status2["cluster_holds"][0]["holder"] == hold["holder"]
@@ -153,9 +156,17 @@ def test_a_request_on_node1_starts_the_worker_on_node2_then_the_head(pair: Pair)
 def test_a_worker_that_dies_stops_the_head_and_the_model_backs_off(pair: Pair) -> None:
     assert chat(pair.node1, "big")[0] == 200
     worker, head = pair.worker_pid(), pair.head_pid()
+    in_flight: list[tuple[int, Any]] = []
+    slow = threading.Thread(target=lambda: in_flight.append(pair.node1.post(
+        "/v1/chat/completions", {"model": "big", "messages": [], "delay": 60})))
+    slow.start()
+    wait_until(lambda: pair.node1.status()["models"]["big"]["inflight"] == 1)
     os.kill(worker, signal.SIGUSR1)  # the worker dies on node 2
     # node 1's renewal (every holdTtl/3) finds the hold gone: the head is stopped
     wait_until(lambda: gone(head), timeout=HOLD_TTL + 5, message="head stopped")
+    slow.join(30)
+    [(code, body)] = in_flight  # the request in flight: 502 in the OpenAI shape
+    assert code == 502 and body["error"]["message"], body
     big = wait_until(lambda: (m := pair.node1.status()["models"]["big"])["failure"] and m)
     assert "big-worker" in big["failure"]["reason"] and "exited" in big["failure"]["reason"]
     code, body = chat(pair.node1, "big")
@@ -186,6 +197,27 @@ def test_an_admin_unload_on_node1_stops_the_head_then_releases(pair: Pair) -> No
     wait_until(lambda: gone(worker), timeout=10, message="worker released")
     assert pair.holds() == []
     assert pair.node1.status()["models"]["big"]["failure"] is None
+
+
+def test_a_crash_or_a_reload_of_the_head_releases_the_worker(pair: Pair) -> None:
+    assert chat(pair.node1, "big")[0] == 200
+    worker, head = pair.worker_pid(), pair.head_pid()
+    os.kill(head, signal.SIGKILL)  # the head crashes
+    wait_until(lambda: gone(worker), timeout=10, message="worker released after a crash")
+    assert pair.holds() == []
+    big = wait_until(lambda: (m := pair.node1.status()["models"]["big"])["failure"] and m)
+    assert "crashed" in big["failure"]["reason"]
+    # after its backoff, a new start takes a new hold; a reload that changes the recipe
+    # stops the head, then releases the worker
+    code, body = pair.node1.post("/models/big/load")  # an admin load clears the backoff
+    assert code == 200, body
+    worker = pair.worker_pid()
+    assert pid_alive(worker) and len(pair.holds()) == 1
+    text = pair.node1.config_path.read_text().replace("--workers 1", "--workers 01")
+    pair.node1.config_path.write_text(text)
+    pair.node1.signal(signal.SIGHUP)
+    wait_until(lambda: gone(worker), timeout=15, message="worker released after a reload")
+    assert pair.holds() == []
 
 
 def test_a_head_that_dies_frees_node2_within_hold_ttl(pair: Pair) -> None:

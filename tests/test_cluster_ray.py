@@ -10,6 +10,7 @@ CI for that reason (docs/two-sparks.md)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -81,3 +82,4 @@ def test_a_real_ray_pair_starts_as_one_and_leaves_no_daemon(
     assert code == 200
     wait_until(lambda: not ray_processes(temp), timeout=60,
                message=f"every Ray daemon gone: {ray_processes(temp)}")
+    shutil.rmtree(temp, ignore_errors=True)

@@ -73,6 +73,7 @@ class _Node:
     hold_id: str | None = None
     error: str | None = None
     renewed_at: float = 0.0
+    worker_state: str | None = None  # the worker's engine state, as the peer last said
 
 
 @dataclass(slots=True)
@@ -161,6 +162,8 @@ class PeerHolds:
                 "state": "idle" if n is None else str(n.state),
                 "hold": None if n is None else n.hold_id,
                 "error": None if n is None else n.error,
+                "worker_state": None if n is None or n.state != NodeState.HELD
+                else n.worker_state,
             })
         return out
 
@@ -214,6 +217,7 @@ class PeerHolds:
             self._on_failure(node.peer, str(exc.reason))
             raise
         node.hold_id, node.state, node.renewed_at = hold_id, NodeState.HELD, self._clock()
+        node.worker_state = _worker_state(answer)
         self._on_held(node.peer, run.model, True)
 
     async def _renew(self, run: _Run) -> None:
@@ -234,6 +238,7 @@ class PeerHolds:
             status, answer = -1, exc.detail
         if status == 200:
             node.renewed_at = self._clock()
+            node.worker_state = _worker_state(answer)
             return
         if 400 <= status < 500:
             # The peer knows no such hold (or refuses us now): its worker is gone.
@@ -290,6 +295,12 @@ def _message(answer: Any) -> str:
         error = answer.get("error")
         text = error.get("message") if isinstance(error, dict) else error
     return clean_line(str(text if text is not None else "no message"))[:MAX_ECHO]
+
+
+def _worker_state(answer: Any) -> str | None:
+    hold = answer.get("hold") if isinstance(answer, dict) else None
+    state = hold.get("worker_state") if isinstance(hold, dict) else None
+    return state[:32] if isinstance(state, str) and state.isidentifier() else None
 
 
 def _hold_id(answer: Any) -> str | None:

@@ -31,9 +31,13 @@ MAX_HOLD_BODY = 4096
 MAX_HOLDER = 160
 
 
-def hold_document(view: HoldView) -> dict[str, Any]:
-    return {"id": view.id, "worker": view.worker, "holder": view.holder, "ttl": view.ttl,
-            "state": str(view.state), "expires_in": view.expires_in}
+def hold_document(view: HoldView, worker_state: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": view.id, "worker": view.worker, "holder": view.holder,
+                           "ttl": view.ttl, "state": str(view.state),
+                           "expires_in": view.expires_in}
+    if worker_state is not None:
+        doc["worker_state"] = worker_state  # the worker's engine here: what the head shows
+    return doc
 
 
 class ClusterRoutes:
@@ -49,7 +53,11 @@ class ClusterRoutes:
         ]
 
     async def list_holds(self, request: web.Request) -> web.Response:
-        return web.json_response({"holds": [hold_document(v) for v in self._scheduler.holds()]})
+        return web.json_response({"holds": [self._document(v) for v in self._scheduler.holds()]})
+
+    def _document(self, view: HoldView) -> dict[str, Any]:
+        engine = self._scheduler.view(view.worker)
+        return hold_document(view, None if engine is None else engine.state)
 
     async def take(self, request: web.Request) -> web.Response:
         body = await _body(request)
@@ -66,13 +74,13 @@ class ClusterRoutes:
             raise ApiError(f"model {worker!r} is not configured on this node", status=404,
                            code="model_not_found")
         view = await self._scheduler.hold(worker, holder, ttl)
-        return web.json_response({"hold": hold_document(view)})
+        return web.json_response({"hold": self._document(view)})
 
     async def renew(self, request: web.Request) -> web.Response:
         body = await _body(request, empty_ok=True)
         ttl = None if body.get("ttl") is None else _ttl(body.get("ttl"))
         view = self._scheduler.renew_hold(_hold_id(request), ttl)
-        return web.json_response({"hold": hold_document(view)})
+        return web.json_response({"hold": self._document(view)})
 
     async def release(self, request: web.Request) -> web.Response:
         hold_id = _hold_id(request)
