@@ -302,6 +302,14 @@ def format_check(result: LoadResult) -> str:
             lines += [f"    sleep:    {calls} instead of a stop on a swap or ttl; "
                       f"≥ {need} freed within {spell(m.sleep.timeout)}s; kept {ttl}",
                       f"    wake:     {wakes}, then the readiness check"]
+        if m.cluster is not None:
+            nodes = ", ".join(f"{peer}: {worker}" for peer, worker in m.cluster.nodes)
+            lines.append(f"    cluster:  holds {nodes} before it starts; renewed every "
+                         f"{spell(round(m.cluster.hold_ttl / 3, 3))}s, holdTtl "
+                         f"{spell(m.cluster.hold_ttl)}s (docs/two-sparks.md)")
+        if m.cluster_worker:
+            lines.append("    cluster:  a worker: started only by a head's hold, never by a "
+                         "request")
         if m.forward_client_auth:
             lines.append("    auth:     the client's Authorization / x-api-key reach the engine "
                          "(forwardClientAuth)")

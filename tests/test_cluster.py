@@ -316,7 +316,10 @@ def test_the_hold_route_refuses_what_an_attacker_sends(start_swapd: Callable[...
     assert post(b"[" * 100_000, ADMIN2)[0] == 413
     assert http("PUT", url + "/forged", {"ttl": 5}, headers=ADMIN2)[0] == 404
     assert http("DELETE", url + "/" + "x" * 500, headers=ADMIN2)[0] == 404
-    # one head at a time
+    # the holder's re-POST renews the same hold; one head at a time
+    [first] = http("GET", url, headers=ADMIN2)[1]["holds"]
+    code, body = post(good, ADMIN2)
+    assert code == 200 and body["hold"]["id"] == first["id"]
     code, body = post({**good, "holder": "intruder"}, ADMIN2)
     assert code == 409 and "node1/big" in body["error"]["message"]
     assert "rm -rf" not in node2.log()

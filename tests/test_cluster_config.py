@@ -92,3 +92,13 @@ def test_swapd_status_shows_a_heads_nodes_and_a_workers_holder() -> None:
     text = format_status(doc, now=0)
     assert "big: node spark2: worker w held" in text
     assert "w: held for spark1/big (hold abc, expires in 12.5s)" in text
+
+
+def test_swapd_check_prints_the_cluster(tmp_path: Path) -> None:
+    from swapd.cli import format_check
+
+    data = head(nodes={"spark2": "w"}, holdTtl=9)
+    data["models"]["w"] = {"cmd": "ray start --block", "clusterWorker": True}
+    text = format_check(load(tmp_path, data, {"K": "k"}))
+    assert "cluster:  holds spark2: w before it starts; renewed every 3s, holdTtl 9s" in text
+    assert "a worker: started only by a head's hold" in text
