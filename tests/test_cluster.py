@@ -166,7 +166,7 @@ def test_a_worker_that_dies_stops_the_head_and_the_model_backs_off(pair: Pair) -
     wait_until(lambda: gone(head), timeout=HOLD_TTL + 5, message="head stopped")
     slow.join(30)
     [(code, body)] = in_flight  # the request in flight: 502 in the OpenAI shape
-    assert code == 502 and body["error"]["message"], body
+    assert code == 502 and "big-worker" in body["error"]["message"], body
     big = wait_until(lambda: (m := pair.node1.status()["models"]["big"])["failure"] and m)
     assert "big-worker" in big["failure"]["reason"] and "exited" in big["failure"]["reason"]
     code, body = chat(pair.node1, "big")

@@ -784,6 +784,8 @@ class Proxy:
             if isinstance(exc, TimeoutError) and not str(exc) and timeouts is not None:
                 detail = (f"no response headers within {timeouts.response_header:g}s "
                           "(timeouts.responseHeader)")
+            if (cause := self._scheduler.crash_cause(ex.model)) is not None:
+                detail += f"; {cause}"  # swapd stopped it for a reason (a lost cluster worker)
             log.warning("upstream failed", model=ex.model, error=detail, status=status)
             raise ApiError(f"{ex.who} failed before answering: {detail}",
                            status=status, code=code) from None

@@ -709,6 +709,15 @@ class Core:
         hold = self._holds.renew(hold_id, now, ttl)
         return hold, ([] if hold is None else self._finish(now, []))
 
+    def crash_cause(self, model: str) -> str | None:
+        """Why the model's engine is being stopped as a crash (its exit, or a cluster
+        worker lost under it), while that stop is under way: what a request cut by it
+        is told."""
+        m = self._models.get(model)
+        if m is None or m.phase != Phase.STOPPING or m.stop_reason != StopReason.CRASH:
+            return None
+        return m.last_error
+
     def hold_ended(self, hold_id: str) -> str | None:
         return self._holds.ended(hold_id)
 

@@ -932,6 +932,9 @@ class Scheduler:
                          reason=self._core.hold_ended(hold_id))
         self._hold_ids = {h.id: h.worker for h in now.values()}
 
+    def crash_cause(self, model: str) -> str | None:
+        return self._core.crash_cause(model)
+
     def holds(self) -> list[HoldView]:
         return self._core.holds(self._clock())
 
