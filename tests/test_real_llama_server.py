@@ -126,6 +126,7 @@ def test_llamacpp_preset_on_the_real_server(start_swapd: Callable[..., Swapd],
     assert code == 200, body
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert "timings" in body  # llama.cpp's own speeds, relayed as they are
+    assert any(status == 503 for status, _ in seen), seen  # it did say so while loading
     assert not [s for s in seen if s[0] == 503 and s[1] == "ready"], seen
     # /props: routed by ?model=, and through /upstream.
     code, props = daemon.get("/props?model=g")
@@ -210,8 +211,8 @@ def sse(url: str) -> tuple[list[dict[str, Any]], Callable[[], None]]:
                 text = line.decode().strip()
                 if text.startswith("data: "):
                     events.append(json.loads(text[6:]))
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, AttributeError):
+            pass  # closed under it (AttributeError: http.client's closed chunked reader)
 
     threading.Thread(target=read, daemon=True).start()
     return events, conn.close
@@ -249,9 +250,12 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
     try:
         # GET /models: unloaded, with llama.cpp's fields.
         before = {name: entry(url) for name, url in both.items()}
-        same_shape(before["swapd"], {k: v for k, v in before["llama-server"].items()
-                                     if k in ("id", "object", "owned_by", "created",
-                                              "aliases", "tags", "status")})
+        theirs = before["llama-server"]
+        # Every field but `status.preset` (llama.cpp's INI of a preset; swapd's recipe is
+        # its command line, `status.args`).
+        same_shape(before["swapd"], {**theirs, "status": {
+            k: v for k, v in theirs["status"].items() if k != "preset"}})
+        assert before["swapd"]["architecture"] == theirs["architecture"]
         for name in both:
             assert before[name]["status"]["value"] == "unloaded", (name, before[name])
         # POST /models/load: {"success": true} at once; loaded later.
@@ -263,7 +267,8 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
                        message=f"{name}: loaded")
         loaded = {name: entry(url) for name, url in both.items()}
         assert loaded["swapd"]["status"]["value"] == loaded["llama-server"]["status"]["value"]
-        assert set(loaded["llama-server"]["status"]) <= set(loaded["swapd"]["status"]), loaded
+        assert set(loaded["llama-server"]["status"]) - {"preset"} <= \
+            set(loaded["swapd"]["status"]), loaded
         # Errors: the same statuses and error types.
         for path, body in (("/models/load", {"model": MODEL}),
                            ("/models/load", {"model": "nope"}),
@@ -272,7 +277,9 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
             assert answers["swapd"][0] == answers["llama-server"][0], (path, body, answers)
             assert answers["swapd"][1]["error"]["type"] == \
                 answers["llama-server"][1]["error"]["type"], (path, body, answers)
-        # /props?model= is the model's own server behind either.
+        # /props: the router's own without a model, the model's server's with one.
+        own = {name: http("GET", url + "/props")[1] for name, url in both.items()}
+        same_shape(own["swapd"], own["llama-server"])
         props = {name: http("GET", url + f"/props?model={MODEL}") for name, url in both.items()}
         assert props["swapd"][0] == props["llama-server"][0] == 200
         assert set(props["llama-server"][1]) <= set(props["swapd"][1]) | {"model_alias"}
@@ -286,11 +293,17 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
         answers = {name: http("POST", url + "/models/unload", {"model": MODEL})[0]
                    for name, url in both.items()}
         assert answers == {"swapd": 400, "llama-server": 400}
-        # /models/sse: the same events, in the same order, for the same model.
+        # /models/sse: the same transitions, in the same order, for the same model (the
+        # router repeats a status with load progress; a transition is a change of status).
         def statuses(name: str) -> list[tuple[str, str]]:
-            return [(e["event"], e["data"]["status"]) for e in streams[name][0]
-                    if e.get("model") == MODEL and isinstance(e.get("data"), dict)
-                    and "status" in e["data"]]
+            out: list[tuple[str, str]] = []
+            for e in streams[name][0]:
+                data = e.get("data")
+                if e.get("model") != MODEL or not isinstance(data, dict) or "status" not in data:
+                    continue
+                if not out or out[-1][1] != data["status"]:
+                    out.append((e["event"], data["status"]))
+            return out
 
         wait_until(lambda: statuses("llama-server")[-1:] == [("status_change", "unloaded")],
                    timeout=30, message="the router's unloaded event")

@@ -4,10 +4,14 @@ unchanged (issue 22): `GET /models`, `POST /models/load`, `POST /models/unload`,
 
 `GET /models` is also llama-swap's (the same listing as its `/v1/models`): it answers
 swapd's `/v1/models` listing, whose llama-swap fields are kept, with each local model's
-`status` in llama.cpp's words (`unloaded`, `loading`, `loaded`; `failed` and
-`exit_code` after a failure; `args`, the command line with secrets masked) and
-llama.cpp's `aliases` and `tags`. A llama-swap client reads `status.value` as `loaded` or
-`unloaded` and finds both; a loading model is `loading` here, as llama.cpp says it.
+`status` in llama.cpp's words (`unloaded`, `loading`, `loaded`; `failed` and `exit_code`
+after a failure; `args`, the command line with secrets masked) and llama.cpp's
+`aliases`, `tags`, `architecture`, `source` and `can_remove`. A llama-swap client reads
+`status.value` as `loaded` or `unloaded` and finds both; a loading model is `loading`
+here, as llama.cpp says it. Not sent: `status.preset` (llama.cpp's INI of a preset: a
+recipe is its command line, `args`) and, once loaded, the engine's own `/v1/models`
+fields (`meta`) that llama.cpp merges in.
+
 Answers and errors follow llama.cpp's (`{"success": true}`; 400 for a model that is
 already running or not running, 404 for an unknown one on load). `/models/load` and
 `/models/unload` sit under `/models/`, so behind the operations gate; `/models` and
@@ -88,6 +92,12 @@ class RouterApi:
             entry["status"] = llamacpp_status(self._scheduler.view(model.id), model)
             entry["aliases"] = list(model.aliases)
             entry["tags"] = []
+            # llama.cpp's router falls back to text in, text out where it cannot tell;
+            # `capabilities` in the recipe say more (llama-swap's rendering, kept).
+            entry.setdefault("architecture", {"input_modalities": ["text"],
+                                              "output_modalities": ["text"]})
+            entry["source"] = "preset"  # a recipe: what llama.cpp calls a preset
+            entry["can_remove"] = False  # nothing in a download cache to delete
         return web.json_response({"object": "list", "data": data})
 
     async def _requested(self, request: web.Request, config: Config, *,
@@ -185,6 +195,8 @@ class RouterApi:
             "models_autoload": True,
             "model_alias": "llama-server",
             "model_path": "none",
-            "default_generation_settings": {"params": {}, "n_ctx": 0},
+            "default_generation_settings": {"params": None, "n_ctx": 0},
+            "ui_settings": {},
             "build_info": f"swapd {__version__}",
+            "cors_proxy_enabled": False,
         })
