@@ -101,6 +101,8 @@ def test_a_model_out_of_scope_is_404_as_if_it_did_not_exist_and_is_not_listed(da
     code, listing = daemon.get("/v1/models", headers=auth("scoped-k"))
     assert code == 200
     assert sorted(m["id"] for m in listing["data"]) == ["slow", "small"]
+    code, router = daemon.get("/models", headers=auth("scoped-k"))  # llama.cpp's router API
+    assert code == 200 and sorted(m["id"] for m in router["data"]) == ["slow", "small"]
     # An alias is in scope with its model; a key without `models` sees everything.
     assert chat(daemon, "small-alias", "scoped-k")[0] == 200
     code, listing = daemon.get("/v1/models", headers=auth("alice-k"))

@@ -11,6 +11,7 @@ of a key's scope is, to that key, a model that does not exist (404, not listed).
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
@@ -64,7 +65,7 @@ def allows_model(key: KeyConfig | None, model: ModelConfig) -> bool:
     globs = None if key is None else key.models
     if globs is None:
         return True
-    return any(fnmatchcase(name, glob) for glob in globs for name in (model.id, *model.aliases))
+    return _matches(globs, (model.id, *model.aliases))
 
 
 def allows_peer(key: KeyConfig | None, peer: str, model: str) -> bool:
@@ -73,7 +74,14 @@ def allows_peer(key: KeyConfig | None, peer: str, model: str) -> bool:
     globs = None if key is None else key.peers
     if globs is None:
         return True
-    return any(fnmatchcase(name, glob) for glob in globs for name in (peer, f"{peer}/{model}"))
+    return _matches(globs, (peer, f"{peer}/{model}"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _matches(globs: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether a glob matches a name; remembered, since the same key asks for the same
+    model on every request (globs and names come from the config: bounded)."""
+    return any(fnmatchcase(name, glob) for glob in globs for name in names)
 
 
 def locks(config: Config) -> tuple[bool, bool]:

@@ -33,6 +33,7 @@ from swapd.errors import ApiError
 from swapd.http import listing
 from swapd.http.appstate import config_of
 from swapd.http.bodies import parse_json, read_body
+from swapd.http.keys import KEY
 from swapd.http.modelnames import Profiles
 from swapd.http.proxy import Proxy
 from swapd.observe.events import StateEvents
@@ -84,7 +85,7 @@ class RouterApi:
     async def models(self, request: web.Request) -> web.Response:
         config = config_of(request)
         data = listing.models(config, self._scheduler.view, self._starts,
-                              self._profiles.active)
+                              self._profiles.active, request.get(KEY))
         for entry in data:
             model = config.models.get(entry["id"])
             if model is None:
