@@ -68,7 +68,8 @@ def with_headers(daemon: Swapd, method: str, path: str, key: str | None,
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         got = {k.lower(): v for k, v in resp.getheaders()}
-        if resp.status == 200 and "/stream" in path:
+        if resp.status == 200 and ("/stream" in path or "/sse" in path or "/events" in path
+                                   or got.get("content-type", "").startswith("text/event")):
             return resp.status, got, None  # an endless stream: its status is the answer
         raw = resp.read()
         try:
@@ -235,10 +236,15 @@ OPERATIONS = [
     ("GET", "/logs/stream/small"), ("POST", "/unload"), ("GET", "/unload"),
     ("POST", "/models/small/unload"), ("GET", "/api/activity"), ("GET", "/api/gpu"),
     ("GET", "/api/usage"), ("GET", "/api/profiles"), ("GET", "/api/activity/stream"),
-    ("POST", "/models/slow/load"),
+    ("POST", "/models/slow/load"), ("POST", "/models/small/sleep"),
+    # llama-swap's and llama.cpp's router API's operations routes.
+    ("POST", "/api/models/unload"), ("POST", "/api/models/unload/small"), ("GET", "/api/version"),
+    ("GET", "/api/events"), ("GET", "/api/metrics/activity"), ("GET", "/api/metrics/stats"),
+    ("POST", "/models/unload"), ("GET", "/models/sse"),
 ]
+# Recipes, and cluster holds (a process started for another node's head): admin only.
 RECIPES = [("GET", "/admin/recipes/extra"), ("PUT", "/admin/recipes/extra"),
-           ("DELETE", "/admin/recipes/extra")]
+           ("DELETE", "/admin/recipes/extra"), ("GET", "/api/cluster/holds")]
 
 
 def test_roles_on_every_operations_and_recipe_route(daemon):
