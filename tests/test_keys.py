@@ -326,3 +326,25 @@ def test_keys_list_shows_scopes_limits_expiry_and_todays_usage(daemon, capsys):
     assert main(["keys", "list", "--config", str(daemon.config_path)]) == 1
     captured = capsys.readouterr()
     assert "cannot read today's usage" in captured.err and "tuner" in captured.out
+
+
+def test_a_key_added_by_a_reload_works_without_a_restart(start_swapd, tmp_path):
+    import signal
+
+    import yaml
+
+    cfg = config(tmp_path)
+    daemon = start_swapd(cfg)
+    assert daemon.get("/v1/models", headers=auth("late-k"))[0] == 401
+    on_disk = yaml.safe_load(daemon.config_path.read_text())
+    on_disk["keys"] = {**on_disk["keys"], "late": {"key": "late-k", "models": ["small"]}}
+    daemon.config_path.write_text(yaml.safe_dump(on_disk, sort_keys=False))
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: daemon.get("/v1/models", headers=auth("late-k"))[0] == 200,
+                      timeout=20)
+    _, listing = daemon.get("/v1/models", headers=auth("late-k"))
+    assert [m["id"] for m in listing["data"]] == ["small"]
+    # Its series appear with it.
+    _, text = daemon.get("/metrics")
+    assert metric_value(text, "swapd_key_tokens_total", key="late", kind="prompt") == 0
+    assert 'swapd_key_tokens_total{key="late",kind="prompt"}' in text
