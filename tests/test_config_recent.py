@@ -12,7 +12,7 @@ import pytest
 from swapd.config.nodes import ConfigError
 from swapd.config.routing import check_lines
 from tests.support import fake_cmd, metric_value, model, stream_lines
-from tests.test_config_routing import error, load
+from tests.support.routing import error, load
 
 
 def warned(result_warnings: tuple[str, ...], key: str) -> list[str]:

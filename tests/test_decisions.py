@@ -6,64 +6,15 @@ and for how long)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pytest
 
-from swapd.config.types import Config, GroupConfig, ModelConfig, RestartPolicy
+from swapd.config.types import Config, GroupConfig, RestartPolicy
 from swapd.placement.groups import groups_router
 from swapd.placement.types import Queued, RouteQuery, Wait
-from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Forget, Grant, Refusal, Start, Stop
+from swapd.schedule.core import Core, Fail, Forget, Grant, Refusal, Start
 from swapd.schedule.phase import Phase, StopReason
-
-RESTART = RestartPolicy(max_retries=3, backoff_initial=1.0, backoff_max=60.0)
-
-
-def cfg(name: str, **kw: Any) -> ModelConfig:
-    kw.setdefault("restart", RESTART)
-    return ModelConfig(id=name, cmd=("engine", name), **kw)
-
-
-def core(*models: ModelConfig, **kw: Any) -> Core:
-    return Core(Config(models={m.id: m for m in models}, **kw))
-
-
-def kinds(fx: list[Effect]) -> list[Effect]:
-    """The effects that matter to a reader (timers left out)."""
-    return [e for e in fx if not isinstance(e, ArmTimer)]
-
-
-def grants(fx: list[Effect]) -> list[int]:
-    return [e.ticket for e in fx if isinstance(e, Grant)]
-
-
-def fails(fx: list[Effect]) -> list[Fail]:
-    return [e for e in fx if isinstance(e, Fail)]
-
-
-def starts(fx: list[Effect]) -> list[str]:
-    return [e.model for e in fx if isinstance(e, Start)]
-
-
-def stops(fx: list[Effect]) -> list[tuple[str, StopReason]]:
-    return [(e.model, e.reason) for e in fx if isinstance(e, Stop)]
-
-
-def timer(fx: list[Effect]) -> float | None:
-    armed = [e.at for e in fx if isinstance(e, ArmTimer)]
-    assert armed, f"no timer in {fx}"
-    return armed[-1]
-
-
-def ready(c: Core, model: str, now: float) -> list[Effect]:
-    """Start `model` from cold and serve nothing: returns the effects of its start."""
-    t, fx = c.request(model, now)
-    assert starts(fx) == [model]
-    fx = c.start_finished(model, now + 1, ok=True)
-    assert grants(fx) == [t]
-    c.release(model, now + 1)
-    return fx
-
+from tests.support.core import cfg, core, fails, grants, kinds, ready, starts, stops, timer
 
 # -- serving -----------------------------------------------------------------------------
 

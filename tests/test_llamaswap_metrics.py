@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swapd.memory.gpu import Sampler
 from swapd.observe.metrics import Metrics
-from tests.test_gpu import FakeProcess, gb10_device, make_nvml, meminfo_text, tree
+from tests.support.nvml import FakeProcess, gb10_device, make_nvml, meminfo_text, tree
 
 # llama-swap's series (internal/perf/prometheus.go) and their labels, less the two swapd
 # cannot measure (VRAM temperature, fan speed).

@@ -14,6 +14,7 @@ from swapd.placement.matrix import (
     expand,
     solve,
 )
+from tests.support.matrix import identity
 
 # The example file's matrix: vars, evict_costs and the four sets, in its order.
 VARS = {"g": "gemma-model", "q": "qwen-model", "m": "mistral-model", "v": "voxtral-model",
@@ -37,8 +38,6 @@ def example() -> Program:
     return compile_sets(SETS, resolver(MODELS, VARS), COSTS)
 
 
-def identity(*sets: tuple[str, str], costs: dict[str, int] | None = None) -> Program:
-    return compile_sets(list(sets), lambda ident: ident, costs)
 
 
 # -- the expression language: each line of the file's "expands into" table ------------

@@ -7,7 +7,7 @@ from swapd.config.types import Config, ModelConfig, RouterKind
 from swapd.placement.matrix import load_weights, solve
 from swapd.placement.registry import router_for
 from swapd.schedule.core import Core, Start, Stop
-from tests.test_matrix import identity
+from tests.support.matrix import identity
 
 # Two sets hold the target; defined first is the one that stops the slow model.
 SETS = (("keep-fast", "t & fast"), ("keep-slow", "t & slow"))

@@ -4,13 +4,12 @@ processes (end to end: test_memory_router.py)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pytest
 
 from swapd.config.sizes import GiB
-from swapd.config.types import Config, ModelConfig, RouterKind
-from swapd.memory.meminfo import MemInfo, Room
+from swapd.config.types import Config
+from swapd.memory.meminfo import Room
 from swapd.placement.by_memory import (
     MAKE_ROOM,
     RETRY,
@@ -21,8 +20,9 @@ from swapd.placement.by_memory import (
 )
 from swapd.placement.groups import groups_router
 from swapd.placement.registry import router_for
-from swapd.schedule.core import ArmTimer, Core, Fail, Grant, Refusal, Start, Stop
+from swapd.schedule.core import ArmTimer, Fail, Refusal, Start, Stop
 from swapd.schedule.phase import StopReason
+from tests.support.core import Measured, bring_up, gib_model, mem_core
 
 R, S, X = TenantPhase.READY, TenantPhase.STARTING, TenantPhase.STOPPING
 
@@ -134,50 +134,6 @@ def test_never_message_names_the_machine() -> None:
 
 
 # -- the memory router inside the scheduler's core (events in, effects out) ---------------
-
-
-class Measured:
-    """A MemorySource with figures the test sets: MemAvailable and per-engine use."""
-
-    def __init__(self, available_gib: float, total_gib: float = 119) -> None:
-        self.available = int(available_gib * GiB)
-        self.total = int(total_gib * GiB)
-        self.use: dict[str, int] = {}
-        self.fail = False
-
-    def meminfo(self) -> MemInfo:
-        if self.fail:
-            raise OSError("no /proc/meminfo")
-        return MemInfo(total=self.total, available=self.available)
-
-    def footprint(self, cfg: ModelConfig) -> int | None:
-        return cfg.memory
-
-    def used(self, model: str) -> int | None:
-        return self.use.get(model)
-
-
-def mem_core(source: Measured, *models: ModelConfig,
-             evicted: list[tuple[str, str]] | None = None, **kw: Any) -> Core:
-    config = Config(models={m.id: m for m in models}, router=RouterKind.MEMORY,
-                    memory_reserve=8 * GiB, **kw)
-    sink = evicted if evicted is not None else []
-    return Core(config, router_for(config, source, lambda m, r: sink.append((m, r))))
-
-
-def gib_model(name: str, gib: float | None) -> ModelConfig:
-    return ModelConfig(id=name, cmd=("engine", name),
-                       memory=None if gib is None else int(gib * GiB))
-
-
-def bring_up(c: Core, source: Measured, model: str, now: float, used_gib: float) -> None:
-    t, fx = c.request(model, now)
-    assert [e.model for e in fx if isinstance(e, Start)] == [model], fx
-    source.use[model] = int(used_gib * GiB)
-    source.available -= int(used_gib * GiB)
-    fx = c.start_finished(model, now + 1, ok=True)
-    assert [e.ticket for e in fx if isinstance(e, Grant)] == [t]
-    c.release(model, now + 1)
 
 
 def test_core_places_the_brain_and_the_sprinter_side_by_side() -> None:

@@ -10,8 +10,19 @@ from swapd.config.sizes import GiB
 from swapd.config.types import GroupConfig
 from swapd.schedule.core import Fail, Refusal, Start, Stop
 from swapd.schedule.phase import Phase, StopReason
-from tests.test_decisions import cfg, core, fails, grants, ready, starts, stops
-from tests.test_memory_router_units import Measured, bring_up, gib_model, mem_core
+from tests.support.core import (
+    Measured,
+    bring_up,
+    cfg,
+    core,
+    fails,
+    gib_model,
+    grants,
+    mem_core,
+    ready,
+    starts,
+    stops,
+)
 
 
 def test_a_request_for_another_model_is_refused_at_once_and_the_model_keeps_running() -> None:
