@@ -486,6 +486,13 @@ class Proxy:
                         t0: float) -> web.StreamResponse:
         try:
             target, rest = self._upstream_target(config, request.match_info["tail"], key)
+        except ApiError as exc:
+            self._metrics.unrouted(exc.status)
+            raise
+        # The path named the model: what is refused from here on (a bad path, a body that
+        # is no JSON object) counts under it, as the same answer from its engine would.
+        label = target.label if isinstance(target, Remote) else target.model.id
+        try:
             if not rest and not request.path.endswith("/"):
                 # An engine's web UI at /upstream/{model} would resolve its relative links
                 # against /upstream/: send the browser to the folder (llama-swap: 301 for
@@ -514,7 +521,7 @@ class Proxy:
             body = await read_body(request, config.max_body_bytes, config.body_timeout)
             data = _json_body(request, body) if inference else None
         except ApiError as exc:
-            self._metrics.unrouted(exc.status)
+            self._count(label, exc.status, t0, key)
             raise
         query = "?" + request.query_string if request.query_string else ""
         url_path = quote(path, safe=PATH_SAFE) + query
