@@ -407,6 +407,10 @@ class Daemon:
             log.error("refusing stateDir: swapd reads engine records back from it and acts on "
                       "them", state_dir=str(self.state_dir), problem=problem)
             return None
+        # A swapd killed mid-write left a temp file beside the state file it was replacing.
+        stale = await asyncio.to_thread(files.remove_stale_temps, self.state_dir)
+        if stale:
+            log.info("removed temp files an earlier swapd left in stateDir", files=stale)
         self.activity.load()
         # A restart does not give a key a fresh day: today's tokens come from the store.
         self.limits.seed(self.activity.today_by_key(day_start(time.time())))

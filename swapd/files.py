@@ -36,6 +36,22 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temp files `write_atomic` left in `folder` when its writer died between
+    the temp file and the rename (a SIGKILL, a power cut): swapd's own (ours by uid,
+    regular, named `.{file}.*.tmp`), never anything else. Called before anything in this
+    swapd writes there, so no write of its own is under way. The names removed.
+    """
+    removed = []
+    for path in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                path.unlink()
+                removed.append(path.name)
+    return sorted(removed)
+
+
 # -- what swapd reads back from stateDir ------------------------------------------------------
 
 

@@ -422,10 +422,16 @@ def test_engines_left_by_a_sigkilled_swapd_are_reaped_before_the_next_listens(
         first.proc.wait(10)
         # No one stopped them: the engine (its own session) and its grandchild live on.
         assert pid_alive(pid) and pid_alive(grandchild)
+        # A SIGKILL between a state file's temp file and its rename leaves the temp file:
+        # the next swapd removes what its own writes left, and nothing else.
+        (first.state_dir / ".start-times.json.k1ll3d.tmp").write_text('{"half": ')
+        (first.state_dir / "notes.tmp").write_text("not swapd's")
 
         second = start(cfg, port=first.port, state_dir=first.state_dir)
         # Checked the instant /health first answers: the reaping came before the bind.
         assert not pid_alive(pid) and not pid_alive(grandchild)
+        wait_until(lambda: [p.name for p in first.state_dir.glob("*.tmp")] == ["notes.tmp"],
+                   timeout=10, message="the killed swapd's temp file removed, notes.tmp kept")
         events = [e.get("event") for e in log_events(second)]
         assert events.index("reaped an engine left by an earlier swapd") < events.index(
             "swapd listening")
