@@ -13,6 +13,7 @@ import asyncio
 import collections
 import concurrent.futures
 import json
+import math
 import os
 import socket
 import sys
@@ -35,6 +36,7 @@ from tests.support import (
     FAKE_ENGINE,
     IDLE,
     PY,
+    engine_boot_seconds,
     fake_cmd,
     free_port,
     http,
@@ -144,10 +146,14 @@ def test_queue_timeout_is_504_on_time_and_the_start_goes_on(start_swapd, tmp_pat
 
 def test_engine_that_exits_or_hangs_while_starting_fails_fast(start_swapd, tmp_path):
     rec = tmp_path / "records.jsonl"
+    # The hung engine must get as far as its own code before its healthCheckTimeout (else
+    # nothing records its graceful exit): at least 1 s, more where a loaded runner boots a
+    # Python engine slower (a reference measured here, with a wide margin).
+    hang = min(20, max(1, math.ceil(4 * engine_boot_seconds(tmp_path))))
     cfg = {"healthCheckTimeout": 30, "models": {
         "dies": model(fake_cmd("--crash-after", "0", record=rec, name="dies")),
         "hangs": model(fake_cmd("--health-503-for", "60", record=rec, name="hangs"),
-                       healthCheckTimeout=1),
+                       healthCheckTimeout=hang),
         "ok": model(fake_cmd(record=rec, name="ok")),
     }}
     daemon = start_swapd(cfg)
@@ -160,8 +166,8 @@ def test_engine_that_exits_or_hangs_while_starting_fails_fast(start_swapd, tmp_p
         assert "last output: fatal: simulated crash" in doc["error"]["message"]
         assert took < 5, took
     code, doc, took = timed_post(daemon, {"model": "hangs"})
-    assert code == 503 and "not ready after 1s" in doc["error"]["message"], doc
-    assert 0.9 <= took < 30, took  # its own healthCheckTimeout, not the file-wide 30 s
+    assert code == 503 and f"not ready after {hang}s" in doc["error"]["message"], doc
+    assert hang - 0.1 <= took < 30, took  # its own healthCheckTimeout, not the file-wide 30 s
     assert daemon.post(CHAT, {"model": "ok"})[0] == 200  # a failed model blocks nobody
     hung = [r for r in read_records(rec) if r["model"] == "hangs"]
     assert [r["event"] for r in hung] == ["start", "exit"]  # stopped, gracefully

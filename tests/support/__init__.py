@@ -126,6 +126,23 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def engine_boot_seconds(folder: Path) -> float:
+    """How long the fake engine takes, on this machine now, from its spawn to its first
+    record (interpreter and imports): a reference for a test whose engine must get that far
+    within a timeout swapd enforces (a loaded runner takes seconds, an idle one 0.3 s)."""
+    rec = folder / f"boot-{time.monotonic_ns()}.jsonl"
+    t0 = time.monotonic()
+    proc = subprocess.Popen([PY, str(FAKE_ENGINE), "--port", str(free_port()), "--record",
+                             str(rec)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: read_records(rec), timeout=60, interval=0.01,
+                   message="the fake engine's start record")
+        return time.monotonic() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 @dataclass
 class Swapd:
     """A swapd daemon running as a real process."""
