@@ -14,9 +14,11 @@ Skipped where the binary or the GGUF is missing; marked to run after the rest.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -197,25 +199,37 @@ def _up(url: str) -> bool:
         return False
 
 
-def sse(url: str) -> tuple[list[dict[str, Any]], Callable[[], None]]:
-    events: list[dict[str, Any]] = []
-    host, port = url.removeprefix("http://").split(":")
-    conn = HTTPConnection(host, int(port), timeout=120)
-    conn.request("GET", "/models/sse")
-    resp = conn.getresponse()
-    assert resp.status == 200
+class Events:
+    """A `/models/sse` stream read by a thread of its own, its events kept as they come."""
 
-    def read() -> None:
+    def __init__(self, url: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        host, port = url.removeprefix("http://").split(":")
+        self._conn = HTTPConnection(host, int(port), timeout=300)
+        self._conn.request("GET", "/models/sse")
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
         try:
+            resp = self._conn.getresponse()
+            if resp.status != 200:
+                return
+            self.connected.set()
             while line := resp.readline():
                 text = line.decode().strip()
                 if text.startswith("data: "):
-                    events.append(json.loads(text[6:]))
+                    self.events.append(json.loads(text[6:]))
         except (OSError, ValueError, AttributeError):
             pass  # closed under it (AttributeError: http.client's closed chunked reader)
 
-    threading.Thread(target=read, daemon=True).start()
-    return events, conn.close
+    def close(self) -> None:
+        # Shut the socket down first: the reading thread holds the response's buffer, and
+        # a plain close would wait for its read to time out.
+        if self._conn.sock is not None:
+            with contextlib.suppress(OSError):
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
 
 
 def entry(url: str) -> dict[str, Any]:
@@ -246,8 +260,17 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
         "engine": "llama.cpp", "cmd": engine_cmd(binary, gguf),
         "env": [f"{k}={v}" for k, v in env.items()], "healthCheckTimeout": 300}}})
     both = {"swapd": daemon.url, "llama-server": router.url}
-    streams = {name: sse(url) for name, url in both.items()}
+    streams = {name: Events(url) for name, url in both.items()}
     try:
+        # swapd answers the stream's headers at once; llama-server sends its first bytes
+        # with its first event: a reload of its list (`models_reload`) shows it is live.
+        wait_until(streams["swapd"].connected.is_set, message="swapd's /models/sse")
+
+        def router_live() -> bool:
+            http("GET", router.url + "/models?reload=1")
+            return any(e.get("event") == "models_reload" for e in streams["llama-server"].events)
+
+        wait_until(router_live, timeout=30, interval=0.5, message="the router's /models/sse")
         # GET /models: unloaded, with llama.cpp's fields.
         before = {name: entry(url) for name, url in both.items()}
         theirs = before["llama-server"]
@@ -297,7 +320,7 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
         # router repeats a status with load progress; a transition is a change of status).
         def statuses(name: str) -> list[tuple[str, str]]:
             out: list[tuple[str, str]] = []
-            for e in streams[name][0]:
+            for e in streams[name].events:
                 data = e.get("data")
                 if e.get("model") != MODEL or not isinstance(data, dict) or "status" not in data:
                     continue
@@ -310,5 +333,5 @@ def test_router_api_matches_llama_servers_router(start_swapd: Callable[..., Swap
         assert statuses("swapd") == statuses("llama-server"), (
             statuses("swapd"), statuses("llama-server"))
     finally:
-        for _, close in streams.values():
-            close()
+        for stream in streams.values():
+            stream.close()
