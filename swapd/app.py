@@ -264,7 +264,7 @@ class Daemon:
         app.add_routes(admin.routes())
         app.add_routes(ClusterRoutes(self.scheduler).routes())
         app.add_routes(llamaswap_routes(proxy, self.scheduler, self.events, self.activity,
-                                        self.profiles))
+                                        self.profiles, self.hub))
         app.add_routes(router_api_routes(proxy, self.scheduler, self.events, self.starts,
                                          self.profiles))
         app.add_routes(proxy.routes())

@@ -163,6 +163,11 @@ def test_api_events_send_model_status_on_every_change(daemon: Swapd, listen: Any
     wait_until(lambda: "ready" in a_states())
     assert "starting" in a_states()
     wait_until(lambda: any(m["type"] == "activity" for m in messages()))
+    # Logs: swapd's own ("proxy", its history first) and the engines' ("upstream").
+    logs = [m["data"] for m in messages() if m["type"] == "logData"]
+    assert any(x["source"] == "proxy" and "swapd listening" in x["data"] for x in logs), logs
+    wait_until(lambda: any(m["type"] == "logData" and m["data"]["source"] == "upstream"
+                           for m in messages()))
 
 
 def test_llamacpp_router_api(daemon: Swapd, listen: Any) -> None:

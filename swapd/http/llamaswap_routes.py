@@ -12,8 +12,11 @@ behind the admin gate (swapd.http.gate). docs/llama-swap.md lists them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import math
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +29,7 @@ from swapd.http.modelnames import Profiles
 from swapd.http.proxy import Proxy
 from swapd.observe.activity import ActivityLog, Record
 from swapd.observe.events import StateEvents
+from swapd.observe.logs import ENGINES, SWAPD, LogHub
 from swapd.schedule.runner import Scheduler
 
 # Model-routed POSTs with a JSON body (`model`), as llama-swap's modelPostJSONRoutes beyond
@@ -48,13 +52,16 @@ POST_PATHS = (
 GET_PATHS = ("/v1/audio/voices", "/sdapi/v1/loras")
 # Paths that answer "OK" to anyone, as /health (wake-on-LAN proxies poll it).
 OPEN_PATHS = ("/wol-health",)
+# llama-swap's log sources in /api/events: its own log and every engine's output.
+LOG_SOURCES = {"proxy": SWAPD, "upstream": ENGINES}
 # Seconds between SSE comments on an idle /api/events stream (proxies drop silent ones).
 KEEPALIVE_SECONDS = 15.0
 
 
 def llamaswap_routes(proxy: Proxy, scheduler: Scheduler, events: StateEvents,
-                     activity: ActivityLog, profiles: Profiles) -> list[web.RouteDef]:
-    routes = LlamaSwapRoutes(scheduler, events, activity, profiles)
+                     activity: ActivityLog, profiles: Profiles,
+                     hub: LogHub) -> list[web.RouteDef]:
+    routes = LlamaSwapRoutes(scheduler, events, activity, profiles, hub)
     return [
         *(web.post(path, proxy.handle_inference) for path in POST_PATHS),
         *(web.get(path, proxy.handle_by_query) for path in GET_PATHS),
@@ -71,7 +78,8 @@ def llamaswap_routes(proxy: Proxy, scheduler: Scheduler, events: StateEvents,
 
 class LlamaSwapRoutes:
     def __init__(self, scheduler: Scheduler, events: StateEvents, activity: ActivityLog,
-                 profiles: Profiles) -> None:
+                 profiles: Profiles, hub: LogHub) -> None:
+        self._hub = hub
         self._scheduler = scheduler
         self._events = events
         self._activity = activity
@@ -140,9 +148,10 @@ class LlamaSwapRoutes:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """llama-swap's event stream: `event:message` frames whose data is
         `{"type": ..., "data": "<JSON text>"}`. Sent: `modelStatus` at once and on every
-        engine state change, `profileChanged` at once, `activity` ({"id"}) for each finished
-        request. (Its `logData` is swapd's /logs/stream; `inflight` and `uiConfig` are not
-        sent.)"""
+        engine state change; `logData` (`{"source": "proxy"|"upstream", "data"}`: swapd's
+        log and the engines' output, the recent lines first); `profileChanged` at once;
+        `activity` (`{"id"}`) for each finished request. (`inflight` and `uiConfig` are
+        not sent.)"""
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no", "X-Content-Type-Options": "nosniff",
@@ -152,36 +161,56 @@ class LlamaSwapRoutes:
             envelope = {"type": kind, "data": json.dumps(data)}
             return f"event:message\ndata:{json.dumps(envelope)}\n\n".encode()
 
-        async with self._events.listen() as states, self._activity.subscribe() as records:
+        def log_data(source: str, lines: list[str]) -> bytes:
+            return frame("logData", {"source": source, "data": "".join(f"{ln}\n" for ln in lines)})
+
+        async with contextlib.AsyncExitStack() as stack:
+            states = await stack.enter_async_context(self._events.listen())
+            records = await stack.enter_async_context(self._activity.subscribe())
+            # recent() and subscribe() in one loop iteration: no line lost or repeated.
+            history = {name: self._hub.recent(key) for name, key in LOG_SOURCES.items()}
+            logs = {name: await stack.enter_async_context(self._hub.subscribe(key))
+                    for name, key in LOG_SOURCES.items()}
             await resp.prepare(request)
             await resp.write(frame("modelStatus", self._model_status(request)))
+            for name, lines in history.items():
+                if lines:
+                    await resp.write(log_data(name, lines))
             await resp.write(frame("profileChanged", {"active": self._profiles.active}))
-            state_next = asyncio.ensure_future(states.get())
-            record_next = asyncio.ensure_future(records.get())
+            waits: dict[str, Callable[[], Awaitable[Any]]] = {
+                "state": states.get, "record": records.get,
+                **{name: functools.partial(anext, sub, None) for name, sub in logs.items()},
+            }
+            pending = {name: asyncio.ensure_future(wait()) for name, wait in waits.items()}
             try:
                 while True:
-                    done, _ = await asyncio.wait({state_next, record_next},
-                                                 timeout=KEEPALIVE_SECONDS,
+                    done, _ = await asyncio.wait(pending.values(), timeout=KEEPALIVE_SECONDS,
                                                  return_when=asyncio.FIRST_COMPLETED)
                     if not done:
                         await resp.write(b": keep-alive\n\n")
                         continue
-                    if state_next in done:
-                        if state_next.result() is None:
+                    ended = False
+                    for name, future in list(pending.items()):
+                        if future not in done:
+                            continue
+                        item = future.result()
+                        if item is None:
+                            ended = True
                             break
-                        await resp.write(frame("modelStatus", self._model_status(request)))
-                        state_next = asyncio.ensure_future(states.get())
-                    if record_next in done:
-                        record = record_next.result()
-                        if record is None:
-                            break
-                        await resp.write(frame("activity", {"id": record.id}))
-                        record_next = asyncio.ensure_future(records.get())
+                        if name == "state":
+                            await resp.write(frame("modelStatus", self._model_status(request)))
+                        elif name == "record":
+                            await resp.write(frame("activity", {"id": item.id}))
+                        else:
+                            await resp.write(log_data(name, [item, *logs[name].drain_nowait()]))
+                        pending[name] = asyncio.ensure_future(waits[name]())
+                    if ended:
+                        break
             except ConnectionError:
                 pass
             finally:
-                state_next.cancel()
-                record_next.cancel()
+                for future in pending.values():
+                    future.cancel()
         return resp
 
     # -- /api/metrics ----------------------------------------------------------------
