@@ -155,8 +155,10 @@ async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):
         return view.next_retry_at - time.time()
 
     # In backoff: refused at once, with the time left in the message, and no engine started.
-    with pytest.raises(StartFailed, match="in backoff after 1 failure"):
+    with pytest.raises(StartFailed, match=r"in backoff after 1 failure.*"
+                       r"next start in 1s at the earliest") as err:
         await sched.load("a")
+    assert err.value.headers.get("x-should-retry") == "false"  # a client fails at once
     left = time_left()
     assert 0 < left <= 0.3
     assert starts() == 1
@@ -166,7 +168,7 @@ async def test_crash_loop_backs_off_then_fails_then_recovers(make, tmp_path):
     view = sched.view("a")
     assert view is not None and view.state == "failed" and view.failures == 2
     assert view.next_retry_at is not None and "exited with code 3" in (view.last_error or "")
-    with pytest.raises(StartFailed, match="is failed after 2"):
+    with pytest.raises(StartFailed, match=r"is failed after 2.*next start in 1s at the earliest"):
         await sched.load("a")
     assert 0.3 < time_left() <= 0.6
     assert starts() == 2
