@@ -14,9 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from swapd.config.sizes import MiB
 from tests.support import HOG, Swapd, fake_cmd, model, pid_alive, wait_until
 from tests.support.memory import chat, total
+
+# Real RAM, and floors or fits measured from MemAvailable: these files share one xdist worker
+# (scripts/test runs --dist loadgroup), so that they never move MemAvailable under each other.
+pytestmark = pytest.mark.xdist_group("real_memory")
 
 
 def measured(daemon: Swapd, name: str, at_least: int) -> int:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from swapd.config.sizes import MiB
@@ -28,6 +29,10 @@ from tests.support import (
     wait_until,
 )
 from tests.support.memory import available, chat
+
+# Real RAM, and floors or fits measured from MemAvailable: these files share one xdist worker
+# (scripts/test runs --dist loadgroup), so that they never move MemAvailable under each other.
+pytestmark = pytest.mark.xdist_group("real_memory")
 
 # -- the memory router ---------------------------------------------------------------------
 
