@@ -361,8 +361,18 @@ class HealthProbe:
         self.daemon = daemon
         self.latencies: list[float] = []
         self.failures: list[str] = []
+        # How late a thread of this process wakes from a 10 ms sleep in the same window: the
+        # machine's own scheduling delay, which every answer pays too (a loaded runner).
+        self.lateness: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._clock = threading.Thread(target=self._tick, daemon=True)
+
+    def _tick(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(0.01)
+            self.lateness.append(time.monotonic() - t0 - 0.01)
 
     def _run(self) -> None:
         import http.client
@@ -383,11 +393,13 @@ class HealthProbe:
 
     def __enter__(self) -> HealthProbe:
         self._thread.start()
+        self._clock.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        self._clock.join(10)
 
 
 def test_billion_laughs_and_macro_doubling_recipes_are_refused_quickly(start, tmp_path):
@@ -422,7 +434,9 @@ def test_billion_laughs_and_macro_doubling_recipes_are_refused_quickly(start, tm
           f"{doubling_took * 1000:.0f} ms, a 900 KB recipe written in {big_took * 1000:.0f} ms; "
           f"/health worst {max(probe.latencies) * 1000:.0f} ms over {len(probe.latencies)}")
     assert not probe.failures
-    assert max(probe.latencies) < 0.1 + slack, (sorted(probe.latencies)[-5:], slack)
+    late = 2 * max(probe.lateness, default=0.0)  # the machine's own delay in this window
+    assert max(probe.latencies) < 0.1 + slack + late, (sorted(probe.latencies)[-5:], slack,
+                                                       late)
     assert [p.name for p in (tmp_path / "recipes").iterdir()] == ["big.yaml"]
     rss_kb = int(next(line for line in Path(f"/proc/{daemon.proc.pid}/status").read_text()
                       .splitlines() if line.startswith("VmRSS")).split()[1])
@@ -762,11 +776,14 @@ def health_baseline(daemon: Swapd, samples: int = 30) -> list[float]:
 
 def assert_health_held(probe: HealthProbe, baseline: list[float]) -> None:
     """/health answered all along, each answer under 100 ms, or (on a loaded runner) no
-    slower than twice the worst answer of the baseline taken in the same test: a stall of
-    the loop shows as one answer that waited for the whole attack."""
+    slower than twice the worst answer of the baseline taken in the same test, plus twice
+    how late this process's own threads woke in the attack's window: a stall of the loop
+    shows as one answer that waited for the whole attack."""
     assert not probe.failures, probe.failures
     worst = max(probe.latencies)
-    assert worst < max(0.1, 2 * max(baseline)), (sorted(probe.latencies)[-5:], max(baseline))
+    late = max(probe.lateness, default=0.0)
+    assert worst < max(0.1, 2 * max(baseline)) + 2 * late, (
+        sorted(probe.latencies)[-5:], max(baseline), late)
 
 
 def _gzip_bomb(inflated_mib: int) -> bytes:
