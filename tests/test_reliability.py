@@ -214,14 +214,20 @@ def test_engine_dying_mid_response_ends_the_response_with_an_error(start_swapd, 
         wait_until(lambda: (daemon.status()["models"]["mid"]["failure"] or {}).get("retry_at")
                    is None, timeout=5, message="no backoff")
         t0 = time.monotonic()
-        lines = [line for line, _ in stream_lines(daemon.url + CHAT,
-                                                  {"model": "mid", "stream": True}, timeout=10)
-                 if line.startswith("data:")]
+        answer = [line for line, _ in stream_lines(daemon.url + CHAT,
+                                                   {"model": "mid", "stream": True}, timeout=10)]
+        lines = [line for line in answer if line.startswith("data:")]
         assert time.monotonic() - t0 < 5
-        assert len(lines) == 3, lines  # two tokens, then the error
+        assert len(lines) == 3, answer  # two tokens, then the error
         assert is_openai_error(json.loads(lines[-1][5:]), "engine_error"), lines[-1]
-        wait_until(lambda: daemon.status()["models"]["mid"]["state"] != "ready", timeout=5,
-                   message="crash noticed")
+
+        def crash_noticed() -> bool:
+            # Recorded as a failure too: else the next round's "no backoff" could pass
+            # before the backoff began, and its request meet it (503, no stream).
+            mid = daemon.status()["models"]["mid"]
+            return mid["state"] != "ready" and mid["failure"] is not None
+
+        wait_until(crash_noticed, timeout=5, message="crash noticed")
 
     async def plain() -> str:
         async with aiohttp.ClientSession() as session:
