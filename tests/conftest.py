@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -53,3 +54,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     those: under xdist their group is handed out last. Order kept otherwise."""
     items.sort(key=lambda item: (item.get_closest_marker("vllm") is not None,
                                  item.get_closest_marker("late") is not None))
+
+
+@pytest.fixture
+def real_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One test at a time, across the session's xdist workers, among those that allocate real
+    RAM and measure MemAvailable (floors, fits, sleeps): run side by side they move it under
+    each other. A lock, not only their xdist_group: pytest 9.2 silently stopped honouring
+    `--dist loadgroup` (pytest-dev/pytest-xdist#1386)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's
+    with open(folder / "real_memory.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+

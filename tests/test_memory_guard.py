@@ -34,10 +34,10 @@ from tests.support import (
 )
 from tests.support.memory import available
 
-# Real RAM, and floors or fits measured from MemAvailable: these files share one xdist worker
-# (scripts/test runs --dist loadgroup), so that they never move MemAvailable under each other.
+# Real RAM, and floors or fits measured from MemAvailable: one such test at a time (the
+# real_memory fixture's lock; their xdist group too), so none moves MemAvailable under another.
 pytestmark = [pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="needs Linux"),
-              pytest.mark.xdist_group("real_memory")]
+              pytest.mark.xdist_group("real_memory"), pytest.mark.usefixtures("real_memory")]
 
 # How far below MemAvailable-at-start the floor is; the grower goes well past it.
 HEADROOM = 600 * MiB

@@ -30,9 +30,9 @@ from tests.support import (
 )
 from tests.support.memory import available, chat
 
-# Real RAM, and floors or fits measured from MemAvailable: these files share one xdist worker
-# (scripts/test runs --dist loadgroup), so that they never move MemAvailable under each other.
-pytestmark = pytest.mark.xdist_group("real_memory")
+# Real RAM, and floors or fits measured from MemAvailable: one such test at a time (the
+# real_memory fixture's lock; their xdist group too), so none moves MemAvailable under another.
+pytestmark = [pytest.mark.xdist_group("real_memory"), pytest.mark.usefixtures("real_memory")]
 
 # -- the memory router ---------------------------------------------------------------------
 

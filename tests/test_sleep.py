@@ -18,9 +18,9 @@ import pytest
 from swapd.config.sizes import MiB
 from tests.support import Swapd, fake_cmd, http, metric_value, model, read_records, wait_until
 
-# Real RAM, and floors or fits measured from MemAvailable: these files share one xdist worker
-# (scripts/test runs --dist loadgroup), so that they never move MemAvailable under each other.
-pytestmark = pytest.mark.xdist_group("real_memory")
+# Real RAM, and floors or fits measured from MemAvailable: one such test at a time (the
+# real_memory fixture's lock; their xdist group too), so none moves MemAvailable under another.
+pytestmark = [pytest.mark.xdist_group("real_memory"), pytest.mark.usefixtures("real_memory")]
 
 BALLAST_MB = 240
 # The cold start pays this (a model read from disk); a wake does not.
