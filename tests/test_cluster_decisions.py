@@ -3,47 +3,12 @@ of a hold in `swapd.schedule.core.Core` — no processes, no clock, no sockets."
 
 from __future__ import annotations
 
-from typing import Any
-
-from swapd.config.types import Config, ModelConfig, RestartPolicy
-from swapd.schedule.core import ArmTimer, Core, Effect, Fail, Grant, Refusal, Start, Stop
+from swapd.config.types import Config
+from swapd.schedule.core import Core, Refusal, Start
 from swapd.schedule.phase import Phase, StopReason
-
-RESTART = RestartPolicy(max_retries=3, backoff_initial=1.0, backoff_max=60.0)
-
-
-def cfg(name: str, **kw: Any) -> ModelConfig:
-    kw.setdefault("restart", RESTART)
-    return ModelConfig(id=name, cmd=("engine", name), **kw)
-
+from tests.support.core import cfg, core, fails, grants, starts, stops, timer
 
 WORKER = cfg("w", cluster_worker=True)
-
-
-def core(*models: ModelConfig, **kw: Any) -> Core:
-    return Core(Config(models={m.id: m for m in models}, **kw))
-
-
-def grants(fx: list[Effect]) -> list[int]:
-    return [e.ticket for e in fx if isinstance(e, Grant)]
-
-
-def fails(fx: list[Effect]) -> list[Fail]:
-    return [e for e in fx if isinstance(e, Fail)]
-
-
-def starts(fx: list[Effect]) -> list[str]:
-    return [e.model for e in fx if isinstance(e, Start)]
-
-
-def stops(fx: list[Effect]) -> list[tuple[str, StopReason]]:
-    return [(e.model, e.reason) for e in fx if isinstance(e, Stop)]
-
-
-def timer(fx: list[Effect]) -> float | None:
-    armed = [e.at for e in fx if isinstance(e, ArmTimer)]
-    assert armed
-    return armed[-1]
 
 
 def held(c: Core, now: float = 0.0, hold_id: str = "h1", ttl: float = 15.0) -> int:
