@@ -17,6 +17,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import Final
 
 import aiohttp
 import structlog
@@ -54,6 +55,11 @@ from swapd.schedule.runner import Scheduler
 from swapd.ui import api_routes, ui_routes
 
 log = structlog.get_logger("swapd")
+# The accept queue. aiohttp's default (128) overflows under a burst of a few hundred
+# connections (issue 21's 320 idle ones): the kernel then drops SYNs and an honest client's
+# connect waits a 1 s retransmit. Go's listeners (llama-swap's) use somaxconn; the kernel caps
+# this at net.core.somaxconn.
+LISTEN_BACKLOG: Final = 1024
 
 # How often --watch-config looks at the config files' mtimes.
 WATCH_INTERVAL = 1.0
@@ -475,7 +481,7 @@ class Daemon:
         host, port = split_host_port(self._listen)
         # host "" (`:PORT`): every interface, IPv4 and IPv6 (asyncio binds one socket each).
         site = web.TCPSite(runner, host or None, port, reuse_address=True,
-                           ssl_context=self._tls)
+                           ssl_context=self._tls, backlog=LISTEN_BACKLOG)
         try:
             await site.start()
         except OSError as exc:
