@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -34,3 +35,14 @@ def run_app(app: web.Application, host: str, port: int, loop: str = "asyncio") -
             r.run(serve())
         except (KeyboardInterrupt, web.GracefulExit):
             pass
+
+
+def write_section(doc: Path, begin: str, end: str, text: str) -> None:
+    """Put `text` between the `begin` and `end` markers of `doc` (both appended at its end when
+    absent), leaving the rest of the file as it is."""
+    content = doc.read_text()
+    if begin not in content:
+        content = content.rstrip("\n") + f"\n\n{begin}\n{end}\n"
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_section
 from bench.control import chat, fake_cmd, records
 from bench.procs import ROOT, Swapd, parse_ts
 
@@ -133,15 +134,6 @@ def table(cold: list[Swap], warm: list[Swap], ballast_mb: int, boot: float) -> s
     ])
 
 
-def write(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=6)
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(label, " ".join(f"{s.total * 1000:.0f}/{s.swapd_share * 1000:.0f}" for s in swaps),
               "(total/swapd ms)")
     if args.write:
-        write(text)
+        write_section(DOC, BEGIN, END, text)
     return 0
 
 

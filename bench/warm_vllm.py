@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_section
 from bench.procs import ROOT, Swapd, parse_ts
 from tests.support import http
 
@@ -178,15 +179,6 @@ def table(swaps: list[Swap], sleep_timeout: float) -> str:
     ])
 
 
-def write(text: str) -> None:
-    doc = DOC.read_text()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sleep-timeout", type=float, default=5.0)
@@ -201,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(swaps, args.sleep_timeout)
     print(text)
     if args.write:
-        write(text)
+        write_section(DOC, BEGIN, END, text)
     return 0
 
 
