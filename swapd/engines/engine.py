@@ -280,11 +280,7 @@ class Engine:
             await asyncio.shield(self._cleanup_group(grace=self.cfg.unload_timeout))
             self._set_state(EngineState.STOPPED)
             raise
-        self.ready_at = time.time()
-        self._set_state(EngineState.READY)
-        elapsed = time.monotonic() - t0
-        log.info("engine ready", model=self.id, pid=self.pid, seconds=round(elapsed, 3))
-        return elapsed
+        return self._now_ready(t0, "engine ready")
 
     async def _spawn(self) -> None:
         marker = procgroup.new_marker(self.id)
@@ -524,10 +520,14 @@ class Engine:
             await asyncio.shield(self._cleanup_group(grace=self.cfg.unload_timeout))
             self._set_state(EngineState.STOPPED)
             raise
+        return self._now_ready(t0, "engine woken")
+
+    def _now_ready(self, t0: float, event: str) -> float:
+        """READY after a start or a wake that began at `t0` (monotonic); the seconds taken."""
         self.ready_at = time.time()
         self._set_state(EngineState.READY)
         elapsed = time.monotonic() - t0
-        log.info("engine woken", model=self.id, pid=self.pid, seconds=round(elapsed, 3))
+        log.info(event, model=self.id, pid=self.pid, seconds=round(elapsed, 3))
         return elapsed
 
     async def _calls(self, what: str, calls: Sequence[Call], default_timeout: float,
