@@ -127,6 +127,9 @@ class Exchange:
     capture: Capture | None = None
     write_timeout: float = 60.0  # writeTimeout: a client that accepts nothing is cut
     status: int = 0
+    # An event stream's `data: [DONE]` went out: a client that closes after it (the openai
+    # SDK does, before the engine ends its body) had its whole answer and is no 499.
+    done_sent: bool = False
 
 
 def multipart_field(body: bytes, content_type: str, name: str) -> str | None:
@@ -834,6 +837,8 @@ class Proxy:
                     await resp.write(chunk)  # write_within's fast path, without its call
                 else:
                     await write_within(ex, resp, chunk)
+                if sse:
+                    ex.done_sent = b"[DONE]" in chunk[-16:]
         except ClientStalled:
             ex.status = 499
             return False
@@ -855,8 +860,8 @@ class Proxy:
             return False
         except (ConnectionError, asyncio.CancelledError):
             # The client left mid-response: counted 499 (client closed request), not the
-            # status its headers carried.
-            ex.status = 499
+            # status its headers carried; unless it left after the stream's last event.
+            ex.status = upstream.status if ex.done_sent else 499
             raise
         if not resp.prepared:
             await resp.prepare(request)
