@@ -34,8 +34,12 @@ def port_block(n: int = 16) -> int:
     Models take ${PORT} = startPort, startPort + 1, ...: a port from the ephemeral
     range can become the local port of some client connection at any moment. Under
     pytest-xdist each worker draws from a slice of its own, so two workers never pick the
-    same port between one's check and its daemon's bind.
+    same port between one's check and its daemon's bind. Within a worker, blocks are handed
+    out in turn from a cursor, not drawn at random: a daemon's listen port (drawn first, not
+    yet bound) once fell inside the model block drawn next, and its first model found its
+    port taken by swapd itself.
     """
+    global _cursor
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     start, stop = max(1024, low - 12000), low - n
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
@@ -43,9 +47,11 @@ def port_block(n: int = 16) -> int:
     if workers > 1:
         width = (stop - start) // workers
         start, stop = start + worker * width, start + (worker + 1) * width
-    rng = random.Random()
+    if _cursor is None or not start <= _cursor:
+        _cursor = random.randrange(start, stop)  # a fresh run need not reuse the last's ports
     for _ in range(200):
-        base = rng.randrange(start, stop)
+        base = _cursor if _cursor + n <= stop else start
+        _cursor = base + n
         try:
             for port in range(base, base + n):
                 with socket.socket() as s:
@@ -54,6 +60,9 @@ def port_block(n: int = 16) -> int:
             continue
         return base
     raise AssertionError("no block of free ports")
+
+
+_cursor: int | None = None
 
 
 def free_port() -> int:
