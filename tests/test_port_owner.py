@@ -78,6 +78,14 @@ def test_the_engine_leader_s_socket_is_its_own() -> None:
         assert procgroup.port_holder(port) == procgroup._describe(tree.leader)
 
 
+def test_a_socket_held_by_a_child_of_the_leader_is_the_engine_s() -> None:
+    """The leader does not hold it: found through the whole tree, not the leader alone."""
+    with engine(VIA_CHILD) as (tree, port):
+        holder = procgroup.port_holder(port)
+        assert holder is not None and f"pid {tree.leader} " not in holder
+        assert procgroup.port_owned_by(port, tree) == (True, None)
+
+
 def test_a_socket_of_another_process_is_foreign() -> None:
     """The engine listens on one port; the port it is asked about is held by this process
     (a squatter): not owned, and the squatter is named."""
