@@ -33,6 +33,7 @@ from swapd.http.clients import Clients
 from swapd.http.keys import KEY, allows_model, allows_peer, is_swapds_own
 from swapd.http.limits import Limit, Limits, Slot
 from swapd.http.modelnames import Chosen, Local, Profiles, Remote, Spillover, Unroutable
+from swapd.http.rawclient import RawClient, RawResponse
 from swapd.observe.activity import ActivityLog, Record, Tracker, session_of
 from swapd.observe.capture import Capture, CaptureBuffer
 from swapd.observe.metrics import Metrics
@@ -88,6 +89,9 @@ UPSTREAM_BROKE = (
     aiohttp.ServerDisconnectedError,
     aiohttp.ClientOSError,
 )
+
+# An engine's answer, from aiohttp's client or the lower path (swapd.http.rawclient).
+Answer = aiohttp.ClientResponse | RawResponse
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,7 @@ class Proxy:
         self._limits = limits if limits is not None else Limits()
         self._metrics = metrics
         self._clients = Clients()
+        self._raw = RawClient()
         self._profiles = profiles or Profiles()
         self._spillover = Spillover()
         self._global = GlobalLimit()
@@ -287,6 +292,7 @@ class Proxy:
         self._starts = starts if starts is not None else StartTimes(None)
 
     async def close(self) -> None:
+        self._raw.close()
         await self._clients.close()
 
     def routes(self) -> list[web.RouteDef]:
@@ -608,10 +614,10 @@ class Proxy:
                 held = True
                 if ex.loading is not None:
                     await write_within(ex, ex.loading, _loading_chunk(model, f"{model} is ready\n"))
-                url = lease.upstream + path
-                headers = engine_headers(request.headers, url, _strip_auth(config, routed.model),
-                                         config)
-                return await self._relay(ex, url, headers, routed.body)
+                base = lease.upstream
+                headers = engine_headers(request.headers, base,
+                                         _strip_auth(config, routed.model), config)
+                return await self._relay(ex, base, path, headers, routed.body, local=True)
         except ClientStalled:
             # Only a loading stream is written before the relay: its client stopped reading
             # while it waited (the scheduler gave back what it was granted, if anything).
@@ -722,7 +728,7 @@ class Proxy:
         ex = Exchange(request, label, f"peer {peer.id!r} (model {remote.model!r})", t0,
                       peer.timeouts, write_timeout=config.write_timeout)
         try:
-            return await self._relay(ex, peer.proxy + path, headers, routed.body)
+            return await self._relay(ex, peer.proxy, path, headers, routed.body)
         except ApiError as exc:
             ex.status = exc.status
             raise
@@ -736,11 +742,13 @@ class Proxy:
     # even when the client leaves mid-body (cancellation).
 
     async def _relay(
-        self, ex: Exchange, url: str, headers: CIMultiDict[str], body: bytes
+        self, ex: Exchange, base: str, path: str, headers: CIMultiDict[str], body: bytes,
+        local: bool = False,
     ) -> web.StreamResponse:
-        """Send the request to `url` and relay the answer to the client."""
+        """Send the request to `base` + `path` and relay the answer to the client. A local
+        engine's takes the lower path where it can (swapd.http.rawclient)."""
         try:
-            upstream = await self._send(ex, url, headers, body)
+            upstream = await self._send(ex, base, path, headers, body, local)
         except ApiError as exc:
             if ex.loading is None:
                 raise
@@ -766,12 +774,17 @@ class Proxy:
                 upstream.close()
 
     async def _send(
-        self, ex: Exchange, url: str, headers: CIMultiDict[str], body: bytes
-    ) -> aiohttp.ClientResponse:
+        self, ex: Exchange, base: str, path: str, headers: CIMultiDict[str], body: bytes,
+        local: bool,
+    ) -> Answer:
         """The upstream's response, once its status line and headers came; else the
         502 (or 504 past a configured timeout) that says why."""
         request, timeouts = ex.request, ex.timeouts
         try:
+            if local and timeouts is None and (target := self._raw.target(base)) is not None:
+                return await self._raw.request(request.method, target, path, headers.items(),
+                                               body)
+            url = base + path
             session, timeout = self._clients.for_request(timeouts, url, request.app[UPSTREAM])
             call = session.request(
                 request.method,
@@ -801,8 +814,7 @@ class Proxy:
                            status=status, code=code) from None
 
     async def _copy(
-        self, ex: Exchange, upstream: aiohttp.ClientResponse, resp: web.StreamResponse,
-        sse: bool,
+        self, ex: Exchange, upstream: Answer, resp: web.StreamResponse, sse: bool,
     ) -> bool:
         """Relay the upstream's body into `resp`; True when it reached its end."""
         request = ex.request
@@ -973,7 +985,7 @@ def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool,
     return out
 
 
-def _response(upstream: aiohttp.ClientResponse, sse: bool) -> web.StreamResponse:
+def _response(upstream: Answer, sse: bool) -> web.StreamResponse:
     """The client's response, with the upstream's status and end-to-end headers."""
     resp = (web.StreamResponse if sse else _HeadersWithBody)(
         status=upstream.status, reason=upstream.reason)
