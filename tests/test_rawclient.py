@@ -1,0 +1,200 @@
+"""The lower path to a local engine (swapd.http.rawclient), against a real aiohttp server on
+a real socket: what the engine receives, what the relay reads back, and which connections
+are reused."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from swapd.http.proxy import UPSTREAM_BROKE
+from swapd.http.rawclient import RawClient, RawResponse
+
+
+class Engine:
+    """An engine stand-in: records what it got and from which client port."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, object]] = []
+        self.release = asyncio.Event()
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": list(request.headers.items()), "body": body,
+                          "port": peer[1] if peer else None})
+        tail = request.match_info["tail"]
+        if tail == "stream":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(b"data: one\n\n")
+            await self.release.wait()  # the relay must see the first event before this
+            await resp.write(b"data: two\n\n")
+            await resp.write_eof()
+            return resp
+        if tail == "close":
+            resp = web.Response(text="bye")
+            resp.force_close()
+            return resp
+        if tail == "broken":
+            resp = web.StreamResponse(headers={"Content-Length": "100"})
+            await resp.prepare(request)
+            await resp.write(b"only part")
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if tail == "empty":
+            return web.Response(status=204)
+        return web.Response(body=b"answer:" + body, headers={"X-Engine": "yes"})
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    eng = Engine()
+    runner = web.AppRunner(eng.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    eng.url = f"http://127.0.0.1:{port}"
+    try:
+        yield eng
+    finally:
+        eng.release.set()
+        await runner.cleanup()
+
+
+async def body_of(resp: RawResponse) -> bytes:
+    out = b"".join([chunk async for chunk in resp.content.iter_any()])
+    resp.release()
+    return out
+
+
+def test_target_serves_plain_http_only() -> None:
+    raw = RawClient()
+    assert raw.target("http://127.0.0.1:5800") == ("127.0.0.1", 5800, "127.0.0.1:5800", "")
+    assert raw.target("http://localhost/base/") == ("localhost", 80, "localhost", "/base")
+    assert raw.target("https://127.0.0.1:5800") is None  # TLS: aiohttp's client
+    assert raw.target("http://user:pw@127.0.0.1:5800") is None  # credentials: aiohttp's
+    assert raw.target("http://127.0.0.1:99999") is None  # no such port
+
+
+async def test_the_engine_gets_the_request_as_sent_and_the_connection_is_reused(
+        engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url + "/prefix")
+    assert target is not None
+    headers = [("Content-Type", "application/json"), ("X-Twice", "a"), ("X-Twice", "b")]
+    try:
+        for i in range(3):
+            resp = await raw.request("POST", target, f"/v1/chat?i={i}", headers, b'{"n": 1}')
+            assert (resp.status, resp.reason) == (200, "OK")
+            assert resp.headers["X-Engine"] == "yes" and resp.content_length == 15
+            assert await body_of(resp) == b'answer:{"n": 1}'
+    finally:
+        raw.close()
+    first = engine.seen[0]
+    assert first["method"] == "POST" and first["path"] == "/prefix/v1/chat?i=0"
+    got = first["headers"]
+    assert isinstance(got, list)
+    assert ("X-Twice", "a") in got and ("X-Twice", "b") in got  # repeated headers kept
+    assert ("Host", engine.url.removeprefix("http://")) in got
+    assert ("Content-Length", "8") in got
+    # One connection for all three: the pool handed it back each time.
+    assert len({s["port"] for s in engine.seen}) == 1
+
+
+async def test_a_stream_arrives_event_by_event(engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    try:
+        resp = await raw.request("GET", target, "/stream", [], b"")
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        chunks = aiter(resp.content.iter_any())
+        assert await asyncio.wait_for(anext(chunks), 10) == b"data: one\n\n"
+        engine.release.set()
+        assert b"".join([c async for c in chunks]) == b"data: two\n\n"
+        resp.release()
+    finally:
+        raw.close()
+
+
+async def test_a_connection_the_engine_closes_is_not_reused(engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    try:
+        assert await body_of(await raw.request("GET", target, "/close", [], b"")) == b"bye"
+        assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
+    finally:
+        raw.close()
+    assert engine.seen[0]["port"] != engine.seen[1]["port"]
+    assert ("Content-Length", "0") not in engine.seen[0]["headers"]  # type: ignore[operator]
+
+
+async def test_an_engine_dying_mid_body_raises_what_the_relay_handles(engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    try:
+        resp = await raw.request("GET", target, "/broken", [], b"")
+        with pytest.raises(UPSTREAM_BROKE):
+            async for _ in resp.content.iter_any():
+                pass
+        resp.close()
+        # The next request gets a fresh connection and its answer.
+        assert await body_of(await raw.request("POST", target, "/x", [], b"1")) == b"answer:1"
+    finally:
+        raw.close()
+
+
+async def test_no_body_for_head_and_204(engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    try:
+        resp = await raw.request("HEAD", target, "/x", [], b"")
+        assert resp.status == 200 and await body_of(resp) == b""
+        resp = await raw.request("GET", target, "/empty", [], b"")
+        assert resp.status == 204 and await body_of(resp) == b""
+        # Both left the connection reusable.
+        assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
+    finally:
+        raw.close()
+    assert len({s["port"] for s in engine.seen}) == 1
+
+
+async def test_nothing_listening_is_a_client_error() -> None:
+    raw = RawClient()
+    with socket_on_nothing() as port:
+        target = raw.target(f"http://127.0.0.1:{port}")
+        assert target is not None
+        with pytest.raises(aiohttp.ClientConnectionError, match="cannot connect"):
+            await raw.request("GET", target, "/", [], b"")
+
+
+class socket_on_nothing:
+    """A port nothing listens on (bound, never listening, so no one else takes it)."""
+
+    def __enter__(self) -> int:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
