@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swapd.engines.starts import KEEP, StartTimes, estimate, remaining
+from swapd.http.proxy import with_usage_option
 from swapd.observe.activity import KEEP_BYTES, ActivityLog, Record, Tracker, find_object
 from swapd.observe.capture import CaptureBuffer
 from swapd.redact import MASK, redact_headers, redact_text
@@ -270,3 +271,12 @@ def test_a_big_json_answer_is_read_only_at_its_end() -> None:
                     stream=False, duration=0)
     tracker.finish(record, time.monotonic())
     assert record.prompt_tokens == 40 and record.completion_tokens is None
+
+
+def test_usage_option_is_appended_to_the_body_as_sent() -> None:
+    """A stream's request gets stream_options.include_usage without being re-serialised:
+    the client's own bytes (spacing, key order, escapes) reach the engine."""
+    body = b'{"model": "m",\n "stream": true, "messages": [{"content": "caf\\u00e9 }"}]}\n'
+    out = with_usage_option(body)
+    assert out.startswith(body.rstrip()[:-1])
+    assert json.loads(out) == {**json.loads(body), "stream_options": {"include_usage": True}}
