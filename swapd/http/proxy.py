@@ -998,8 +998,14 @@ def engine_headers(headers: CIMultiDict[str] | Any, url: str, strip_auth: bool,
 
 
 def _response(upstream: Answer, sse: bool) -> web.StreamResponse:
-    """The client's response, with the upstream's status and end-to-end headers."""
-    resp = (web.StreamResponse if sse else _HeadersWithBody)(
+    """The client's response, with the upstream's status and end-to-end headers.
+
+    Its headers leave with its first body bytes, except an event stream's whose first
+    event has not come yet: those leave at once (a client shows progress while the engine
+    reads the prompt). An event that came with the engine's headers goes in the same send
+    (a syscall less per stream)."""
+    with_body = not sse or upstream.content.total_bytes > 0
+    resp = (_HeadersWithBody if with_body else web.StreamResponse)(
         status=upstream.status, reason=upstream.reason)
     for key, value in upstream.headers.items():
         lower = key.lower()
