@@ -198,3 +198,26 @@ class socket_on_nothing:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+async def test_a_body_that_ends_when_the_engine_closes_is_read_whole() -> None:
+    """An engine in HTTP/1.0 style (no Content-Length, no chunks: the body ends at close)."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    raw = RawClient()
+    try:
+        target = raw.target(f"http://127.0.0.1:{port}")
+        assert target is not None
+        resp = await raw.request("GET", target, "/", [], b"")
+        assert await body_of(resp) == b"all of it"
+        assert not raw._idle.get((target[0], target[1]))  # a closed connection is not kept
+    finally:
+        raw.close()
+        server.close()
+        await server.wait_closed()

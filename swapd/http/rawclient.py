@@ -121,7 +121,10 @@ class RawClient:
         # Header names and values came through aiohttp's parser (no CR or LF) or from
         # swapd's config; surrogateescape gives back the bytes a client sent.
         data = "".join(head).encode("utf-8", "surrogateescape") + body
-        proto.set_response_params(skip_payload=method == "HEAD", auto_decompress=False)
+        # read_until_eof: a body with neither a length nor chunks ends when the engine
+        # closes (HTTP/1.0 style), as aiohttp's session reads it by default.
+        proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
+                                  auto_decompress=False)
         assert proto.transport is not None
         try:
             proto.transport.write(data)
