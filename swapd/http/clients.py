@@ -1,7 +1,8 @@
 """The HTTP clients swapd talks to engines and peers with.
 
-Models without `timeouts` share swapd's one session (as before). llama-swap's
-`timeouts` map onto aiohttp like this (0 disables one):
+A local engine without `timeouts` at a plain http URL is reached by the lower path
+(swapd.http.rawclient); other models without `timeouts` (https, credentials in the URL) share
+swapd's one session. llama-swap's `timeouts` map onto aiohttp like this (0 disables one):
 
 - `connect`: the TCP connect (`ClientTimeout.sock_connect`);
 - `tlsHandshake`: added to `connect` for the whole connection setup of an https URL
