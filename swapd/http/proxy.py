@@ -841,9 +841,11 @@ class Proxy:
             self._capture.respond(capture, upstream.headers)
         tracker = ex.tracker
         transport = request.transport
+        content = upstream.content
         first = True
+        last = b""  # the body's last bytes: written with its end, in one send
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in content.iter_any():
                 if first:
                     self._metrics.series(ex.model).ttfb.observe(time.monotonic() - ex.t0)
                     first = False
@@ -856,13 +858,16 @@ class Proxy:
                         self._capture.feed(capture, chunk)
                     if not chunk:
                         continue
+                if sse:
+                    ex.done_sent = b"[DONE]" in chunk[-16:]
+                if content.at_eof():
+                    last = chunk
+                    break
                 if transport is not None and (
                         transport.get_write_buffer_size() + len(chunk) <= NEVER_BLOCKS):
                     await resp.write(chunk)  # write_within's fast path, without its call
                 else:
                     await write_within(ex, resp, chunk)
-                if sse:
-                    ex.done_sent = b"[DONE]" in chunk[-16:]
         except ClientStalled:
             ex.status = 499
             return False
@@ -891,10 +896,14 @@ class Proxy:
             await resp.prepare(request)
         ex.status = resp.status
         try:
-            await write_within(ex, resp, b"", eof=True)
+            await write_within(ex, resp, last, eof=True)
         except ClientStalled:
             ex.status = 499
             return False
+        except (ConnectionError, asyncio.CancelledError):
+            if last:  # the client left before the body's last bytes reached it
+                ex.status = upstream.status if ex.done_sent else 499
+            raise
         ex.status = upstream.status
         return True
 
