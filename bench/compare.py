@@ -5,12 +5,15 @@
 `REF`'s `swapd/` is extracted (git archive) into a temporary folder and run from there; the
 working tree's swapd runs on both event loops; the bare relay (asyncio) is the yardstick. Every
 contender talks to the same upstream, under the same closed-loop load as `python -m bench`'s
-saturation runs. Prints a Markdown table: how a change to the relay path moved its cost.
+saturation runs. Prints a Markdown table: how a change to the relay path moved its cost, as
+totals over the rounds and as the median of the ratios taken round by round (the contenders
+of a round run back to back: a burst of load from elsewhere moves one round, not the median).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -117,13 +120,19 @@ def main() -> None:
             cs, up.process(), datapath.SatSettings(seconds=args.seconds, rounds=args.rounds)
         )
         print(f"Load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}\n")
-        print("| workload | contender | req/s | CPU µs/request | × relay |")
-        print("|---|---|---|---|---|")
+        print("| workload | contender | req/s | CPU µs/request | × relay | × relay, median of "
+              "rounds |")
+        print("|---|---|---|---|---|---|")
         for wl, rows in res.items():
-            b = rows["relay"].cpu / rows["relay"].requests
+            base = rows["relay"]
+            b = base.cpu / base.requests
             for key, r in rows.items():
                 c = r.cpu / r.requests
-                print(f"| {wl} | {labels[key]} | {r.rps:.0f} | {c * 1e6:.0f} | {c / b:.2f} |")
+                pairs = zip(r.per_round, base.per_round, strict=True)
+                paired = datapath.median([mine / theirs for mine, theirs in pairs
+                                          if not math.isnan(mine / theirs)])
+                print(f"| {wl} | {labels[key]} | {r.rps:.0f} | {c * 1e6:.0f} | {c / b:.2f} "
+                      f"| {paired:.2f} |")
     finally:
         for s in reversed(started):
             s.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import math
 import statistics
 import threading
 from collections.abc import Callable
@@ -155,6 +156,9 @@ class SatRow:
     client_cpu: float = 0.0
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
+    # CPU seconds per request in each round: a burst of load from elsewhere hits one round,
+    # and a ratio taken round by round (the contenders run back to back) sheds it.
+    per_round: list[float] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
@@ -193,7 +197,9 @@ def run_saturation(
                 cpu0, up0 = cpu_seconds(procs), cpu_seconds([upstream])
                 b = load.burst(url, body, AUTH, s.conns, s.seconds)
                 row = rows[c.key]
-                row.cpu += cpu_seconds(procs) - cpu0
+                cpu = cpu_seconds(procs) - cpu0
+                row.cpu += cpu
+                row.per_round.append(cpu / b.requests if b.requests else math.nan)
                 row.upstream_cpu += cpu_seconds([upstream]) - up0
                 row.client_cpu += b.client_cpu
                 row.requests += b.requests
