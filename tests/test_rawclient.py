@@ -118,6 +118,18 @@ async def test_the_engine_gets_the_request_as_sent_and_the_connection_is_reused(
     assert len({s["port"] for s in engine.seen}) == 1
 
 
+async def test_a_big_upload_arrives_whole(engine: Engine) -> None:
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    body = bytes(range(256)) * 4096  # 1 MiB, past the size sent in one buffer with the head
+    try:
+        resp = await raw.request("POST", target, "/v1/audio/transcriptions", [], body)
+        assert await body_of(resp) == b"answer:" + body
+    finally:
+        raw.close()
+
+
 async def test_a_stream_arrives_event_by_event(engine: Engine) -> None:
     raw = RawClient()
     target = raw.target(engine.url)

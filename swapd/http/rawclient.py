@@ -33,6 +33,9 @@ from multidict import CIMultiDictProxy
 IDLE_REUSE = 3.0
 # aiohttp's own session gives a connect 30 s (swapd.app's upstream session).
 CONNECT_TIMEOUT = 30.0
+# Up to this size a body is sent in one buffer with the request head (one copy of a small
+# body is cheaper than a second buffer).
+BODY_COPY = 64 * 1024
 
 
 class RawResponse:
@@ -120,14 +123,17 @@ class RawClient:
         head.append("\r\n")
         # Header names and values came through aiohttp's parser (no CR or LF) or from
         # swapd's config; surrogateescape gives back the bytes a client sent.
-        data = "".join(head).encode("utf-8", "surrogateescape") + body
+        data = "".join(head).encode("utf-8", "surrogateescape")
         # read_until_eof: a body with neither a length nor chunks ends when the engine
         # closes (HTTP/1.0 style), as aiohttp's session reads it by default.
         proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
                                   auto_decompress=False)
         assert proto.transport is not None
         try:
-            proto.transport.write(data)
+            if len(body) <= BODY_COPY:
+                proto.transport.write(data + body)
+            else:  # a big upload is not copied once more (and held twice) to be sent
+                proto.transport.writelines((data, body))
             while True:
                 message, payload = await proto.read()
                 # 1xx answers (100 Continue) come before the real one; 101 is not relayed
