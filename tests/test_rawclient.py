@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
-from swapd.http.proxy import UPSTREAM_BROKE
+from swapd.http.proxy import UPSTREAM_BROKE, forward_headers
 from swapd.http.rawclient import RawClient, RawResponse
 
 
@@ -233,3 +234,17 @@ async def test_a_body_that_ends_when_the_engine_closes_is_read_whole() -> None:
         raw.close()
         server.close()
         await server.wait_closed()
+
+
+def test_what_of_a_clients_headers_reaches_the_engine() -> None:
+    """Hop-by-hop headers, the encoding of a body swapd inflated, and `Expect` (swapd read
+    the body already) stay behind; end-to-end headers, repeated ones included, go on."""
+    client = CIMultiDict([("Host", "swapd:28080"), ("Connection", "keep-alive"),
+                          ("Content-Length", "9"), ("Content-Encoding", "gzip"),
+                          ("Expect", "100-continue"), ("Transfer-Encoding", "chunked"),
+                          ("Accept", "text/event-stream"), ("X-Trace", "1"), ("X-Trace", "2"),
+                          ("Authorization", "Bearer k")])
+    assert list(forward_headers(client).items()) == [
+        ("Accept", "text/event-stream"), ("X-Trace", "1"), ("X-Trace", "2"),
+        ("Authorization", "Bearer k")]
+    assert "Authorization" not in forward_headers(client, strip_auth=True)

@@ -253,11 +253,13 @@ CLIENT_AUTH = frozenset({"authorization", "x-api-key"})
 
 def forward_headers(headers: CIMultiDict[str] | Any, strip_auth: bool = False) -> CIMultiDict[str]:
     """A client's request headers as they go to an engine. Without `Content-Encoding`: the
-    body swapd relays is the one it inflated (swapd.http.bodies)."""
+    body swapd relays is the one it inflated (swapd.http.bodies); without `Expect`."""
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
         lower = key.lower()
-        if lower in HOP_BY_HOP or lower == "content-encoding":
+        # Expect: swapd read the whole body before choosing the engine; an engine asked for
+        # a 100 Continue now would only send one (timeouts.expectContinue, docs/llama-swap.md).
+        if lower in HOP_BY_HOP or lower == "content-encoding" or lower == "expect":
             continue
         if not (strip_auth and lower in CLIENT_AUTH):
             out.add(key, value)
