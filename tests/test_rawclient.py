@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -79,6 +79,20 @@ async def engine() -> AsyncIterator[Engine]:
         await runner.cleanup()
 
 
+Target = tuple[str, int, str, str]
+Client = tuple[RawClient, Target]
+
+
+@pytest.fixture
+def client(engine: Engine) -> Iterator[Client]:
+    """A client and the engine's address as the proxy hands it over."""
+    raw = RawClient()
+    target = raw.target(engine.url)
+    assert target is not None
+    yield raw, target
+    raw.close()
+
+
 async def body_of(resp: RawResponse) -> bytes:
     out = b"".join([chunk async for chunk in resp.content.iter_any()])
     resp.release()
@@ -119,76 +133,51 @@ async def test_the_engine_gets_the_request_as_sent_and_the_connection_is_reused(
     assert len({s["port"] for s in engine.seen}) == 1
 
 
-async def test_a_big_upload_arrives_whole(engine: Engine) -> None:
-    raw = RawClient()
-    target = raw.target(engine.url)
-    assert target is not None
+async def test_a_big_upload_arrives_whole(client: Client) -> None:
+    raw, target = client
     body = bytes(range(256)) * 4096  # 1 MiB, past the size sent in one buffer with the head
-    try:
-        resp = await raw.request("POST", target, "/v1/audio/transcriptions", [], body)
-        assert await body_of(resp) == b"answer:" + body
-    finally:
-        raw.close()
+    resp = await raw.request("POST", target, "/v1/audio/transcriptions", [], body)
+    assert await body_of(resp) == b"answer:" + body
 
 
-async def test_a_stream_arrives_event_by_event(engine: Engine) -> None:
-    raw = RawClient()
-    target = raw.target(engine.url)
-    assert target is not None
-    try:
-        resp = await raw.request("GET", target, "/stream", [], b"")
-        assert resp.headers["Content-Type"] == "text/event-stream"
-        chunks = aiter(resp.content.iter_any())
-        assert await asyncio.wait_for(anext(chunks), 10) == b"data: one\n\n"
-        engine.release.set()
-        assert b"".join([c async for c in chunks]) == b"data: two\n\n"
-        resp.release()
-    finally:
-        raw.close()
+async def test_a_stream_arrives_event_by_event(engine: Engine, client: Client) -> None:
+    raw, target = client
+    resp = await raw.request("GET", target, "/stream", [], b"")
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    chunks = aiter(resp.content.iter_any())
+    assert await asyncio.wait_for(anext(chunks), 10) == b"data: one\n\n"
+    engine.release.set()
+    assert b"".join([c async for c in chunks]) == b"data: two\n\n"
+    resp.release()
 
 
-async def test_a_connection_the_engine_closes_is_not_reused(engine: Engine) -> None:
-    raw = RawClient()
-    target = raw.target(engine.url)
-    assert target is not None
-    try:
-        assert await body_of(await raw.request("GET", target, "/close", [], b"")) == b"bye"
-        assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
-    finally:
-        raw.close()
+async def test_a_connection_the_engine_closes_is_not_reused(engine: Engine, client: Client) -> None:
+    raw, target = client
+    assert await body_of(await raw.request("GET", target, "/close", [], b"")) == b"bye"
+    assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
     assert engine.seen[0]["port"] != engine.seen[1]["port"]
     assert ("Content-Length", "0") not in engine.seen[0]["headers"]  # type: ignore[operator]
 
 
-async def test_an_engine_dying_mid_body_raises_what_the_relay_handles(engine: Engine) -> None:
-    raw = RawClient()
-    target = raw.target(engine.url)
-    assert target is not None
-    try:
-        resp = await raw.request("GET", target, "/broken", [], b"")
-        with pytest.raises(UPSTREAM_BROKE):
-            async for _ in resp.content.iter_any():
-                pass
-        resp.close()
-        # The next request gets a fresh connection and its answer.
-        assert await body_of(await raw.request("POST", target, "/x", [], b"1")) == b"answer:1"
-    finally:
-        raw.close()
+async def test_an_engine_dying_mid_body_raises_what_the_relay_handles(client: Client) -> None:
+    raw, target = client
+    resp = await raw.request("GET", target, "/broken", [], b"")
+    with pytest.raises(UPSTREAM_BROKE):
+        async for _ in resp.content.iter_any():
+            pass
+    resp.close()
+    # The next request gets a fresh connection and its answer.
+    assert await body_of(await raw.request("POST", target, "/x", [], b"1")) == b"answer:1"
 
 
-async def test_no_body_for_head_and_204(engine: Engine) -> None:
-    raw = RawClient()
-    target = raw.target(engine.url)
-    assert target is not None
-    try:
-        resp = await raw.request("HEAD", target, "/x", [], b"")
-        assert resp.status == 200 and await body_of(resp) == b""
-        resp = await raw.request("GET", target, "/empty", [], b"")
-        assert resp.status == 204 and await body_of(resp) == b""
-        # Both left the connection reusable.
-        assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
-    finally:
-        raw.close()
+async def test_no_body_for_head_and_204(engine: Engine, client: Client) -> None:
+    raw, target = client
+    resp = await raw.request("HEAD", target, "/x", [], b"")
+    assert resp.status == 200 and await body_of(resp) == b""
+    resp = await raw.request("GET", target, "/empty", [], b"")
+    assert resp.status == 204 and await body_of(resp) == b""
+    # Both left the connection reusable.
+    assert await body_of(await raw.request("GET", target, "/x", [], b"")) == b"answer:"
     assert len({s["port"] for s in engine.seen}) == 1
 
 
