@@ -99,6 +99,15 @@ async def body_of(resp: RawResponse) -> bytes:
     return out
 
 
+def test_an_aiohttp_whose_protocol_changed_keeps_its_client(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from swapd.http import rawclient
+
+    assert rawclient.COMPATIBLE  # the aiohttp this project installs
+    monkeypatch.setattr(rawclient, "COMPATIBLE", False)
+    assert RawClient().target("http://127.0.0.1:5800") is None
+
+
 def test_target_serves_plain_http_only() -> None:
     raw = RawClient()
     assert raw.target("http://127.0.0.1:5800") == ("127.0.0.1", 5800, "127.0.0.1:5800", "")

@@ -17,6 +17,7 @@ options, swapd.http.clients). Everything else keeps aiohttp's client.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -33,6 +34,21 @@ from multidict import CIMultiDictProxy
 IDLE_REUSE = 3.0
 # aiohttp's own session gives a connect 30 s (swapd.app's upstream session).
 CONNECT_TIMEOUT = 30.0
+
+
+def _compatible() -> bool:
+    """Whether this aiohttp's ResponseHandler (not a public class) takes what `request`
+    gives it; if a future aiohttp changes it, every request keeps aiohttp's client."""
+    try:
+        params = inspect.signature(ResponseHandler.set_response_params).parameters
+    except (TypeError, ValueError):
+        return False
+    wanted = {"skip_payload", "read_until_eof", "auto_decompress"}
+    return wanted <= params.keys() and callable(getattr(ResponseHandler, "read", None))
+
+
+COMPATIBLE = _compatible()
+
 # Up to this size a body is sent in one buffer with the request head (one copy of a small
 # body is cheaper than a second buffer).
 BODY_COPY = 64 * 1024
@@ -83,6 +99,8 @@ class RawClient:
     def target(self, base: str) -> tuple[str, int, str, str] | None:
         """(host, port, Host header, path prefix) of an engine's base URL that this path
         serves; None for one that needs aiohttp's client."""
+        if not COMPATIBLE:
+            return None
         try:
             return self._targets[base]
         except KeyError:
