@@ -142,6 +142,19 @@ async def test_the_engine_gets_the_request_as_sent_and_the_connection_is_reused(
     assert len({s["port"] for s in engine.seen}) == 1
 
 
+async def test_a_line_break_in_a_header_or_the_path_is_never_sent(
+        engine: Engine, client: Client) -> None:
+    raw, target = client
+    for path, headers in (("/x", [("X-A", "1\r\nX-Injected: 1")]),
+                          ("/x", [("X-A", "1\nGET /y HTTP/1.1")]),
+                          ("/x HTTP/1.1\r\nX-Injected: 1\r\n", [])):
+        with pytest.raises(ValueError, match="line break"):
+            await raw.request("GET", target, path, headers, b"")
+    assert await body_of(await raw.request("GET", target, "/x", [("X-A", "1")], b"")) \
+        == b"answer:"
+    assert len(engine.seen) == 1  # only the last request reached the engine
+
+
 async def test_a_big_upload_arrives_whole(client: Client) -> None:
     raw, target = client
     body = bytes(range(256)) * 4096  # 1 MiB, past the size sent in one buffer with the head

@@ -123,7 +123,21 @@ class RawClient:
                       headers: Iterable[tuple[str, str]], body: bytes) -> RawResponse:
         """Send one request and wait for its status line and headers."""
         host, port, netloc, prefix = target
-        key = (host, port)
+        head = [f"{method} {prefix}{path} HTTP/1.1\r\nHost: {netloc}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers]
+        if body or method in ("POST", "PUT", "PATCH"):
+            head.append(f"Content-Length: {len(body)}\r\n")
+        head.append("\r\n")
+        text = "".join(head)
+        # Header names and values came through aiohttp's parser (no CR or LF) or from
+        # swapd's config; a line break in one would still split it into a header of the
+        # client's making, so it is refused here as aiohttp's writer refuses it.
+        lines = len(head) + 1  # the request line and Host share the first entry
+        if text.count("\n") != lines or text.count("\r") != lines:
+            raise ValueError("a header or the path holds a line break: not sent to the engine")
+        # surrogateescape gives back the bytes a client sent.
+        data = text.encode("utf-8", "surrogateescape")
+        key = (host, port)  # the request is whole before a connection is taken
         proto = self._idle_connection(key)
         if proto is None:
             loop = asyncio.get_running_loop()
@@ -134,14 +148,6 @@ class RawClient:
                 except OSError as exc:
                     raise aiohttp.ClientConnectionError(
                         f"cannot connect to {netloc}: {exc.strerror or exc}") from None
-        head = [f"{method} {prefix}{path} HTTP/1.1\r\nHost: {netloc}\r\n"]
-        head += [f"{k}: {v}\r\n" for k, v in headers]
-        if body or method in ("POST", "PUT", "PATCH"):
-            head.append(f"Content-Length: {len(body)}\r\n")
-        head.append("\r\n")
-        # Header names and values came through aiohttp's parser (no CR or LF) or from
-        # swapd's config; surrogateescape gives back the bytes a client sent.
-        data = "".join(head).encode("utf-8", "surrogateescape")
         # read_until_eof: a body with neither a length nor chunks ends when the engine
         # closes (HTTP/1.0 style), as aiohttp's session reads it by default.
         proto.set_response_params(skip_payload=method == "HEAD", read_until_eof=True,
