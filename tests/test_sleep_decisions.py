@@ -8,39 +8,25 @@ from __future__ import annotations
 from typing import Any
 
 from swapd.config.presets import VLLM_SLEEP, VLLM_WAKE
-from swapd.config.types import Config, ModelConfig, RestartPolicy, SleepPolicy
+from swapd.config.types import Config, ModelConfig, SleepPolicy
 from swapd.placement.types import RouteAnswer, RouteQuery
 from swapd.schedule.core import (
     ArmTimer,
     Core,
-    Effect,
-    Grant,
     Sleep,
     Start,
     Stop,
     Wake,
 )
 from swapd.schedule.phase import Phase, SleepResult, StopReason
+from tests.support.core import RESTART, core, grants, kinds
 
-RESTART = RestartPolicy(max_retries=3, backoff_initial=1.0, backoff_max=60.0)
 SLEEPY = SleepPolicy(sleep=VLLM_SLEEP, wake=VLLM_WAKE)
 
 
 def cfg(name: str, sleep: SleepPolicy | None = SLEEPY, **kw: Any) -> ModelConfig:
     kw.setdefault("restart", RESTART)
     return ModelConfig(id=name, cmd=("engine", name), sleep=sleep, **kw)
-
-
-def core(*models: ModelConfig, **kw: Any) -> Core:
-    return Core(Config(models={m.id: m for m in models}, **kw))
-
-
-def kinds(fx: list[Effect]) -> list[Effect]:
-    return [e for e in fx if not isinstance(e, ArmTimer)]
-
-
-def grants(fx: list[Effect]) -> list[int]:
-    return [e.ticket for e in fx if isinstance(e, Grant)]
 
 
 def awake_gpu(c: Core) -> list[str]:
