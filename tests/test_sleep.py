@@ -56,6 +56,20 @@ def state(daemon: Swapd, name: str) -> str:
     return str(daemon.status()["models"][name]["state"])
 
 
+def a_asleep(start_swapd: Any, tmp_path: Path, *flags: str, **extra: Any) -> tuple[Swapd, int]:
+    """swapd with a sleepy `a` (the stand-in's `flags`, the recipe's `extra`) and a plain
+    `b`; `a` served once, then put to sleep by a swap to `b`. The daemon and a's pid."""
+    record = tmp_path / "events.jsonl"
+    daemon = start_swapd({"models": {
+        "a": sleepy("a", record, *flags, **extra),
+        "b": model(fake_cmd(record=record, name="b")),
+    }})
+    _, doc = timed_chat(daemon, "a")
+    timed_chat(daemon, "b")
+    assert state(daemon, "a") == "sleeping"
+    return daemon, int(doc["x_pid"])
+
+
 def awake_intervals(records: list[dict[str, Any]], name: str) -> list[tuple[float, float]]:
     """When `name`'s engine held its memory and could serve: from its start (or a wake) to
     its sleep (or exit)."""
@@ -161,15 +175,7 @@ def test_a_wake_that_crashes_is_cold_started_and_the_request_answered(
         start_swapd, tmp_path: Path, failure: str) -> None:
     """--wake-crash: the engine dies in wake_up; --wake-fail: wake_up answers 500 and the
     engine stays up, half-woken: swapd kills its whole tree either way."""
-    record = tmp_path / "events.jsonl"
-    daemon = start_swapd({"models": {
-        "a": sleepy("a", record, failure),
-        "b": model(fake_cmd(record=record, name="b")),
-    }})
-    _, doc = timed_chat(daemon, "a")
-    pid = doc["x_pid"]
-    timed_chat(daemon, "b")
-    assert state(daemon, "a") == "sleeping"
+    daemon, pid = a_asleep(start_swapd, tmp_path, failure)
     # vLLM #50011: wake_up kills the engine. The client still gets its answer, from a
     # fresh engine; no process of the old tree is left.
     _, doc = timed_chat(daemon, "a")
@@ -213,15 +219,7 @@ def test_an_operator_puts_a_model_to_sleep_by_hand(start_swapd, tmp_path: Path) 
 def test_a_slow_wake_is_waited_for_past_sleep_timeout(start_swapd, tmp_path: Path) -> None:
     """A wake reloads weights (minutes from disk on a Spark): its calls are bounded by
     healthCheckTimeout, not by the sleepTimeout meant for giving memory back."""
-    record = tmp_path / "events.jsonl"
-    daemon = start_swapd({"models": {
-        "a": sleepy("a", record, "--wake-delay", "2", sleepTimeout=1),
-        "b": model(fake_cmd(record=record, name="b")),
-    }})
-    _, doc = timed_chat(daemon, "a")
-    pid = doc["x_pid"]
-    timed_chat(daemon, "b")
-    assert state(daemon, "a") == "sleeping"
+    daemon, pid = a_asleep(start_swapd, tmp_path, "--wake-delay", "2", sleepTimeout=1)
     waited, doc = timed_chat(daemon, "a")
     assert doc["x_pid"] == pid and waited >= 2
     _, text = daemon.get("/metrics")
