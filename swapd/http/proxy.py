@@ -378,12 +378,11 @@ class Proxy:
             and self._activity is not None
             and path in USAGE_PATHS
         ):
-            had_options = "stream_options" in data
-            strip_usage = ask_for_usage(data)
-            if strip_usage and not changed and not had_options:
+            if not changed and "stream_options" not in data:
                 # The only change: appended to the body as it came, not re-serialised
                 # (a third of the cost of activity records on a stream, docs/benchmarks.md).
                 return Routed(target.model, with_usage_option(body), stream, chosen, True)
+            strip_usage = ask_for_usage(data)
             changed = changed or strip_usage
         if changed:
             body = json.dumps(data).encode()
